@@ -1,0 +1,271 @@
+"""Checkpoint files: safe loading of official ``best.pth`` / ``configs.yaml``, architecture inference from
+a state dict, the official suffix-matching loader made strict (spec 3.6), and atomic saving.
+
+Nothing here unpickles arbitrary objects: ``.pth`` files go through ``torch.load(weights_only=True)`` and
+YAML through a SafeLoader that additionally builds tuples (the official files tag ``img_size`` and
+``milestones`` as ``!!python/tuple``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import Tensor
+
+from php_runner.errors import InputError
+from php_runner.model.clip import clip_config_from_state_dict
+from php_runner.model.config import ClipConfig, PHPConfig
+from php_runner.model.php import PHPModel
+
+COUNTER_SUFFIXES = ("feed_forward.expert_count_accum", "feed_forward.token_count_accum")  # R1 builds only
+CONFIG_KEY = "config"  # where our own checkpoints store ``config_to_dict(model.config)``
+DEFAULT_IMAGE_SIZE = (384, 128)
+DEFAULT_STRIDE = 16
+DEFAULT_TOPK = 2
+DEFAULT_EFP_HEADS = 8
+_CLIP_FIELDS = {f.name for f in dataclasses.fields(ClipConfig)}
+_PHP_FIELDS = {f.name for f in dataclasses.fields(PHPConfig)} - {"clip"}
+
+
+class CheckpointError(InputError):
+    """A checkpoint or official config file that is unsafe, unreadable or does not fit the model."""
+
+
+def _first_line(error: BaseException, limit: int = 160) -> str:
+    text = str(error).strip()
+    line = text.splitlines()[0] if text else type(error).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _preview(keys: list[str], shown: int = 3) -> str:
+    more = f", +{len(keys) - shown} more" if len(keys) > shown else ""
+    return ", ".join(keys[:shown]) + more
+
+
+def load_checkpoint_file(path: str | Path) -> dict:
+    """``torch.load(weights_only=True)`` on CPU; pickled code is refused before anything runs."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - every reader failure becomes one line naming the file
+        raise CheckpointError(f"{path}: refused to load ({_first_line(error)})") from None
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path}: expected a dict, found {type(payload).__name__}")
+    return payload
+
+
+class OfficialYamlLoader(yaml.SafeLoader):
+    """SafeLoader plus ``!!python/tuple``; every other python tag stays an error."""
+
+
+OfficialYamlLoader.add_constructor(
+    "tag:yaml.org,2002:python/tuple", lambda loader, node: tuple(loader.construct_sequence(node))
+)
+
+
+def read_official_yaml(path: str | Path) -> dict:
+    """An official ``configs.yaml`` as plain data (tuples for the tagged sequences)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: config file not found")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            values = yaml.load(handle, Loader=OfficialYamlLoader)  # noqa: S506 - SafeLoader subclass
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or _first_line(error)
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise CheckpointError(f"{path}: refused YAML{where} ({' '.join(str(problem).split())})") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path}: cannot read ({_first_line(error)})") from None
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{path}: expected a mapping at the top level")
+    return values
+
+
+def extract_state_dict(payload: dict) -> dict[str, Tensor]:
+    """The state dict under ``payload["model"]`` (or the payload itself); a ``module.`` prefix carried by
+    every key is stripped. Counter buffers are kept (see ``split_counters``)."""
+    state_dict = payload.get("model", payload) if isinstance(payload, dict) else payload
+    if not isinstance(state_dict, dict) or not state_dict:
+        raise CheckpointError("checkpoint: no state dict (expected a non-empty 'model' mapping)")
+    not_tensors = [key for key, value in state_dict.items() if not isinstance(value, Tensor)]
+    if not_tensors:
+        raise CheckpointError(f"checkpoint: state dict entries are not tensors: {_preview(sorted(map(str, not_tensors)))}")
+    if all(key.startswith("module.") for key in state_dict):
+        state_dict = {key[len("module."):]: value for key, value in state_dict.items()}
+    return dict(state_dict)
+
+
+def split_counters(state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, list[int]]]:
+    """Separate the R1 usage-counter buffers (which the model does not hold) from the weights."""
+    weights, counters = {}, {}
+    for key, value in state_dict.items():
+        if key.endswith(COUNTER_SUFFIXES):
+            counters[key] = [int(v) for v in value.reshape(-1).tolist()]
+        else:
+            weights[key] = value
+    return weights, counters
+
+
+def config_to_dict(config: PHPConfig) -> dict[str, Any]:
+    """A JSON-able form of ``config`` to store under ``CONFIG_KEY`` in our checkpoints."""
+    values = dataclasses.asdict(config)
+    values["clip"]["image_size"] = list(config.clip.image_size)
+    return values
+
+
+def _flatten_stored_config(stored: dict) -> dict[str, Any]:
+    flat = {key: value for key, value in stored.items() if key in _PHP_FIELDS}
+    flat.update({key: value for key, value in (stored.get("clip") or {}).items() if key in _CLIP_FIELDS})
+    return flat
+
+
+def _block_count(state_dict: dict[str, Tensor], prefix: str) -> int:
+    pattern = re.compile(re.escape(prefix) + r"resblocks\.(\d+)\.")
+    indices = {int(m.group(1)) for key in state_dict if (m := pattern.match(key))}
+    return max(indices) + 1 if indices else 0
+
+
+def infer_config(state_dict: dict[str, Tensor], yaml_values: dict | None = None, **overrides) -> PHPConfig:
+    """The architecture from the weights; topk, heads and input size from the yaml or official defaults.
+
+    ``overrides`` may name any ``PHPConfig`` or ``ClipConfig`` field and wins over everything else.
+    """
+    yaml_values = yaml_values or {}
+    unknown = sorted(set(overrides) - _PHP_FIELDS - _CLIP_FIELDS)
+    if unknown:
+        raise CheckpointError(f"unknown config overrides: {', '.join(unknown)}")
+    if "safl.part_tokens" in state_dict:
+        sharing, crfm, efp = "shared", "safl.", "shared_transformer."
+    elif "saflv.part_tokens" in state_dict:
+        sharing, crfm, efp = "separate", "saflv.", "shared_transformerv."
+    else:
+        raise CheckpointError("checkpoint: neither safl.part_tokens nor saflv.part_tokens present; not a PHP state dict")
+    try:
+        part_tokens = state_dict[crfm + "part_tokens"]
+        input_gate = state_dict[efp + "resblocks.0.feed_forward.input_gate.weight"]
+        down = state_dict[efp + "resblocks.0.feed_forward.experts.0.down.weight"]
+    except KeyError as missing:
+        raise CheckpointError(f"checkpoint: missing key {missing.args[0]}") from None
+    clip_state = {key[len("base_model."):]: value for key, value in state_dict.items() if key.startswith("base_model.")}
+    image_size = tuple(overrides.get("image_size", yaml_values.get("img_size", DEFAULT_IMAGE_SIZE)))
+    stride = int(overrides.get("stride", yaml_values.get("stride_size", DEFAULT_STRIDE)))
+    clip_overrides = {key: value for key, value in overrides.items() if key in _CLIP_FIELDS - {"image_size", "stride"}}
+    try:
+        clip = clip_config_from_state_dict(clip_state, image_size=image_size, stride=stride, **clip_overrides)
+    except InputError as error:
+        raise CheckpointError(f"checkpoint base_model: {error}") from None
+    table = clip_state.get("visual.positional_embedding")
+    if table is not None and table.shape[0] != clip.grid[0] * clip.grid[1] + 1:
+        raise CheckpointError(
+            f"checkpoint: visual.positional_embedding has {table.shape[0]} rows but image size {image_size} "
+            f"with stride {stride} needs {clip.grid[0] * clip.grid[1] + 1}; pass the training image size"
+        )
+    width = part_tokens.shape[1]
+    values: dict[str, Any] = dict(
+        cnum=part_tokens.shape[0],
+        num_experts=input_gate.shape[0],
+        topk=int(yaml_values.get("topk", DEFAULT_TOPK)),
+        reduction=width // down.shape[0],
+        efp_layers=_block_count(state_dict, efp),
+        efp_heads=int(yaml_values.get("moe_heads", DEFAULT_EFP_HEADS)),
+        sharing=sharing,
+        num_classes=state_dict["classifier.weight"].shape[0] if "classifier.weight" in state_dict else 0,
+    )
+    for yaml_key, field in (("cnum", "cnum"), ("num_experts", "num_experts"), ("moe_layers", "efp_layers")):
+        if yaml_key in yaml_values and int(yaml_values[yaml_key]) != values[field]:
+            raise CheckpointError(f"configs.yaml: {yaml_key} = {yaml_values[yaml_key]} but the weights have {values[field]}")
+    values.update({key: value for key, value in overrides.items() if key in _PHP_FIELDS})
+    try:
+        return PHPConfig(clip=clip, **values)
+    except ValueError as error:
+        raise CheckpointError(f"checkpoint config: {error}") from None
+
+
+def load_state_dict_checked(model: torch.nn.Module, state_dict: dict[str, Tensor], source: str = "checkpoint") -> None:
+    """Spec 3.6 made strict: each model key takes the longest checkpoint key that is a dotted suffix of it;
+    any model key left unmatched or checkpoint key left unused is an error naming them. Values are cast to
+    the model's dtypes. R1 counter buffers are ignored."""
+    weights, _ = split_counters(state_dict)
+    own = model.state_dict()
+    chosen: dict[str, str] = {}
+    for key in own:
+        parts = key.split(".")
+        for start in range(len(parts)):
+            candidate = ".".join(parts[start:])
+            if candidate in weights:
+                chosen[key] = candidate
+                break
+    missing = [key for key in own if key not in chosen]
+    unexpected = sorted(set(weights) - set(chosen.values()))
+    mismatched = [
+        f"{key} {tuple(weights[chosen[key]].shape)} vs {tuple(own[key].shape)}"
+        for key in chosen
+        if weights[chosen[key]].shape != own[key].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} keys ({_preview(missing)})")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} keys ({_preview(unexpected)})")
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatches ({_preview(mismatched)})")
+    if problems:
+        raise CheckpointError(f"{source}: state dict does not fit the model: {'; '.join(problems)}")
+    model.load_state_dict({key: weights[chosen[key]] for key in own}, strict=True)
+
+
+def load_model(path: str | Path, yaml_path: str | Path | None = None, **overrides) -> tuple[PHPModel, dict]:
+    """Build the model a checkpoint describes (no CLIP weights needed) and load it; fp32 weights.
+
+    Precedence of settings: ``overrides`` > the checkpoint's stored config (our own files) > the yaml >
+    defaults. Returns ``(model, info)`` with the epoch, R1 counters, scheduler base lrs and the config.
+    """
+    payload = load_checkpoint_file(path)
+    weights, counters = split_counters(extract_state_dict(payload))
+    yaml_values = read_official_yaml(yaml_path) if yaml_path is not None else None
+    stored = payload.get(CONFIG_KEY)
+    settings = {**(_flatten_stored_config(stored) if isinstance(stored, dict) else {}), **overrides}
+    config = infer_config(weights, yaml_values, **settings)
+    with torch.device("meta"):
+        model = PHPModel(config)
+    model = model.to_empty(device="cpu")  # every tensor is then written by the strict load below
+    load_state_dict_checked(model, weights, source=str(path))
+    scheduler = payload.get("scheduler")
+    info = {
+        "path": str(path),
+        "config": config_to_dict(config),
+        "epoch": payload.get("epoch"),
+        "num_epoch": payload.get("num_epoch"),
+        "counters": counters,
+        "scheduler_base_lrs": scheduler.get("base_lrs") if isinstance(scheduler, dict) else None,
+        "has_optimizer": "optimizer" in payload,
+        "yaml": yaml_values,
+    }
+    return model, info
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary file in the destination folder, then ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            torch.save(obj, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,263 @@
+"""The PHP model: CLIP backbone, CRFM (spec 2.3), the EFP mixture-of-experts transformer (spec 2.4), and
+the variant / sharing / coupling switches (spec 2.5-2.7), with the official key layout (spec 3)."""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from php_runner.model.clip import (
+    CLIP,
+    LayerNorm,
+    QuickGELU,
+    SelfAttention,
+    clip_config_for_weights,
+    load_clip_weights,
+    read_clip_state_dict,
+)
+from php_runner.model.config import COUPLINGS, VARIANTS, PHPConfig
+
+ENCODERS = VARIANTS
+POS_EMBEDING_ROWS = 162  # size of the official, never-used CRFM table (spec 3.2)
+
+
+class CRFM(nn.Module):
+    """Cross-modal part aggregation: cnum learned queries pool the tokens, then a feed-forward (no residual).
+
+    Kept under the official attribute name ``safl`` by the model; key layout ``part_tokens``,
+    ``pos_embeding``, ``feed.{0,1,4}``.
+    """
+
+    def __init__(self, width: int, cnum: int):
+        super().__init__()
+        self.part_tokens = nn.Parameter(torch.empty(cnum, width))
+        # Never used in the forward pass; the official model holds it, so its checkpoints carry the key.
+        self.pos_embeding = nn.Parameter(torch.empty(POS_EMBEDING_ROWS, width))
+        nn.init.kaiming_normal_(self.part_tokens)
+        nn.init.kaiming_normal_(self.pos_embeding)
+        # A plain nn.LayerNorm on purpose: the official one is created in fp16 and runs in fp16 (spec 2.2).
+        self.feed = nn.Sequential(
+            nn.LayerNorm(width), nn.Linear(width, 4 * width), nn.GELU(), nn.Dropout(0.3), nn.Linear(4 * width, width)
+        )
+        self.scaling = math.sqrt(width)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """``(B, L, D)`` -> ``(B, cnum, D)``; no mask, so padding positions are pooled too (as official)."""
+        queries = self.part_tokens.to(tokens.dtype)
+        weights = (queries @ tokens.transpose(1, 2)).softmax(dim=-1)  # unscaled logits (spec 2.3)
+        pooled = (weights @ tokens) / self.scaling
+        return self.feed(pooled)
+
+
+class Adapter(nn.Module):
+    """One EFP expert: u + drop(up(drop(GELU(down(LN(u))))))."""
+
+    def __init__(self, width: int, reduction: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)  # plain LayerNorm: created in fp16 officially (spec 2.2)
+        self.down = nn.Linear(width, width // reduction)
+        self.up = nn.Linear(width // reduction, width)
+        self.act = nn.GELU()
+        self.dropout = nn.Dropout(0.1)
+
+    def reset_official(self) -> None:
+        """The model constructor's re-init (spec 2.4): every expert starts as the identity."""
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, u: Tensor) -> Tensor:
+        return u + self.dropout(self.up(self.dropout(self.act(self.down(self.norm(u))))))
+
+
+class MoELayer(nn.Module):
+    """Top-k routing over adapters with an input gate and a task gate mixed by ``alpha`` (spec 2.4)."""
+
+    def __init__(self, width: int, num_experts: int, topk: int, reduction: int):
+        super().__init__()
+        self.topk = topk
+        self.alpha = nn.Parameter(torch.tensor(0.5))
+        self.experts = nn.ModuleList(Adapter(width, reduction) for _ in range(num_experts))
+        self.input_gate = nn.Linear(width, num_experts, bias=False)
+        self.task_gate = nn.Linear(width, num_experts, bias=False)
+
+    def forward(self, u: Tensor, task_vector: Tensor) -> tuple[Tensor, Tensor]:
+        """Returns (y like ``u``, load-balancing term ``a`` as a 0-dim fp32 tensor)."""
+        num_experts = len(self.experts)
+        flat = u.reshape(-1, u.shape[-1])
+        # A 0-dim fp32 alpha does not promote the fp16 gate logits, as in the official fp16 run.
+        logits = (1 - self.alpha) * self.input_gate(flat) + self.alpha * self.task_gate(task_vector)
+        top_values, top_index = logits.topk(self.topk, dim=-1)
+        route_weights = top_values.float().softmax(dim=-1).to(logits.dtype)
+        probs = logits.float().softmax(dim=-1).to(logits.dtype)
+        routed = torch.zeros_like(probs).scatter(-1, top_index, 1.0)
+        aux = num_experts * (probs.mean(dim=0) * routed.mean(dim=0)).mean()
+
+        out = torch.zeros_like(flat)
+        for expert_index, expert in enumerate(self.experts):
+            hits = top_index == expert_index
+            rows = hits.any(dim=-1).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            gate = (route_weights * hits).sum(dim=-1)[rows].unsqueeze(1)
+            out = out.index_add(0, rows, (gate * expert(flat[rows])).to(out.dtype))
+        return out.reshape(u.shape), aux.float()
+
+
+class EFPBlock(nn.Module):
+    """EFP residual block: attention, then MLP and MoE branches added to the stream (spec 2.4)."""
+
+    def __init__(self, width: int, heads: int, num_experts: int, topk: int, reduction: int):
+        super().__init__()
+        self.comb_param = nn.Parameter(torch.randn(width))
+        self.attn = SelfAttention(width, heads)
+        self.ln_1 = LayerNorm(width)
+        self.mlp = nn.Sequential(
+            OrderedDict(c_fc=nn.Linear(width, 4 * width), gelu=QuickGELU(), c_proj=nn.Linear(4 * width, width))
+        )
+        self.ln_2 = LayerNorm(width)
+        self.ln_3 = LayerNorm(width)
+        self.feed_forward = MoELayer(width, num_experts, topk, reduction)
+
+    def attend(self, x: Tensor, coupling: str) -> Tensor:
+        if coupling == "official":
+            # The official MHA is batch_first=False fed (B, slots, D): per slot, the B samples attend to each other.
+            return self.attn(x.transpose(0, 1)).transpose(0, 1)
+        return self.attn(x)  # per-sample: the slots of one sample attend to each other
+
+    def forward(self, x: Tensor, coupling: str) -> tuple[Tensor, Tensor]:
+        x = x + self.attend(self.ln_1(x), coupling)
+        moe_out, aux = self.feed_forward(self.ln_3(x), self.comb_param.to(x.dtype))
+        return x + self.mlp(self.ln_2(x)) + moe_out, aux
+
+
+class EFPTransformer(nn.Module):
+    """The stack of EFP blocks (attribute ``shared_transformer``); returns (tokens, summed aux)."""
+
+    def __init__(self, width: int, layers: int, heads: int, num_experts: int, topk: int, reduction: int):
+        super().__init__()
+        self.resblocks = nn.ModuleList(
+            EFPBlock(width, heads, num_experts, topk, reduction) for _ in range(layers)
+        )
+
+    def forward(self, x: Tensor, coupling: str) -> tuple[Tensor, Tensor]:
+        aux_total = torch.zeros((), device=x.device)
+        for block in self.resblocks:
+            x, aux = block(x, coupling)
+            aux_total = aux_total + aux
+        return x, aux_total
+
+
+@dataclass
+class PHPOutput:
+    """Training forward result; features fp32 and not normalised, ``aux`` unweighted (a_img + a_txt)."""
+
+    image_feats: Tensor
+    text_feats: Tensor
+    aux: Tensor
+    image_logits: Tensor | None = None
+    text_logits: Tensor | None = None
+
+
+class PHPModel(nn.Module):
+    """PHP with the official key layout. ``clip_weights`` loads OpenAI weights (dimensions read from them)."""
+
+    def __init__(self, config: PHPConfig, clip_weights: str | Path | None = None):
+        super().__init__()
+        clip_state = None
+        if clip_weights is not None:
+            clip_state = read_clip_state_dict(clip_weights)
+            config = replace(config, clip=clip_config_for_weights(clip_state, config.clip))
+        self.config = config
+        self._coupling = config.coupling
+        width = config.clip.embed_dim
+        # Construction order follows the official RNG order (spec 10): CLIP, weights, EFP, heads, CRFM.
+        self.base_model = CLIP(config.clip)
+        if clip_state is not None:
+            load_clip_weights(self.base_model, clip_state)
+        efp_names = ("shared_transformer",) if config.sharing == "shared" else ("shared_transformerv", "shared_transformert")
+        for name in efp_names:
+            efp = EFPTransformer(width, config.efp_layers, config.efp_heads, config.num_experts, config.topk, config.reduction)
+            for block in efp.resblocks:
+                for expert in block.feed_forward.experts:
+                    expert.reset_official()
+            setattr(self, name, efp)
+        if config.num_classes > 0:
+            self.classifier = nn.Linear(width, config.num_classes)
+            nn.init.normal_(self.classifier.weight, std=0.001)
+            nn.init.zeros_(self.classifier.bias)
+        crfm_names = ("safl",) if config.sharing == "shared" else ("saflv", "saflt")
+        for name in crfm_names:
+            setattr(self, name, CRFM(width, config.cnum))
+
+    @property
+    def coupling(self) -> str:
+        return self._coupling
+
+    @coupling.setter
+    def coupling(self, value: str) -> None:
+        if value not in COUPLINGS:
+            raise ValueError(f"coupling must be one of {', '.join(COUPLINGS)}, got {value!r}")
+        self._coupling = value
+        self.config = replace(self.config, coupling=value)
+
+    def _head(self, modality: str) -> tuple[CRFM, EFPTransformer]:
+        if self.config.sharing == "shared":
+            return self.safl, self.shared_transformer
+        suffix = "v" if modality == "image" else "t"
+        return getattr(self, "safl" + suffix), getattr(self, "shared_transformer" + suffix)
+
+    def _fuse(self, global_token: Tensor, tokens: Tensor, modality: str, encoder: str | None) -> tuple[Tensor, Tensor]:
+        """Spec 2.6: global feature plus the slot mean of the encoder's branch (mean in the compute dtype)."""
+        encoder = self.config.variant if encoder is None else encoder
+        if encoder not in ENCODERS:
+            raise ValueError(f"encoder must be one of {', '.join(ENCODERS)}, got {encoder!r}")
+        features = global_token.float()
+        aux = torch.zeros((), device=features.device)
+        if encoder == "base":
+            return features, aux
+        crfm, efp = self._head(modality)
+        if encoder in ("crfm", "full"):
+            tokens = crfm(tokens)
+        if encoder in ("efp", "full"):
+            tokens, aux = efp(tokens, self._coupling)
+        return features + tokens.mean(dim=1), aux
+
+    def _image(self, images: Tensor, encoder: str | None) -> tuple[Tensor, Tensor]:
+        tokens = self.base_model.encode_image(images)
+        return self._fuse(tokens[:, 0], tokens[:, 1:], "image", encoder)
+
+    def _text(self, token_ids: Tensor, encoder: str | None) -> tuple[Tensor, Tensor]:
+        tokens = self.base_model.encode_text(token_ids)
+        eot = tokens[torch.arange(tokens.shape[0], device=tokens.device), token_ids.argmax(dim=-1)]
+        return self._fuse(eot, tokens, "text", encoder)
+
+    def encode_image(self, images: Tensor, encoder: str | None = None) -> Tensor:
+        """``(B, D)`` fp32, not normalised; ``encoder`` None means ``config.variant``."""
+        return self._image(images, encoder)[0]
+
+    def encode_text(self, token_ids: Tensor, encoder: str | None = None) -> Tensor:
+        """``(B, D)`` fp32, not normalised; the global token is the EOT position (argmax of the ids)."""
+        return self._text(token_ids, encoder)[0]
+
+    def _logits(self, features: Tensor) -> Tensor | None:
+        if self.config.num_classes <= 0:
+            return None
+        return self.classifier(features.to(self.classifier.weight.dtype)).float()
+
+    def forward(self, images: Tensor, token_ids: Tensor) -> PHPOutput:
+        image_feats, image_aux = self._image(images, None)
+        text_feats, text_aux = self._text(token_ids, None)
+        return PHPOutput(
+            image_feats=image_feats,
+            text_feats=text_feats,
+            aux=image_aux + text_aux,
+            image_logits=self._logits(image_feats),
+            text_logits=self._logits(text_feats),
+        )

@@ -1,0 +1,88 @@
+"""Precision regimes: the official fp16 layout of spec 2.2/3 and fp16 forward/backward on CPU; amp."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from php_runner.model.clip import LayerNorm
+from php_runner.model.precision import apply_precision, autocast_context
+
+
+@pytest.mark.parametrize("sharing", ["shared", "separate"])
+def test_official_layout_equals_spec_dtypes(sharing, spec_tables, default_meta_model):
+    model = apply_precision(default_meta_model(sharing=sharing), "official")
+    state = model.state_dict()
+    base, head = spec_tables(sharing)
+    expected = {key: dtype for key, (_, dtype) in base.items()}
+    expected.update({key: dtype for key, _, dtype in head})
+    assert {key: value.dtype for key, value in state.items()} == expected
+
+
+def test_classifier_is_fp16_under_official(default_meta_model):
+    state = apply_precision(default_meta_model(num_classes=10), "official").state_dict()
+    assert state["classifier.weight"].dtype == state["classifier.bias"].dtype == torch.float16
+
+
+def test_amp_is_all_fp32_and_parameters_are_kept(tiny_model):
+    model = tiny_model()
+    identities = [id(p) for p in model.parameters()]
+    apply_precision(model, "official")
+    assert {p.dtype for p in model.parameters()} == {torch.float16, torch.float32}
+    apply_precision(model, "amp")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert [id(p) for p in model.parameters()] == identities
+    with pytest.raises(ValueError):
+        apply_precision(model, "fp16")
+
+
+def test_official_forward_runs_in_fp16_on_cpu_and_tracks_fp32(tiny_model, tiny_images, tiny_token_ids):
+    reference = tiny_model()
+    model = apply_precision(tiny_model(), "official")
+    images, ids = tiny_images(3), tiny_token_ids(3)
+    with torch.no_grad():
+        tokens = model.base_model.encode_image(images)
+        half, full = model(images, ids), reference(images, ids)
+    assert tokens.dtype == torch.float16  # the towers compute in fp16
+    assert half.image_feats.dtype == half.text_feats.dtype == half.aux.dtype == torch.float32
+    for a, b in ((half.image_feats, full.image_feats), (half.text_feats, full.text_feats)):
+        assert (a - b).abs().max() <= 0.02 * b.abs().max()
+    torch.testing.assert_close(half.aux, full.aux, atol=5e-3, rtol=0)
+
+
+def test_official_backward_gives_fp16_grads_for_fp16_parameters(tiny_model, tiny_images, tiny_token_ids):
+    model = apply_precision(tiny_model(), "official").train()
+    out = model(tiny_images(2), tiny_token_ids(2))
+    (out.image_feats.square().mean() + out.text_feats.square().mean() + out.aux).backward()
+    for name, parameter in model.named_parameters():
+        if parameter.grad is not None:
+            assert parameter.grad.dtype == parameter.dtype, name
+            assert torch.isfinite(parameter.grad.float()).all(), name
+
+
+def test_clip_layernorms_stay_fp32_and_return_fp16(tiny_model):
+    model = apply_precision(tiny_model(), "official")
+    clip_norms = [m for m in model.modules() if isinstance(m, LayerNorm)]
+    assert clip_norms and all(m.weight.dtype == torch.float32 for m in clip_norms)
+    assert clip_norms[0](torch.randn(2, clip_norms[0].weight.shape[0]).half()).dtype == torch.float16
+
+
+def test_autocast_context_is_null_except_amp_on_cuda():
+    assert isinstance(autocast_context("official", "cpu"), contextlib.nullcontext)
+    assert isinstance(autocast_context("amp", "cpu"), contextlib.nullcontext)
+    assert isinstance(autocast_context("official", "cuda"), contextlib.nullcontext)
+    with pytest.raises(ValueError):
+        autocast_context("bf16", "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_amp_autocasts_to_bf16_on_cuda(tiny_model, tiny_images, tiny_token_ids):
+    model = apply_precision(tiny_model(), "amp").cuda()
+    with autocast_context("amp", "cuda"):
+        tokens = model.base_model.encode_image(tiny_images(2).cuda())
+        out = model(tiny_images(2).cuda(), tiny_token_ids(2).cuda())
+    assert tokens.dtype == torch.bfloat16
+    assert out.image_feats.dtype == torch.float32
