@@ -1,0 +1,39 @@
+"""Datasets in the official formats, synthetic data, the CLIP tokenizer, image transforms and torch datasets."""
+
+from php_runner.data.datasets import (
+    DATASET_NAMES,
+    DatasetError,
+    EvalSplit,
+    PedesDataset,
+    TrainItem,
+    check_dataset,
+    dataset_statistics,
+    read_dataset,
+)
+from php_runner.data.loaders import ImageSet, TextSet, TrainPairs, read_image
+from php_runner.data.synthetic import write_synthetic
+from php_runner.data.tokenizer import EOT_ID, SOT_ID, tokenize, tokenize_all
+from php_runner.data.transforms import CLIP_MEAN, CLIP_STD, build_transform
+
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "DATASET_NAMES",
+    "DatasetError",
+    "EOT_ID",
+    "EvalSplit",
+    "ImageSet",
+    "PedesDataset",
+    "SOT_ID",
+    "TextSet",
+    "TrainItem",
+    "TrainPairs",
+    "build_transform",
+    "check_dataset",
+    "dataset_statistics",
+    "read_dataset",
+    "read_image",
+    "tokenize",
+    "tokenize_all",
+    "write_synthetic",
+]
