@@ -1,0 +1,121 @@
+"""Embedding extraction and text-to-image retrieval evaluation (spec 2.5 and 7).
+
+The official evaluator encodes all captions first, then all images, each in its own unshuffled
+loader in annotation order with ``batch_size`` samples per batch and the final partial batch kept.
+With the official EFP coupling an embedding depends on its batch-mates, so this batching is part of
+the protocol. ``order="shuffled"`` batches queries and gallery in a seeded random permutation instead
+(to probe that coupling); embeddings are always returned in annotation order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from php_runner.data import EvalSplit
+from php_runner.data.loaders import ImageSet, TextSet
+from php_runner.data.transforms import build_transform
+from php_runner.engine.metrics import retrieval_metrics
+from php_runner.model.precision import autocast_context
+
+ORDERS = ("annotation", "shuffled")
+
+
+@dataclass
+class EvalSettings:
+    """How test embeddings are computed; the defaults are the official protocol."""
+
+    batch_size: int = 64
+    order: str = "annotation"
+    seed: int = 0
+    encoder: str | None = None  # None: the model's own variant
+    device: str = "cpu"
+    precision: str = "official"
+    num_workers: int = 0
+    image_size: tuple[int, int] = (384, 128)
+
+    def __post_init__(self) -> None:
+        if self.order not in ORDERS:
+            raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+
+
+@dataclass
+class Embeddings:
+    """Unnormalised fp32 CPU embeddings and their pids, in annotation order."""
+
+    text: torch.Tensor
+    image: torch.Tensor
+    text_pids: torch.Tensor
+    image_pids: torch.Tensor
+
+
+def _batch_order(size: int, settings: EvalSettings, generator: torch.Generator) -> torch.Tensor:
+    if settings.order == "annotation":
+        return torch.arange(size)
+    return torch.randperm(size, generator=generator)
+
+
+@torch.no_grad()
+def _encode(model, dataset: Dataset, order: torch.Tensor, encode, settings: EvalSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode ``dataset`` in the batches given by ``order``; return (features, pids) in dataset order."""
+    device = torch.device(settings.device)
+    loader = DataLoader(
+        Subset(dataset, order.tolist()),
+        batch_size=settings.batch_size,
+        shuffle=False,
+        drop_last=False,
+        num_workers=settings.num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    features, pids = [], []
+    for batch_pids, inputs in loader:
+        with autocast_context(settings.precision, device):
+            output = encode(inputs.to(device, non_blocking=True), encoder=settings.encoder)
+        features.append(output.float().cpu())
+        pids.append(batch_pids)
+    in_batch_order = torch.cat(features)
+    restored = torch.empty_like(in_batch_order)
+    restored[order] = in_batch_order
+    restored_pids = torch.empty(len(order), dtype=torch.long)
+    restored_pids[order] = torch.cat(pids).long()
+    return restored, restored_pids
+
+
+def extract_embeddings(model, split: EvalSplit, settings: EvalSettings | None = None) -> Embeddings:
+    """Text then image embeddings of ``split``, batched as ``settings`` says, returned in annotation order."""
+    settings = settings or EvalSettings()
+    was_training = model.training
+    model.eval()
+    model.to(settings.device)
+    generator = torch.Generator().manual_seed(settings.seed)
+    try:
+        texts = TextSet(split.caption_pids, split.captions)
+        text_order = _batch_order(len(texts), settings, generator)
+        text, text_pids = _encode(model, texts, text_order, model.encode_text, settings)
+        images = ImageSet(split.image_pids, split.img_paths, build_transform(settings.image_size, train=False))
+        image_order = _batch_order(len(images), settings, generator)
+        image, image_pids = _encode(model, images, image_order, model.encode_image, settings)
+    finally:
+        model.train(was_training)
+    return Embeddings(text=text, image=image, text_pids=text_pids, image_pids=image_pids)
+
+
+def score_embeddings(embeddings: Embeddings, i2t: bool = False) -> dict:
+    """Metrics of cosine-similarity retrieval: captions query images; ``i2t`` adds the reverse direction."""
+    text = F.normalize(embeddings.text, p=2, dim=1)
+    image = F.normalize(embeddings.image, p=2, dim=1)
+    similarity = text @ image.t()
+    metrics = retrieval_metrics(similarity, embeddings.text_pids, embeddings.image_pids)
+    if i2t:
+        metrics["i2t"] = retrieval_metrics(similarity.t(), embeddings.image_pids, embeddings.text_pids)
+    return metrics
+
+
+def evaluate(model, split: EvalSplit, settings: EvalSettings | None = None, i2t: bool = False) -> dict:
+    """Text-to-image metrics (R1, R5, R10, mAP, mINP) of ``model`` on ``split``; ``i2t`` adds an "i2t" sub-dict."""
+    return score_embeddings(extract_embeddings(model, split, settings), i2t=i2t)

@@ -1,0 +1,128 @@
+"""Optimiser recipe of spec 5: one parameter group per tensor, Adam/AdamW/SGD, per-epoch warm-up + cosine.
+
+Two solver versions exist in the official history. ``head`` (the IRRA rules, current code) and ``v1``
+(the 2025 solver that adds the EFP transformer and MoE learning-rate factors). Rules are applied in
+order and a later matching rule replaces the learning rate set by an earlier one, as in the official
+solver; the bias rule is the only one that changes weight decay.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
+
+SOLVERS = ("head", "v1")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
+_MOE_KEYS = ("feed_forward.experts", "feed_forward.input_gate", "feed_forward.task_gate")
+_HEAD_KEYS = ("classifier", "mlm_head")
+
+
+def param_group_rule(
+    name: str,
+    lr: float,
+    *,
+    solver: str = "head",
+    weight_decay: float = 4e-5,
+    weight_decay_bias: float = 0.0,
+    bias_lr_factor: float = 2.0,
+    lr_factor: float = 5.0,
+    transformer_lr_factor: float = 1.0,
+    moe_lr_factor: float = 2.0,
+) -> tuple[float, float]:
+    """(learning rate, weight decay) that the official solver gives the parameter called ``name``."""
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
+    group_lr, group_wd = lr, weight_decay
+    if "cross" in name:
+        group_lr = lr * lr_factor
+    if solver == "v1":
+        # "shared_transformer" also matches the separate-sharing names shared_transformerv/t.
+        if "shared_transformer" in name:
+            group_lr = lr * transformer_lr_factor
+        if any(key in name for key in _MOE_KEYS):
+            group_lr = lr * moe_lr_factor
+    if "bias" in name:
+        group_lr = lr * bias_lr_factor
+        group_wd = weight_decay_bias
+    if any(key in name for key in _HEAD_KEYS):
+        group_lr = lr * lr_factor
+    return group_lr, group_wd
+
+
+def build_param_groups(model: nn.Module, lr: float, **rule_options) -> list[dict]:
+    """One optimiser group per trainable parameter, in ``named_parameters`` order (spec 5).
+
+    Each group carries its parameter ``name`` so that optimiser state files stay readable.
+    ``rule_options`` are the keyword arguments of :func:`param_group_rule`.
+    """
+    groups = []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        group_lr, group_wd = param_group_rule(name, lr, **rule_options)
+        groups.append({"params": [param], "lr": group_lr, "weight_decay": group_wd, "name": name})
+    return groups
+
+
+def build_optimizer(
+    param_groups: list[dict],
+    optimizer: str = "adam",
+    *,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    adam_eps: float = 1e-3,
+    momentum: float = 0.9,
+) -> torch.optim.Optimizer:
+    """The official optimiser choices: Adam (eps ``adam_eps``, 1e-3 officially), AdamW (eps 1e-8), SGD."""
+    if optimizer == "adam":
+        return torch.optim.Adam(param_groups, lr=lr, betas=tuple(betas), eps=adam_eps)
+    if optimizer == "adamw":
+        return torch.optim.AdamW(param_groups, lr=lr, betas=tuple(betas), eps=1e-8)
+    if optimizer == "sgd":
+        return torch.optim.SGD(param_groups, lr=lr, momentum=momentum)
+    raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+
+
+def schedule_factor(epoch_index: int, epochs: int, warmup_epochs: int = 5, warmup_factor: float = 0.1) -> float:
+    """Multiplier f(t) of spec 5 for the epoch with 0-based index ``t`` (epoch t+1 trains at base_lr * f(t)).
+
+    Linear warm-up from ``warmup_factor`` over ``warmup_epochs``, then cosine decay to 0 at ``epochs``.
+    """
+    if epoch_index < warmup_epochs:
+        alpha = epoch_index / warmup_epochs
+        return warmup_factor * (1 - alpha) + alpha
+    progress = (epoch_index - warmup_epochs) / max(1, epochs - warmup_epochs)
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class WarmupCosine(LRScheduler):
+    """Per-epoch warm-up + cosine schedule; call ``step()`` once after each epoch's iterations."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        epochs: int,
+        warmup_epochs: int = 5,
+        warmup_factor: float = 0.1,
+        last_epoch: int = -1,
+    ) -> None:
+        if epochs < 1:
+            raise ValueError(f"epochs must be at least 1, got {epochs}")
+        if warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must not be negative, got {warmup_epochs}")
+        self.epochs = epochs
+        self.warmup_epochs = warmup_epochs
+        self.warmup_factor = warmup_factor
+        super().__init__(optimizer, last_epoch)
+
+    def factor(self) -> float:
+        """f(t) for the epoch about to be trained."""
+        return schedule_factor(self.last_epoch, self.epochs, self.warmup_epochs, self.warmup_factor)
+
+    def get_lr(self) -> list[float]:
+        factor = self.factor()
+        return [base_lr * factor for base_lr in self.base_lrs]

@@ -1,0 +1,183 @@
+"""End-to-end training of the tiny model on synthetic CUHK-format data: learning, selection, resume, stop."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+import php_runner.engine.train as train_module
+from php_runner.data import read_dataset, write_synthetic
+from php_runner.engine.evaluate import EvalSettings, evaluate
+from php_runner.engine.train import StopTraining, TrainSettings, train
+from php_runner.errors import InputError
+from php_runner.model.checkpoint import load_model
+from php_runner.model.config import PHPConfig
+from php_runner.model.php import PHPModel
+from php_runner.model.precision import apply_precision
+
+# The recipe that makes the tiny random-weight model learn in 3 CPU epochs (proposed tiny preset).
+TINY_RECIPE = dict(
+    epochs=3, batch_size=8, lr=5e-4, warmup_epochs=0, precision="amp", img_aug=False,
+    test_batch_size=64, device="cpu", num_workers=0, deterministic=True,
+)
+LEARNING_IDS = 100  # train identities of the synthetic set the learning test uses
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return PHPModel(PHPConfig.tiny())
+
+
+def _chance_r1(split):
+    """Expected R1 of a random ranking: mean share of gallery images that match the query."""
+    counts = {pid: split.image_pids.count(pid) for pid in set(split.image_pids)}
+    return 100 * sum(counts[pid] for pid in split.caption_pids) / (len(split.caption_pids) * len(split.image_pids))
+
+
+def _eval_settings(model, settings):
+    return EvalSettings(batch_size=settings.test_batch_size, precision=settings.precision,
+                        image_size=model.config.clip.image_size)
+
+
+@pytest.fixture(scope="module")
+def learning_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_synthetic(root, "CUHK-PEDES", num_ids=LEARNING_IDS)
+    dataset = read_dataset(root, "CUHK-PEDES")
+    settings = TrainSettings(**TINY_RECIPE)
+    delivered = []
+    run_dir = tmp_path_factory.mktemp("run")
+    result = train(_model(), dataset, settings, run_dir, on_epoch=delivered.append)
+    return dataset, settings, result, delivered
+
+
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("small")
+    write_synthetic(root, "CUHK-PEDES")
+    return read_dataset(root, "CUHK-PEDES")
+
+
+def _small_settings(**changes):
+    return TrainSettings(**{**TINY_RECIPE, "batch_size": 16, **changes})
+
+
+def test_tiny_model_learns_far_above_chance(learning_run):
+    dataset, _, result, _ = learning_run
+    chance = _chance_r1(dataset.test)
+    final_r1 = result.selected["last"][2]["R1"]
+    print(f"\ntiny model, 3 epochs: test R1 {final_r1:.2f} (chance {chance:.2f})")
+    assert final_r1 >= max(5 * chance, chance + 8)
+    assert result.history[-1].losses["total"] < result.history[0].losses["total"]
+
+
+def test_records_reach_the_callback_and_selection_follows_the_rules(learning_run):
+    dataset, _, result, delivered = learning_run
+    assert delivered == result.history
+    assert [record.epoch for record in result.history] == [1, 2, 3]
+    assert all(set(record.metrics) == {"test", "val"} for record in result.history)
+    assert set(result.history[0].losses) == {"sdm_loss", "itc_loss", "aux_loss", "total"}
+    assert [record.lr for record in result.history] == pytest.approx([5e-4, 5e-4 * 0.75, 5e-4 * 0.25])
+
+    def first_best(split):
+        scores = [record.metrics[split]["R1"] for record in result.history]
+        return scores.index(max(scores)) + 1
+
+    expected = {"best-on-test": first_best("test"), "best-on-val": first_best("val"), "last": 3}
+    for rule, epoch in expected.items():
+        assert result.selected[rule] == (epoch, "test", result.history[epoch - 1].metrics["test"])
+    best = torch.load(result.best_checkpoint, weights_only=True)
+    assert best["epoch"] == expected["best-on-test"] and best["rule"] == "best-on-test"
+
+
+def test_saved_checkpoints_reproduce_the_recorded_metrics(learning_run):
+    dataset, settings, result, _ = learning_run
+    for path, rule in ((result.best_checkpoint, "best-on-test"), (result.last_checkpoint, "last")):
+        model, info = load_model(path)
+        epoch, _, recorded = result.selected[rule]
+        assert info["epoch"] == epoch
+        assert evaluate(model, dataset.test, _eval_settings(model, settings)) == recorded
+
+
+def test_last_checkpoint_holds_the_resume_state_and_reads_weights_only(learning_run):
+    _, _, result, _ = learning_run
+    payload = torch.load(result.last_checkpoint, weights_only=True)
+    assert payload["epoch"] == 3 and len(payload["history"]) == 3 and not payload["stopped"]
+    assert set(payload["rng"]) == {"torch", "cuda", "python", "numpy", "loader"}
+    assert payload["scheduler"]["last_epoch"] == 3
+    assert len(payload["optimizer"]["param_groups"]) == len(list(_model().parameters()))
+    assert "base_model.visual.conv1.weight" in payload["model"]
+
+
+def test_resume_after_an_interrupt_equals_an_uninterrupted_run(small_dataset, tmp_path, monkeypatch):
+    settings = _small_settings()
+    reference_model = _model()
+    reference = train(reference_model, small_dataset, settings, tmp_path / "reference")
+
+    steps_per_epoch = math.ceil(len(small_dataset.train) / settings.batch_size)
+    real_losses, calls = train_module.compute_losses, []
+
+    def interrupt_in_epoch_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == steps_per_epoch + 3:
+            raise KeyboardInterrupt
+        return real_losses(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "compute_losses", interrupt_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        train(_model(), small_dataset, settings, tmp_path / "resumed")
+    assert torch.load(tmp_path / "resumed" / "last.pth", weights_only=True)["epoch"] == 1
+    monkeypatch.setattr(train_module, "compute_losses", real_losses)
+
+    resumed_model = _model(seed=123)  # weights must come from last.pth, not from this initialisation
+    resumed = train(resumed_model, small_dataset, settings, tmp_path / "resumed")
+    strip = lambda history: [dataclasses.replace(record, seconds=0) for record in history]  # noqa: E731
+    assert strip(resumed.history) == strip(reference.history)
+    assert resumed.selected == reference.selected
+    reference_state, resumed_state = reference_model.state_dict(), resumed_model.state_dict()
+    assert all(torch.equal(reference_state[key], resumed_state[key]) for key in reference_state)
+
+
+def test_stop_training_ends_cleanly_and_a_rerun_does_not_continue(small_dataset, tmp_path, capsys):
+    def stop(record):
+        raise StopTraining
+
+    settings = _small_settings(epochs=3)
+    result = train(_model(), small_dataset, settings, tmp_path, on_epoch=stop)
+    assert result.stopped and [record.epoch for record in result.history] == [1]
+    assert result.selected["last"][0] == 1
+    assert "epoch 1/3" in capsys.readouterr().out  # plain progress lines when stdout is not a terminal
+
+    def must_not_run(record):
+        raise AssertionError("a stopped run must not train further")
+
+    again = train(_model(), small_dataset, settings, tmp_path, on_epoch=must_not_run)
+    assert again.stopped and len(again.history) == 1
+    with pytest.raises(InputError, match="train.lr"):
+        train(_model(), small_dataset, _small_settings(lr=1e-3), tmp_path)
+
+
+def test_official_precision_trains_fp16_weights_and_its_checkpoint_evaluates_the_same(small_dataset, tmp_path):
+    settings = _small_settings(epochs=1, precision="official")
+    result = train(_model(), small_dataset, settings, tmp_path)
+    assert math.isfinite(result.history[0].losses["total"])
+    payload = torch.load(result.last_checkpoint, weights_only=True)
+    assert payload["model"]["base_model.visual.conv1.weight"].dtype == torch.float16
+    assert payload["model"]["base_model.visual.ln_pre.weight"].dtype == torch.float32
+    model, _ = load_model(result.best_checkpoint)
+    apply_precision(model, "official")
+    assert evaluate(model, small_dataset.test, _eval_settings(model, settings)) == result.selected["best-on-test"][2]
+
+
+def test_val_selection_needs_a_val_split(small_dataset, tmp_path):
+    without_val = dataclasses.replace(small_dataset, val=None)
+    with pytest.raises(InputError, match="train.selection"):
+        train(_model(), without_val, _small_settings(selection="val"), tmp_path)
+
+
+@pytest.mark.parametrize(("field", "value"), [("optimizer", "lamb"), ("solver", "v2"), ("selection", "best"),
+                                              ("precision", "fp8"), ("epochs", 0)])
+def test_bad_settings_name_the_field(field, value):
+    with pytest.raises(InputError, match=f"train.{field}"):
+        TrainSettings(**{field: value})
