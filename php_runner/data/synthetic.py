@@ -6,8 +6,8 @@ noise. Its captions describe that appearance in words, with varied sentence temp
 distractor sentences that carry no visual information, so a tiny randomly initialised CLIP-like
 model can learn to match them within a few epochs.
 
-Default sizes (``num_ids=None``): 40 train identities with 4 images each, 10 val identities
-(CUHK-PEDES and RSTPReid formats only) and 20 test identities with 2 images each. CUHK-PEDES and
+Default sizes (``num_ids=None``): 100 train identities with 4 images each, 25 val identities
+(CUHK-PEDES and RSTPReid formats only) and 50 test identities with 2 images each. CUHK-PEDES and
 RSTPReid formats have two captions per image, the ICFG-PEDES format one. ``num_ids=N`` sets the
 train identities; val gets ceil(N/4) and test ceil(N/2) identities, at least 2 each. Output is a
 function of (name, num_ids, seed) only: the same seed gives a byte-identical annotation file and
@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw
 
 from php_runner.data.datasets import DATASET_NAMES, LAYOUTS, DatasetError
 
-DEFAULT_TRAIN_IDS = 40
+DEFAULT_TRAIN_IDS = 100
 # More training images than evaluation images: a tiny model needs optimisation steps more than identities.
 IMAGES_PER_ID = {"train": 4, "val": 2, "test": 2}
 IMAGE_HEIGHT, IMAGE_WIDTH = 96, 48

@@ -40,9 +40,9 @@ def test_default_sizes(tmp_path):
     assert written == [tmp_path / name / ANNOTATIONS[name] for name in DATASET_NAMES]
     stats = {name: {r["subset"]: (r["ids"], r["images"], r["captions"])
                     for r in dataset_statistics(read_dataset(tmp_path, name))} for name in DATASET_NAMES}
-    assert stats["CUHK-PEDES"] == {"train": (40, 160, 320), "val": (10, 20, 40), "test": (20, 40, 80)}
+    assert stats["CUHK-PEDES"] == {"train": (100, 400, 800), "val": (25, 50, 100), "test": (50, 100, 200)}
     assert stats["RSTPReid"] == stats["CUHK-PEDES"]
-    assert stats["ICFG-PEDES"] == {"train": (40, 160, 160), "val": (0, 0, 0), "test": (20, 40, 40)}
+    assert stats["ICFG-PEDES"] == {"train": (100, 400, 400), "val": (0, 0, 0), "test": (50, 100, 100)}
 
 
 def test_split_sizes_follow_the_train_ids():

@@ -16,7 +16,7 @@ BATCH = 16
 @pytest.fixture(scope="module")
 def split(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
-    write_synthetic(root, "CUHK-PEDES")
+    write_synthetic(root, "CUHK-PEDES", num_ids=40)
     return read_dataset(root, "CUHK-PEDES").test
 
 

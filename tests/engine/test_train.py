@@ -55,7 +55,7 @@ def learning_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def small_dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("small")
-    write_synthetic(root, "CUHK-PEDES")
+    write_synthetic(root, "CUHK-PEDES", num_ids=40)
     return read_dataset(root, "CUHK-PEDES")
 
 
