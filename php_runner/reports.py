@@ -1,0 +1,405 @@
+"""Paper tables rebuilt from recorded runs, and their renderings (terminal, markdown, CSV, PNG).
+
+``build_table`` puts, for every row and dataset of a table of ``paper_results.toml``, the paper's
+value beside ours (mean and sample standard deviation over seeds, with n), their difference and the
+checkpoint-selection rule that produced ours. Runs of kind ``imported`` (released checkpoints) and
+``trial`` (tuning) get lines of their own next to the trained ones; trials tuned on the test split
+are marked. When runs carry an audit report the table gains a verdict per line (batch-dependent
+or not, ordered-minus-shuffled R1 gap). A line with no result names the command that would fill it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import statistics
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.table import Table
+
+from php_runner.paper import Footnote, load_paper_results
+
+RULE_PREFERENCE = ("best-on-test", "best-on-val", "last")  # best-on-test is the paper's own protocol
+KIND_ORDER = ("trained", "imported", "trial")
+REFERENCE = "reference"  # a published competitor: paper value only
+CHART_TABLES = ("module",)
+FORCED_TEST_NOTE = "Tuned on the test split (forced): the test labels chose its settings, so it is not a held-out result."
+IMPORTED_NOTE = "imported: a released checkpoint evaluated by php-run, not retrained."
+KIND_LABELS = {"trained": "trained", "imported": "imported", "trial": "tuning trial", REFERENCE: "paper only"}
+
+
+@dataclass
+class ResultRow:
+    """One selected result of one run (a run has one row per recorded selection rule)."""
+
+    table: str | None
+    spec_name: str
+    row_label: str
+    dataset: str
+    seed: int
+    rule: str
+    metrics: dict
+    kind: str
+    audit: dict | None
+    forced_test: bool = False
+
+
+@dataclass(frozen=True)
+class MetricCell:
+    metric: str
+    paper: float | None
+    mean: float | None
+    std: float | None  # sample standard deviation over seeds; None with fewer than two
+    n: int
+    notes: tuple[int, ...] = ()  # footnote numbers of this cell
+
+    @property
+    def delta(self) -> float | None:
+        return None if self.mean is None or self.paper is None else self.mean - self.paper
+
+
+@dataclass(frozen=True)
+class AuditVerdict:
+    batch_dependent: bool | None  # True when any audited seed was batch-dependent
+    r1_ordered: float | None      # means over the audited seeds
+    r1_shuffled: float | None
+    r1_gap: float | None
+    n: int
+
+    def text(self) -> str:
+        parts = []
+        if self.batch_dependent is not None:
+            parts.append("batch-dependent" if self.batch_dependent else "batch-independent")
+        if self.r1_ordered is not None and self.r1_shuffled is not None:
+            parts.append(f"R1 ordered {self.r1_ordered:.2f} vs shuffled {self.r1_shuffled:.2f}")
+        if self.r1_gap is not None:
+            parts.append(f"gap {self.r1_gap:+.2f}")
+        return "; ".join(parts) + f" (n={self.n})"
+
+
+@dataclass(frozen=True)
+class ViewLine:
+    """One row of a table on one dataset, for one kind of run."""
+
+    row_key: str
+    row_display: str
+    dataset: str
+    kind: str  # trained | imported | trial | reference
+    forced_test: bool
+    rule: str | None
+    seeds: tuple[int, ...]
+    metrics: tuple[MetricCell, ...]
+    audit: AuditVerdict | None
+    fill_command: str | None  # set when a reproducible line has no result yet
+    notes: tuple[int, ...] = ()  # footnotes of the row or of the row on this dataset
+
+    def cell(self, metric: str) -> MetricCell:
+        return next(cell for cell in self.metrics if cell.metric == metric)
+
+    @property
+    def source(self) -> str:
+        label = KIND_LABELS.get(self.kind, self.kind)
+        return f"{label} [forced test]" if self.forced_test else label
+
+
+@dataclass(frozen=True)
+class TableView:
+    name: str
+    title: str
+    source: str
+    in_paper: bool
+    row_header: str
+    datasets: tuple[str, ...]
+    metrics: tuple[str, ...]
+    lines: tuple[ViewLine, ...]
+    footnotes: tuple[str, ...]       # numbered from 1 in this order
+    notes: tuple[int, ...] = ()      # footnotes of the whole table
+
+    @property
+    def has_audit(self) -> bool:
+        return any(line.audit is not None for line in self.lines)
+
+    def line(self, row_key: str, dataset: str, kind: str = "trained", forced_test: bool = False) -> ViewLine | None:
+        return next((line for line in self.lines if (line.row_key, line.dataset, line.kind, line.forced_test)
+                     == (row_key, dataset, kind, forced_test)), None)
+
+    def missing(self) -> list[ViewLine]:
+        """Lines that still need a run, each with its ``fill_command``."""
+        return [line for line in self.lines if line.fill_command is not None]
+
+
+def fill_command(table: str, dataset: str, preset: str | None = None) -> str:
+    """The php-run command that trains the missing runs of ``table`` on ``dataset``."""
+    command = "php-run reproduce" if table == "headline" else f"php-run ablate {table}"
+    command += f" --dataset {dataset}"
+    return command + (f" --preset {preset}" if preset and preset != "paper" else "")
+
+
+def build_table(table_name: str, rows: Iterable[ResultRow], *, rules: Sequence[str] = RULE_PREFERENCE,
+                preset: str | None = None) -> TableView:
+    """The view of one table: paper rows first (then any other row labels found), every dataset.
+
+    Per line the first rule of ``rules`` with results is used. ``preset`` only shapes the fill
+    commands of missing lines (``--preset NAME`` unless it is the paper preset).
+    """
+    paper = load_paper_results()
+    table = paper.table(table_name)
+    rows = [row for row in rows if row.table == table_name]
+    row_keys = [row.key for row in table.rows] + _unique(r.row_label for r in rows if table.row(r.row_label) is None)
+    datasets = list(table.datasets) + _unique(r.dataset for r in rows if r.dataset not in table.datasets)
+    notes = _Notes()
+    table_notes = notes.add(paper.footnotes_for(table_name))
+    lines = []
+    for key in row_keys:
+        paper_row = table.row(key)
+        reference = paper_row is not None and paper_row.reference
+        display = paper_row.display if paper_row is not None else key
+        row_notes = notes.add(paper.footnotes_for(table_name, key))
+        for dataset in datasets:
+            line_notes = row_notes + notes.add(paper.footnotes_for(table_name, key, dataset))
+            cell_notes = {m: notes.add(paper.footnotes_for(table_name, key, dataset, m)) for m in table.metrics}
+            here = [r for r in rows if r.row_label == key and r.dataset == dataset]
+            groups = {(r.kind, r.forced_test) for r in here}
+            if not reference:
+                groups.add(("trained", False))
+            for kind, forced in sorted(groups, key=_group_order):
+                members = [r for r in here if (r.kind, r.forced_test) == (kind, forced)]
+                rule = next((rule for rule in rules if any(r.rule == rule for r in members)), None)
+                chosen = _one_per_seed(r for r in members if r.rule == rule)
+                cells = tuple(_metric_cell(metric, table.value(key, dataset, metric), chosen, cell_notes[metric])
+                              for metric in table.metrics)
+                extra = ()
+                if forced:
+                    extra += notes.add_text(FORCED_TEST_NOTE)
+                if kind == "imported":
+                    extra += notes.add_text(IMPORTED_NOTE)
+                lines.append(ViewLine(
+                    row_key=key, row_display=display, dataset=dataset, kind=kind, forced_test=forced,
+                    rule=rule, seeds=tuple(sorted(r.seed for r in chosen)), metrics=cells,
+                    audit=_audit_verdict(chosen),
+                    fill_command=None if chosen else fill_command(table_name, dataset, preset),
+                    notes=line_notes + extra,
+                ))
+            if reference:
+                cells = tuple(_metric_cell(metric, table.value(key, dataset, metric), [], cell_notes[metric])
+                              for metric in table.metrics)
+                lines.append(ViewLine(key, display, dataset, REFERENCE, False, None, (), cells, None, None, line_notes))
+    return TableView(
+        name=table_name, title=table.title, source=table.source, in_paper=table.in_paper,
+        row_header=table.row_header, datasets=tuple(datasets), metrics=tuple(table.metrics),
+        lines=tuple(lines), footnotes=tuple(notes.texts), notes=table_notes,
+    )
+
+
+# ---- renderers ------------------------------------------------------------------------------------
+
+def render_rich(view: TableView) -> Table:
+    """A rich table: one line per row and dataset, ours over paper and delta in each metric column."""
+    table = Table(title=_title(view), caption=_footnote_block(view), caption_justify="left", show_lines=True)
+    for header in _headers(view):
+        table.add_column(header, no_wrap=header in view.metrics)
+    for line in view.lines:
+        table.add_row(*_line_cells(line, view, separator="\n"))
+    return table
+
+
+def render_markdown(view: TableView) -> str:
+    headers = _headers(view)
+    out = [f"## {_title(view)}", "", f"Source: {view.source}.", "",
+           "| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    for line in view.lines:
+        cells = [cell.replace("|", "\\|") for cell in _line_cells(line, view, separator="<br>")]
+        out.append("| " + " | ".join(cells) + " |")
+    if view.footnotes:
+        out += ["", *(f"[{number}] {text}" + "  " for number, text in enumerate(view.footnotes, 1))]
+    return "\n".join(out).rstrip() + "\n"
+
+
+CSV_COLUMNS = ("table", "row", "dataset", "kind", "forced_test", "metric", "paper", "mean", "std", "n",
+               "delta", "rule", "seeds", "batch_dependent", "r1_gap", "fill_command", "footnotes")
+
+
+def render_csv(view: TableView) -> str:
+    """Long format: one record per line and metric."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for line in view.lines:
+        for cell in line.metrics:
+            notes = view.notes + line.notes + cell.notes
+            writer.writerow([
+                view.name, line.row_key, line.dataset, line.kind, line.forced_test, cell.metric,
+                _plain(cell.paper), _plain(cell.mean), _plain(cell.std), cell.n, _plain(cell.delta),
+                line.rule or "", " ".join(map(str, line.seeds)),
+                "" if line.audit is None or line.audit.batch_dependent is None else line.audit.batch_dependent,
+                "" if line.audit is None else _plain(line.audit.r1_gap),
+                line.fill_command or "", " ".join(view.footnotes[number - 1] for number in sorted(set(notes))),
+            ])
+    return buffer.getvalue()
+
+
+def plot_module_chart(view: TableView, path: str | Path) -> Path:
+    """Grouped bars like the paper's module-ablation figure: paper against ours, per dataset and metric."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    keys = _unique(line.row_key for line in view.lines)
+    displays = {line.row_key: line.row_display for line in view.lines}
+    figure = Figure(figsize=(4.2 * len(view.datasets), 3.2 * len(view.metrics)), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(len(view.metrics), len(view.datasets), squeeze=False)
+    width = 0.38
+    for i, metric in enumerate(view.metrics):
+        for j, dataset in enumerate(view.datasets):
+            ax = axes[i][j]
+            paper, ours, spread = [], [], []
+            for key in keys:
+                line = view.line(key, dataset)
+                cell = line.cell(metric) if line is not None else None
+                paper.append(_nan(cell.paper if cell else None))
+                ours.append(_nan(cell.mean if cell else None))
+                spread.append((cell.std or 0.0) if cell else 0.0)
+            positions = range(len(keys))
+            ax.bar([p - width / 2 for p in positions], paper, width, label="paper", color="#9aa5b1")
+            ax.bar([p + width / 2 for p in positions], ours, width, yerr=spread, capsize=3, label="ours (mean ± std)",
+                   color="#2f6db3")
+            ax.set_xticks(list(positions), [displays[key] for key in keys], rotation=20, ha="right", fontsize=8)
+            ax.set_title(f"{dataset} {metric}", fontsize=10)
+            ax.set_ylabel("%")
+    axes[0][0].legend(fontsize=8)
+    figure.suptitle(view.title, fontsize=11)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    return _write_atomic(Path(path), buffer.getvalue())
+
+
+def write_reports(view: TableView, folder: str | Path = "reports") -> list[Path]:
+    """Write ``NAME.md`` and ``NAME.csv`` (and ``NAME.png`` for the module ablation), each atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = [
+        _write_atomic(folder / f"{view.name}.md", render_markdown(view).encode("utf-8")),
+        _write_atomic(folder / f"{view.name}.csv", render_csv(view).encode("utf-8")),
+    ]
+    if view.name in CHART_TABLES:
+        written.append(plot_module_chart(view, folder / f"{view.name}.png"))
+    return written
+
+
+# ---- internals ------------------------------------------------------------------------------------
+
+class _Notes:
+    """Footnote numbering for one view: each text gets one number, in order of first use."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+
+    def add(self, footnotes: Iterable[Footnote]) -> tuple[int, ...]:
+        return tuple(number for note in footnotes for number in self.add_text(note.text))
+
+    def add_text(self, text: str) -> tuple[int, ...]:
+        if text not in self.texts:
+            self.texts.append(text)
+        return (self.texts.index(text) + 1,)
+
+
+def _group_order(group: tuple[str, bool]) -> tuple[int, bool, str]:
+    kind, forced = group
+    rank = KIND_ORDER.index(kind) if kind in KIND_ORDER else len(KIND_ORDER)
+    return rank, forced, kind
+
+
+def _one_per_seed(rows: Iterable[ResultRow]) -> list[ResultRow]:
+    """The last row recorded for each seed (a run listed twice counts once)."""
+    return list({row.seed: row for row in rows}.values())
+
+
+def _metric_cell(metric: str, paper: float | None, rows: Sequence[ResultRow], notes: tuple[int, ...]) -> MetricCell:
+    values = [float(row.metrics[metric]) for row in rows if row.metrics.get(metric) is not None]
+    mean = statistics.fmean(values) if values else None
+    std = statistics.stdev(values) if len(values) > 1 else None
+    return MetricCell(metric=metric, paper=paper, mean=mean, std=std, n=len(values), notes=notes)
+
+
+def _audit_verdict(rows: Sequence[ResultRow]) -> AuditVerdict | None:
+    audits = [row.audit for row in rows if row.audit]
+    if not audits:
+        return None
+    flags = [audit["batch_dependent"] for audit in audits if audit.get("batch_dependent") is not None]
+
+    def mean_of(key: str) -> float | None:
+        values = [float(audit[key]) for audit in audits if audit.get(key) is not None]
+        return statistics.fmean(values) if values else None
+
+    return AuditVerdict(batch_dependent=any(flags) if flags else None, r1_ordered=mean_of("r1_ordered"),
+                        r1_shuffled=mean_of("r1_shuffled"), r1_gap=mean_of("r1_gap"), n=len(audits))
+
+
+def _headers(view: TableView) -> list[str]:
+    headers = [view.row_header, "dataset", "source", "rule / to fill", *view.metrics]
+    return headers + (["audit"] if view.has_audit else [])
+
+
+def _line_cells(line: ViewLine, view: TableView, separator: str) -> list[str]:
+    status = line.rule or (f"missing: {line.fill_command}" if line.fill_command else "")
+    cells = [line.row_display + _marks(line.notes), line.dataset, line.source, status]
+    cells += [_metric_text(cell, separator) for cell in line.metrics]
+    if view.has_audit:
+        cells.append(line.audit.text() if line.audit else "")
+    return cells
+
+
+def _metric_text(cell: MetricCell, separator: str) -> str:
+    if cell.mean is None:
+        ours = "—"
+    elif cell.std is None:
+        ours = f"{cell.mean:.2f} (n={cell.n})"
+    else:
+        ours = f"{cell.mean:.2f} ± {cell.std:.2f} (n={cell.n})"
+    if cell.paper is None:
+        return ours
+    paper = f"paper {cell.paper:.2f}{_marks(cell.notes)}"
+    delta = "" if cell.delta is None else f", Δ {cell.delta:+.2f}"
+    return f"{ours}{separator}{paper}{delta}"
+
+
+def _title(view: TableView) -> str:
+    return view.title + _marks(view.notes)
+
+
+def _footnote_block(view: TableView) -> str | None:
+    if not view.footnotes:
+        return None
+    return "\n".join(f"[{number}] {text}" for number, text in enumerate(view.footnotes, 1))
+
+
+def _marks(numbers: Iterable[int]) -> str:
+    return "".join(f" [{number}]" for number in sorted(set(numbers)))
+
+
+def _plain(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
+def _nan(value: float | None) -> float:
+    return float("nan") if value is None else value
+
+
+def _unique(items: Iterable) -> list:
+    return list(dict.fromkeys(items))
+
+
+def _write_atomic(path: Path, data: bytes) -> Path:
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return path

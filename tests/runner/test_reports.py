@@ -1,0 +1,164 @@
+"""Table building and rendering against hand-built result rows with known values."""
+
+import csv
+import io
+import statistics
+
+import pytest
+from rich.console import Console
+
+from php_runner import reports
+from php_runner.paper import PAPER_RESULTS_FILE, load_paper_results, paper_value
+from php_runner.reports import ResultRow, build_table, render_csv, render_markdown, render_rich, write_reports
+
+R1S = {1: 80.0, 2: 82.0, 3: 84.5}
+
+
+def row(table="cnum", label="9", dataset="CUHK-PEDES", seed=1, rule="best-on-test", r1=80.0, mAP=70.0,
+        kind="trained", audit=None, forced_test=False):
+    return ResultRow(table=table, spec_name=table, row_label=label, dataset=dataset, seed=seed, rule=rule,
+                     metrics={"R1": r1, "R5": 90.0, "R10": 95.0, "mAP": mAP, "mINP": 50.0}, kind=kind,
+                     audit=audit, forced_test=forced_test)
+
+
+def seeds_rows(**kwargs):
+    return [row(seed=seed, r1=r1, **kwargs) for seed, r1 in R1S.items()]
+
+
+def test_cell_holds_paper_mean_std_n_delta_and_rule():
+    view = build_table("cnum", seeds_rows() + [row(seed=1, rule="last", r1=10.0)])
+    line = view.line("9", "CUHK-PEDES")
+    cell = line.cell("R1")
+    expected_mean = statistics.fmean(R1S.values())
+    assert cell.paper == paper_value("cnum", "9", "CUHK-PEDES", "R1") == 82.80
+    assert cell.mean == pytest.approx(expected_mean) and cell.n == 3
+    assert cell.std == pytest.approx(statistics.stdev(R1S.values()))
+    assert cell.delta == pytest.approx(expected_mean - 82.80)
+    assert line.rule == "best-on-test" and line.seeds == (1, 2, 3) and line.fill_command is None
+    last = build_table("cnum", seeds_rows() + [row(seed=1, rule="last", r1=10.0)], rules=("last",))
+    assert last.line("9", "CUHK-PEDES").cell("R1").mean == 10.0
+
+
+def test_single_seed_has_no_std_and_repeated_seed_counts_once():
+    view = build_table("cnum", [row(r1=70.0), row(r1=75.0)])
+    cell = view.line("9", "CUHK-PEDES").cell("R1")
+    assert (cell.mean, cell.std, cell.n) == (75.0, None, 1)
+    assert "75.00 (n=1)" in render_markdown(view)
+
+
+def test_missing_cells_carry_the_command_that_fills_them():
+    view = build_table("cnum", seeds_rows())
+    line = view.line("3", "ICFG-PEDES")
+    assert line.cell("R1").mean is None and line.cell("R1").n == 0
+    assert line.fill_command == "php-run ablate cnum --dataset ICFG-PEDES"
+    assert len(view.missing()) == 4 * 3 - 1
+    headline = build_table("headline", [], preset="tiny")
+    assert headline.line("PHP", "RSTPReid").fill_command == "php-run reproduce --dataset RSTPReid --preset tiny"
+    text = render_markdown(view)
+    assert "missing: php-run ablate cnum --dataset ICFG-PEDES" in text
+
+
+def test_reference_methods_show_paper_values_only():
+    view = build_table("headline", [])
+    irra = view.line("IRRA", "ICFG-PEDES", kind="reference")
+    assert irra.fill_command is None and irra.cell("R1").paper == 63.46 and view.line("IRRA", "ICFG-PEDES") is None
+    assert {line.row_key for line in view.missing()} == {"PHP"}
+
+
+def test_paper_values_come_from_the_data_file(tmp_path, monkeypatch):
+    edited = tmp_path / "paper_results.toml"
+    edited.write_text(PAPER_RESULTS_FILE.read_text().replace("[80.82, 73.82]", "[11.11, 73.82]", 1))
+    monkeypatch.setattr(reports, "load_paper_results", lambda: load_paper_results(edited))
+    view = build_table("cnum", [row(label="3", r1=12.11)])
+    assert view.line("3", "CUHK-PEDES").cell("R1").delta == pytest.approx(1.0)
+    assert "paper 11.11, Δ +1.00" in render_markdown(view)
+    assert "80.82" not in render_markdown(view)
+
+
+def test_every_paper_cell_of_every_table_is_shown():
+    results = load_paper_results()
+    for name, table in results.tables.items():
+        view = build_table(name, [])
+        for paper_row in table.rows:
+            for dataset in table.datasets:
+                kind = "reference" if paper_row.reference else "trained"
+                line = view.line(paper_row.key, dataset, kind=kind)
+                for metric in table.metrics:
+                    assert line.cell(metric).paper == table.value(paper_row.key, dataset, metric)
+
+
+def test_inconsistencies_are_footnoted_on_their_cells():
+    view = build_table("beta", [])
+    cell = view.line("1.5", "RSTPReid").cell("mAP")
+    (number,) = cell.notes
+    assert "73.16" in view.footnotes[number - 1]
+    assert view.line("1.5", "RSTPReid").cell("R1").notes == ()
+    text = render_markdown(view)
+    assert f"paper 73.16 [{number}]" in text and f"[{number}] {view.footnotes[number - 1]}" in text
+    (zero,) = view.line("0.0", "CUHK-PEDES").notes
+    assert "sdm" in view.footnotes[zero - 1]
+
+
+def test_imported_and_forced_test_rows_get_labelled_lines_of_their_own():
+    rows = seeds_rows() + [row(kind="imported", seed=0, r1=82.5),
+                           row(kind="trial", seed=7, r1=90.0, forced_test=True)]
+    view = build_table("cnum", rows)
+    trained = view.line("9", "CUHK-PEDES")
+    imported = view.line("9", "CUHK-PEDES", kind="imported")
+    forced = view.line("9", "CUHK-PEDES", kind="trial", forced_test=True)
+    assert trained.cell("R1").n == 3 and imported.cell("R1").mean == 82.5 and forced.cell("R1").mean == 90.0
+    assert imported.source == "imported" and forced.source == "tuning trial [forced test]"
+    lines = [line for line in view.lines if line.row_key == "9" and line.dataset == "CUHK-PEDES"]
+    assert [line.kind for line in lines] == ["trained", "imported", "trial"]
+    assert any("test split" in view.footnotes[n - 1] for n in forced.notes)
+    assert "tuning trial [forced test]" in render_markdown(view)
+
+
+def test_audit_verdict_column_appears_with_audit_data():
+    assert not build_table("cnum", seeds_rows()).has_audit
+    audits = [{"batch_dependent": False, "r1_ordered": 80.0, "r1_shuffled": 79.0, "r1_gap": 1.0},
+              {"batch_dependent": True, "r1_ordered": 84.0, "r1_shuffled": 80.0, "r1_gap": 4.0}]
+    rows = [row(seed=seed, audit=audit) for seed, audit in zip((1, 2), audits)]
+    view = build_table("cnum", rows)
+    verdict = view.line("9", "CUHK-PEDES").audit
+    assert verdict.batch_dependent is True and verdict.r1_gap == pytest.approx(2.5) and verdict.n == 2
+    assert view.has_audit and "batch-dependent; R1 ordered 82.00 vs shuffled 79.50; gap +2.50 (n=2)" in render_markdown(view)
+    assert build_table("cnum", [row(audit=audits[0])]).line("9", "CUHK-PEDES").audit.text().startswith("batch-independent")
+
+
+def test_unknown_row_labels_and_other_tables():
+    view = build_table("cnum", [row(label="15", r1=60.0), row(table="beta", label="9", r1=1.0)])
+    extra = view.line("15", "CUHK-PEDES")
+    assert extra.cell("R1").mean == 60.0 and extra.cell("R1").paper is None and extra.cell("R1").delta is None
+    assert view.line("9", "CUHK-PEDES").cell("R1").mean is None  # the beta row belongs to another table
+
+
+def test_csv_is_long_format_with_numbers():
+    view = build_table("cnum", seeds_rows())
+    records = list(csv.DictReader(io.StringIO(render_csv(view))))
+    assert len(records) == len(view.lines) * len(view.metrics)
+    (r1,) = [r for r in records if (r["row"], r["dataset"], r["metric"]) == ("9", "CUHK-PEDES", "R1")]
+    assert float(r1["paper"]) == 82.80 and float(r1["mean"]) == pytest.approx(statistics.fmean(R1S.values()))
+    assert float(r1["std"]) == pytest.approx(statistics.stdev(R1S.values()), abs=1e-4) and r1["n"] == "3"
+    assert r1["rule"] == "best-on-test" and r1["seeds"] == "1 2 3" and r1["fill_command"] == ""
+    (gap,) = [r for r in records if (r["row"], r["dataset"], r["metric"]) == ("3", "RSTPReid", "mAP")]
+    assert gap["mean"] == "" and gap["fill_command"] == "php-run ablate cnum --dataset RSTPReid"
+
+
+def test_rich_rendering_shows_values_and_footnotes():
+    console = Console(width=250, record=True)
+    console.print(render_rich(build_table("beta", [row(table="beta", label="1.5", dataset="RSTPReid", r1=74.7)])))
+    text = console.export_text()
+    assert "74.70 (n=1)" in text and "Δ +0.00" in text and "73.16" in text and "out of line" in text
+
+
+def test_write_reports_writes_markdown_csv_and_module_chart(tmp_path):
+    module_rows = [row(table="module", label=variant, seed=seed, r1=60.0 + seed)
+                   for variant in ("base", "full") for seed in (1, 2)]
+    written = write_reports(build_table("module", module_rows), tmp_path / "reports")
+    assert sorted(p.name for p in written) == ["module.csv", "module.md", "module.png"]
+    assert (tmp_path / "reports" / "module.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "reports" / "module.md").read_text().startswith("## Module ablation")
+    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == ["module.csv", "module.md", "module.png"]
+    others = write_reports(build_table("cnum", []), tmp_path / "reports")
+    assert sorted(p.name for p in others) == ["cnum.csv", "cnum.md"]
