@@ -29,6 +29,9 @@ REFERENCE = "reference"  # a published competitor: paper value only
 CHART_TABLES = ("module",)
 FORCED_TEST_NOTE = "Tuned on the test split (forced): the test labels chose its settings, so it is not a held-out result."
 IMPORTED_NOTE = "imported: a released checkpoint evaluated by php-run, not retrained."
+PAPER_PRESET = "paper"
+NOT_PAPER_SCALE_NOTE = ("Trained rows use the {preset!r} preset, not the paper's scale (model, weights, data or "
+                        "epochs differ): they check the pipeline and are not comparable with the paper's values.")
 KIND_LABELS = {"trained": "trained", "imported": "imported", "trial": "tuning trial", REFERENCE: "paper only"}
 
 
@@ -118,6 +121,12 @@ class TableView:
     lines: tuple[ViewLine, ...]
     footnotes: tuple[str, ...]       # numbered from 1 in this order
     notes: tuple[int, ...] = ()      # footnotes of the whole table
+    preset: str | None = None        # the scale of the trained rows; None when not filtered by preset
+
+    @property
+    def file_stem(self) -> str:
+        """Report file name: the table name, with the preset appended unless it is the paper's."""
+        return self.name if self.preset in (None, PAPER_PRESET) else f"{self.name}_{self.preset}"
 
     @property
     def has_audit(self) -> bool:
@@ -143,8 +152,9 @@ def build_table(table_name: str, rows: Iterable[ResultRow], *, rules: Sequence[s
                 preset: str | None = None) -> TableView:
     """The view of one table: paper rows first (then any other row labels found), every dataset.
 
-    Per line the first rule of ``rules`` with results is used. ``preset`` only shapes the fill
-    commands of missing lines (``--preset NAME`` unless it is the paper preset).
+    Per line the first rule of ``rules`` with results is used. ``preset`` names the scale of the
+    trained rows (the caller filters rows by it); it shapes the fill commands of missing lines and,
+    unless it is the paper preset, adds a table note that our numbers are not at the paper's scale.
     """
     paper = load_paper_results()
     table = paper.table(table_name)
@@ -153,6 +163,8 @@ def build_table(table_name: str, rows: Iterable[ResultRow], *, rules: Sequence[s
     datasets = list(table.datasets) + _unique(r.dataset for r in rows if r.dataset not in table.datasets)
     notes = _Notes()
     table_notes = notes.add(paper.footnotes_for(table_name))
+    if preset is not None and preset != PAPER_PRESET:
+        table_notes += notes.add_text(NOT_PAPER_SCALE_NOTE.format(preset=preset))
     lines = []
     for key in row_keys:
         paper_row = table.row(key)
@@ -189,7 +201,7 @@ def build_table(table_name: str, rows: Iterable[ResultRow], *, rules: Sequence[s
                               for metric in table.metrics)
                 lines.append(ViewLine(key, display, dataset, REFERENCE, False, None, (), cells, None, None, line_notes))
     return TableView(
-        name=table_name, title=table.title, source=table.source, in_paper=table.in_paper,
+        name=table_name, title=table.title, source=table.source, in_paper=table.in_paper, preset=preset,
         row_header=table.row_header, datasets=tuple(datasets), metrics=tuple(table.metrics),
         lines=tuple(lines), footnotes=tuple(notes.texts), notes=table_notes,
     )
@@ -278,15 +290,18 @@ def plot_module_chart(view: TableView, path: str | Path) -> Path:
 
 
 def write_reports(view: TableView, folder: str | Path = "reports") -> list[Path]:
-    """Write ``NAME.md`` and ``NAME.csv`` (and ``NAME.png`` for the module ablation), each atomically."""
+    """Write ``STEM.md`` and ``STEM.csv`` (and ``STEM.png`` for the module ablation), each atomically.
+
+    ``STEM`` is ``view.file_stem``, so a tiny-preset table never overwrites the paper-scale one.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = [
-        _write_atomic(folder / f"{view.name}.md", render_markdown(view).encode("utf-8")),
-        _write_atomic(folder / f"{view.name}.csv", render_csv(view).encode("utf-8")),
+        _write_atomic(folder / f"{view.file_stem}.md", render_markdown(view).encode("utf-8")),
+        _write_atomic(folder / f"{view.file_stem}.csv", render_csv(view).encode("utf-8")),
     ]
     if view.name in CHART_TABLES:
-        written.append(plot_module_chart(view, folder / f"{view.name}.png"))
+        written.append(plot_module_chart(view, folder / f"{view.file_stem}.png"))
     return written
 
 

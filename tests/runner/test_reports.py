@@ -9,7 +9,8 @@ from rich.console import Console
 
 from php_runner import reports
 from php_runner.paper import PAPER_RESULTS_FILE, load_paper_results, paper_value
-from php_runner.reports import ResultRow, build_table, render_csv, render_markdown, render_rich, write_reports
+from php_runner.reports import (NOT_PAPER_SCALE_NOTE, ResultRow, build_table, render_csv, render_markdown, render_rich,
+                                write_reports)
 
 R1S = {1: 80.0, 2: 82.0, 3: 84.5}
 
@@ -162,3 +163,15 @@ def test_write_reports_writes_markdown_csv_and_module_chart(tmp_path):
     assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == ["module.csv", "module.md", "module.png"]
     others = write_reports(build_table("cnum", []), tmp_path / "reports")
     assert sorted(p.name for p in others) == ["cnum.csv", "cnum.md"]
+
+
+def test_a_table_of_another_preset_says_so_and_writes_its_own_files(tmp_path):
+    paper_view = build_table("headline", [], preset="paper")
+    tiny_view = build_table("headline", [], preset="tiny")
+    note = NOT_PAPER_SCALE_NOTE.format(preset="tiny")
+    assert note in tiny_view.footnotes and note not in paper_view.footnotes
+    assert tiny_view.footnotes.index(note) + 1 in tiny_view.notes
+    written = write_reports(tiny_view, tmp_path) + write_reports(paper_view, tmp_path)
+    assert sorted(p.name for p in written) == ["headline.csv", "headline.md", "headline_tiny.csv", "headline_tiny.md"]
+    assert "'tiny' preset" in (tmp_path / "headline_tiny.md").read_text()
+

@@ -1,0 +1,587 @@
+"""The run, table, status, show, validate, evaluate, synth and data commands of php-run.
+
+Heavy imports (torch, the specs, the reports) happen inside the commands, so ``php-run status`` and
+``--help`` stay fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.table import Table
+
+from php_runner.cli import app
+from php_runner.cli.common import (
+    EXIT_BAD_INPUT,
+    EXIT_RUN_FAILED,
+    ClipWeightsOption,
+    DataRootOption,
+    DbOption,
+    DeviceOption,
+    GpusOption,
+    JsonOption,
+    PresetOption,
+    SeedsOption,
+    console,
+    err_console,
+    parse_gpus,
+    parse_seeds,
+    print_json,
+    specs_folder,
+)
+from php_runner.errors import InputError
+from php_runner.registry import Registry, RunRecord
+
+if TYPE_CHECKING:
+    from php_runner.specs import PlannedRun, Spec
+
+METRIC_NAMES = ("R1", "R5", "R10", "mAP", "mINP")
+ABLATIONS = ("cnum", "loss", "module", "beta", "sharing", "coupling")
+HEADLINE_TABLE = "headline"
+SYNTHETIC_ROOT = Path("data/synthetic")
+REPORTS_DIR = Path("reports")
+
+data_app = typer.Typer(help="Dataset tools.\n\nExample: php-run data check --data-root data --dataset RSTPReid",
+                       no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+# --------------------------------------------------------------------------------------------
+# Planning and executing specs
+# --------------------------------------------------------------------------------------------
+
+
+def _runtime(data_root: Path | None, clip_weights: Path | None, device: str | None) -> dict:
+    """Command-line runtime values; None falls back to the preset's defaults."""
+    return {
+        "data_root": None if data_root is None else str(data_root),
+        "clip_weights": None if clip_weights is None else str(clip_weights),
+        "device": device,
+    }
+
+
+def _plan(spec: "Spec", preset: str, datasets: list[str] | None, seeds: str | None, data_root: Path | None,
+          clip_weights: Path | None, device: str | None) -> list["PlannedRun"]:
+    from php_runner.specs import expand
+
+    planned = expand(spec, preset, datasets, parse_seeds(seeds), _runtime(data_root, clip_weights, device))
+    if not planned:
+        raise InputError(f"spec {spec.name}: no runs for preset {preset!r} and the given datasets/seeds")
+    return planned
+
+
+def _execute(planned: list["PlannedRun"], db: str | None, gpus: str | None) -> int:
+    """Execute ``planned`` and print a summary; returns the exit code (1 when a run failed)."""
+    from php_runner.runner import RunOutcome, command_line, execute_planned
+
+    gpu_ids = parse_gpus(gpus)
+    console.print(f"[bold]{len(planned)} planned run(s)[/bold]")
+
+    def on_outcome(outcome: RunOutcome) -> None:
+        style = {"done": "green", "skipped": "dim", "busy": "yellow", "failed": "red"}[outcome.status]
+        note = {
+            "skipped": "done before, not trained again",
+            "busy": "another php-run process is running it",
+        }.get(outcome.status, outcome.error or "")
+        console.print(f"[{style}]{outcome.status:>7}[/{style}] run {outcome.run_id} {outcome.config_hash[:12]} "
+                      f"{outcome.dataset} {outcome.row_label} seed {outcome.seed}  {note}")
+
+    summary = execute_planned(planned, db, gpu_ids, command=command_line(), on_outcome=on_outcome)
+    counts = ", ".join(f"{summary.count(s)} {s}" for s in ("done", "skipped", "busy", "failed") if summary.count(s))
+    console.print(f"[bold]runs:[/bold] {counts}")
+    return EXIT_RUN_FAILED if summary.failed else 0
+
+
+def _spec_of_table(table: str) -> "Spec":
+    """The shipped spec that fills ``table``."""
+    from php_runner.specs import load_all_specs
+
+    matches = [spec for spec in load_all_specs(specs_folder()).values() if spec.table == table]
+    if len(matches) != 1:
+        found = ", ".join(sorted(s.name for s in matches)) or "none"
+        raise InputError(f"table {table!r}: expected exactly one shipped spec filling it, found {found}")
+    return matches[0]
+
+
+def _datasets_option(dataset: str) -> list[str] | None:
+    from php_runner.data.datasets import DATASET_NAMES
+
+    if dataset == "all":
+        return None
+    if dataset not in DATASET_NAMES:
+        raise InputError(f"--dataset: expected 'all' or one of {', '.join(DATASET_NAMES)}, got {dataset!r}")
+    return [dataset]
+
+
+def _print_tables(names: list[str], db: str | None, include_empty: bool, as_json: bool, preset: str) -> None:
+    """Render tables from the registry to the terminal and to reports/ (markdown, CSV, module chart).
+
+    Only runs of ``preset`` fill the trained lines (imported checkpoints are always shown).
+    """
+    from php_runner import reports
+
+    registry = Registry(db)
+    views = []
+    for name in names:
+        rows = registry.result_rows(name, preset=preset)
+        if rows or include_empty:
+            views.append(reports.build_table(name, rows, preset=preset))
+    registry.close()
+    written = [path for view in views for path in reports.write_reports(view, REPORTS_DIR)]
+    if as_json:
+        print_json([dataclasses.asdict(view) for view in views])
+        return
+    for view in views:
+        console.print(reports.render_rich(view))
+    if not views:
+        console.print("No results recorded yet. Start with: php-run demo   (php-run table --all lists what to run)")
+    if written:
+        console.print(f"[dim]written: {', '.join(str(p) for p in written)}[/dim]")
+
+
+# --------------------------------------------------------------------------------------------
+# Run commands
+# --------------------------------------------------------------------------------------------
+
+
+@app.command()
+def demo(
+    seeds: SeedsOption = None,
+    db: DbOption = None,
+    device: DeviceOption = None,
+    gpus: GpusOption = None,
+    data_root: DataRootOption = None,
+) -> None:
+    """Write synthetic data, reproduce the headline table with the tiny preset, and print it.
+
+    Runs already in the registry are not trained again, so a second demo prints the table at once.
+
+    Example: php-run demo
+    """
+    from php_runner.data import DATASET_NAMES, write_synthetic
+
+    root = data_root or SYNTHETIC_ROOT
+    for name in DATASET_NAMES:
+        if not (root / name).exists():
+            console.print(f"writing synthetic {name} under {root}")
+            write_synthetic(root, name)
+    planned = _plan(_spec_of_table(HEADLINE_TABLE), "tiny", None, seeds, root, None, device)
+    code = _execute(planned, db, gpus)
+    _print_tables([HEADLINE_TABLE], db, include_empty=True, as_json=False, preset="tiny")
+    raise typer.Exit(code)
+
+
+@app.command()
+def reproduce(
+    dataset: Annotated[str, typer.Option("--dataset", help="CUHK-PEDES, ICFG-PEDES, RSTPReid or all.")] = "all",
+    preset: PresetOption = "paper",
+    data_root: DataRootOption = None,
+    clip_weights: ClipWeightsOption = None,
+    seeds: SeedsOption = None,
+    db: DbOption = None,
+    device: DeviceOption = None,
+    gpus: GpusOption = None,
+) -> None:
+    """Train the paper's headline configuration on one or all datasets, then print the headline table.
+
+    Example: php-run reproduce --dataset CUHK-PEDES --data-root data --clip-weights ViT-B-16.pt
+    """
+    planned = _plan(_spec_of_table(HEADLINE_TABLE), preset, _datasets_option(dataset), seeds, data_root,
+                    clip_weights, device)
+    code = _execute(planned, db, gpus)
+    _print_tables([HEADLINE_TABLE], db, include_empty=True, as_json=False, preset=preset)
+    raise typer.Exit(code)
+
+
+@app.command()
+def ablate(
+    name: Annotated[str, typer.Argument(help=f"The ablation: {', '.join(ABLATIONS)}.")],
+    dataset: Annotated[str, typer.Option("--dataset", help="CUHK-PEDES, ICFG-PEDES, RSTPReid or all.")] = "all",
+    preset: PresetOption = "paper",
+    data_root: DataRootOption = None,
+    clip_weights: ClipWeightsOption = None,
+    seeds: SeedsOption = None,
+    db: DbOption = None,
+    device: DeviceOption = None,
+    gpus: GpusOption = None,
+) -> None:
+    """Run one of the paper's ablations (or our coupling ablation), then print its table.
+
+    Example: php-run ablate cnum --dataset CUHK-PEDES --preset tiny
+    """
+    if name not in ABLATIONS:
+        raise InputError(f"ablation {name!r}: expected one of {', '.join(ABLATIONS)}")
+    planned = _plan(_spec_of_table(name), preset, _datasets_option(dataset), seeds, data_root, clip_weights, device)
+    code = _execute(planned, db, gpus)
+    _print_tables([name], db, include_empty=True, as_json=False, preset=preset)
+    raise typer.Exit(code)
+
+
+@app.command("run")
+def run_spec(
+    spec_path: Annotated[Path, typer.Argument(help="A spec file (TOML), e.g. experiments/ablate_cnum.toml.")],
+    dataset: Annotated[str, typer.Option("--dataset", help="CUHK-PEDES, ICFG-PEDES, RSTPReid or all.")] = "all",
+    preset: PresetOption = "paper",
+    data_root: DataRootOption = None,
+    clip_weights: ClipWeightsOption = None,
+    seeds: SeedsOption = None,
+    db: DbOption = None,
+    device: DeviceOption = None,
+    gpus: GpusOption = None,
+) -> None:
+    """Execute every run a spec file expands to (done runs are skipped, interrupted ones resume).
+
+    Example: php-run run experiments/ablate_cnum.toml --preset tiny --seeds 1,2
+    """
+    from php_runner.specs import load_spec
+
+    planned = _plan(load_spec(spec_path), preset, _datasets_option(dataset), seeds, data_root, clip_weights, device)
+    raise typer.Exit(_execute(planned, db, gpus))
+
+
+# --------------------------------------------------------------------------------------------
+# Registry views
+# --------------------------------------------------------------------------------------------
+
+
+@app.command()
+def table(
+    name: Annotated[str | None, typer.Argument(help="A table: headline, module, loss, cnum, beta, sharing, coupling, "
+                                               "or 'tune' followed by a study name.")] = None,
+    study: Annotated[str | None, typer.Argument(help="With 'tune': the Optuna study to show.")] = None,
+    all_tables: Annotated[bool, typer.Option("--all", help="Every table, also those with no results yet "
+                                             "(their cells say which command fills them).")] = False,
+    preset: PresetOption = "paper",
+    as_json: JsonOption = False,
+    db: DbOption = None,
+) -> None:
+    """Render paper tables from the registry (paper value, ours as mean +- std over seeds, delta).
+
+    Also writes each table to reports/ as markdown and CSV (NAME_PRESET.* for a preset other than paper).
+
+    Example: php-run table cnum --preset tiny     (or: php-run table tune my-study)
+    """
+    from php_runner.paper import table_names
+
+    if name == "tune":
+        _print_study(study, db, as_json)
+        return
+    if study is not None:
+        raise InputError(f"table {name!r}: a study name goes only with 'table tune STUDY'")
+    known = list(table_names())
+    if name is not None and name not in known:
+        raise InputError(f"table {name!r}: expected one of {', '.join(known)}")
+    names = [name] if name is not None else known
+    _print_tables(names, db, include_empty=all_tables or name is not None, as_json=as_json, preset=preset)
+
+
+def _print_study(study: str | None, db: str | None, as_json: bool) -> None:
+    """The tuning table of one Optuna study: trials, best parameters, importances, best trial's test metrics."""
+    from php_runner.tune import tune_table
+
+    if study is None:
+        raise InputError("table tune: give the study name, e.g. php-run table tune php-tiny")
+    renderable, data = tune_table(study, db)
+    if as_json:
+        print_json(data)
+    else:
+        console.print(renderable)
+
+
+def selected_metrics(registry: Registry, run: RunRecord) -> tuple[str | None, dict | None]:
+    """(rule, R1..mINP) of the checkpoint the run's selection rule picked; (None, None) before results."""
+    results = registry.results(run.id)
+    if not results:
+        return None, None
+    selection = run.config.get("train", {}).get("selection", "test")
+    rule = {"test": "best-on-test", "val": "best-on-val", "last": "last"}.get(selection)
+    if rule not in results:
+        rule = next(iter(results))
+    return rule, {k: results[rule]["metrics"].get(k) for k in METRIC_NAMES}
+
+
+def _age(timestamp: float) -> str:
+    seconds = time.time() - timestamp
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit} ago"
+    return f"{seconds:.0f}s ago"
+
+
+@app.command()
+def status(
+    as_json: JsonOption = False,
+    db: DbOption = None,
+) -> None:
+    """List the registry's runs with their status and the metrics of their selected checkpoint.
+
+    Example: php-run status --json
+    """
+    registry = Registry(db)
+    entries = []
+    abandoned = set()
+    for run in registry.list_runs():
+        rule, metrics = selected_metrics(registry, run)
+        entries.append((run, rule, metrics))
+        if run.status == "running" and registry.is_claimable(run):
+            abandoned.add(run.id)  # its worker died; the next invocation resumes it
+    registry.close()
+    if as_json:
+        print_json([
+            {"id": run.id, "config_hash": run.config_hash, "dataset": run.dataset, "status": run.status,
+             "metrics": metrics, "rule": rule, "kind": run.kind, "spec": run.spec_name, "table": run.table,
+             "row": run.row_label, "seed": run.seed, "preset": run.preset, "error": run.error}
+            for run, rule, metrics in entries
+        ])
+        return
+    view = Table(title=f"runs in {registry.url}")
+    view.add_column("id", justify="right", no_wrap=True)
+    view.add_column("hash", no_wrap=True)
+    view.add_column("experiment")
+    view.add_column("dataset")
+    view.add_column("seed", justify="right")
+    view.add_column("status", no_wrap=True)
+    for metric in METRIC_NAMES:
+        view.add_column(metric, justify="right", no_wrap=True)
+    styles = {"done": "green", "failed": "red", "running": "yellow", "queued": "dim", "interrupted": "red"}
+    for run, _rule, metrics in entries:
+        shown = "interrupted" if run.id in abandoned else run.status
+        values = [f"{metrics[m]:.2f}" if metrics and metrics[m] is not None else "-" for m in METRIC_NAMES]
+        kind = "" if run.kind == "trained" else f" ({run.kind})"
+        view.add_row(str(run.id), run.config_hash[:8], f"{run.spec_name}: {run.row_label}{kind}", run.dataset,
+                     str(run.seed), f"[{styles[shown]}]{shown}[/]", *values)
+    console.print(view if entries else "The registry has no runs yet. Start with: php-run demo")
+
+
+def _run_details(registry: Registry, run: RunRecord) -> dict:
+    audit = registry.latest_audit(run.id)
+    return {
+        "run": dataclasses.asdict(run),
+        "epochs": [dataclasses.asdict(e) for e in registry.epochs(run.id)],
+        "results": registry.results(run.id),
+        "checkpoints": [dataclasses.asdict(c) for c in registry.checkpoints(run.id)],
+        "provenance": registry.provenance(run.id),
+        "audit": None if audit is None else dataclasses.asdict(audit),
+    }
+
+
+@app.command()
+def show(
+    run: Annotated[str, typer.Argument(help="Run id or a prefix of its config hash.")],
+    as_json: JsonOption = False,
+    db: DbOption = None,
+) -> None:
+    """Show one run: config, per-epoch metrics, selected results, checkpoints, provenance, latest audit.
+
+    Example: php-run show 3   (or php-run show 1f2e3d4c --json)
+    """
+    import json
+
+    registry = Registry(db)
+    details = _run_details(registry, registry.get_run(run))
+    registry.close()
+    if as_json:
+        print_json(details)
+        return
+    record = details["run"]
+    console.rule(f"run {record['id']}  {record['config_hash'][:12]}  {record['status']}")
+    for key in ("kind", "spec_name", "table", "row_label", "dataset", "seed", "preset", "worker", "attempts",
+                "run_dir", "error"):
+        if record[key] is not None:
+            console.print(f"[bold]{key}[/bold]: {record[key]}")
+    console.print("[bold]config[/bold]:")
+    console.print_json(json.dumps(record["config"]))
+
+    epochs = Table(title="epochs")
+    for column in ("epoch", "split", "values"):
+        epochs.add_column(column)
+    for entry in details["epochs"]:
+        values = "  ".join(f"{k}={v:.4g}" for k, v in entry["metrics"].items())
+        epochs.add_row(str(entry["epoch"]), entry["split"], values)
+    if details["epochs"]:
+        console.print(epochs)
+
+    results = Table(title="selected results")
+    for column in ("rule", "epoch", "split", *METRIC_NAMES):
+        results.add_column(column)
+    for rule, result in details["results"].items():
+        results.add_row(rule, str(result["epoch"]), result["split"],
+                        *(f"{result['metrics'].get(m, float('nan')):.2f}" for m in METRIC_NAMES))
+    if details["results"]:
+        console.print(results)
+
+    for checkpoint in details["checkpoints"]:
+        console.print(f"[bold]checkpoint {checkpoint['role']}[/bold] (epoch {checkpoint['epoch']}): "
+                      f"{checkpoint['path']}  sha256 {checkpoint['sha256']}")
+    if details["provenance"]:
+        console.print("[bold]provenance[/bold]: " + ", ".join(f"{k}={v}" for k, v in details["provenance"].items()))
+    if details["audit"]:
+        console.print(f"[bold]latest audit[/bold] ({_age(details['audit']['created_at'])}):")
+        console.print_json(json.dumps(details["audit"]["report"]))
+
+
+@app.command()
+def validate() -> None:
+    """Load and check every shipped spec; errors name the file and the field.
+
+    Example: php-run validate
+    """
+    from php_runner.specs import load_all_specs
+
+    specs = load_all_specs(specs_folder())
+    view = Table(title=f"{len(specs)} specs valid")
+    for column in ("spec", "table", "description"):
+        view.add_column(column)
+    for name, spec in sorted(specs.items()):
+        view.add_row(name, spec.table or "-", getattr(spec, "description", "") or "")
+    console.print(view)
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation and data
+# --------------------------------------------------------------------------------------------
+
+
+@app.command()
+def evaluate(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="best.pth (official) or a php-run checkpoint.")],
+    dataset: Annotated[str | None, typer.Option("--dataset", help="CUHK-PEDES, ICFG-PEDES or RSTPReid "
+                                                "(default: dataset_name from configs.yaml).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="The official configs.yaml next to best.pth; its "
+                                                "values apply unless overridden.")] = None,
+    data_root: DataRootOption = None,
+    encoder: Annotated[str | None, typer.Option("--encoder", help="full, base, crfm or efp (default: the model's).")]
+    = None,
+    coupling: Annotated[str | None, typer.Option("--coupling", help="EFP attention: official or per-sample.")] = None,
+    test_batch_size: Annotated[int | None, typer.Option("--test-batch-size", help="Evaluation batch size "
+                                                        "(default: configs.yaml's, else 64).", min=1)] = None,
+    order: Annotated[str, typer.Option("--order", help="Batching order: annotation (official) or shuffled.")]
+    = "annotation",
+    precision: Annotated[str, typer.Option("--precision", help="Weight layout: official (fp16, as the official "
+                                           "test.py) or amp (fp32; bf16 autocast on CUDA).")] = "official",
+    device: DeviceOption = None,
+    as_json: JsonOption = False,
+    save_embeddings: Annotated[Path | None, typer.Option("--save-embeddings", help="Write text, image, text_pids "
+                                                         "and image_pids arrays to this .npz file.")] = None,
+) -> None:
+    """Evaluate a checkpoint on a dataset's test split (text-to-image R1, R5, R10, mAP, mINP).
+
+    Example: php-run evaluate --checkpoint logs/CUHK-PEDES/sdm+itc+aux/best.pth
+    --config logs/CUHK-PEDES/sdm+itc+aux/configs.yaml --data-root data --dataset CUHK-PEDES --json
+    """
+    from php_runner.data import DATASET_NAMES, read_dataset
+    from php_runner.engine.evaluate import EvalSettings, extract_embeddings, score_embeddings
+    from php_runner.engine.train import resolve_device
+    from php_runner.model.checkpoint import load_model, read_official_yaml
+    from php_runner.model.precision import PRECISIONS, apply_precision
+
+    yaml_values = read_official_yaml(config) if config is not None else {}
+    name = dataset or yaml_values.get("dataset_name")
+    if name not in DATASET_NAMES:
+        raise InputError(f"--dataset: expected one of {', '.join(DATASET_NAMES)}, got {name!r}")
+    root = data_root or yaml_values.get("root_dir")
+    if root is None:
+        raise InputError("--data-root: required when no configs.yaml gives root_dir")
+    if order not in ("annotation", "shuffled"):
+        raise InputError(f"--order: expected annotation or shuffled, got {order!r}")
+    if coupling is not None and coupling not in ("official", "per-sample"):
+        raise InputError(f"--coupling: expected official or per-sample, got {coupling!r}")
+    if encoder is not None and encoder not in ("full", "base", "crfm", "efp"):
+        raise InputError(f"--encoder: expected full, base, crfm or efp, got {encoder!r}")
+    if precision not in PRECISIONS:
+        raise InputError(f"--precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+    model, _info = load_model(checkpoint, config)
+    if coupling is not None:
+        model.coupling = coupling
+    split = read_dataset(root, name).test
+    torch_device = resolve_device(device or "auto")
+    apply_precision(model, precision).to(torch_device).eval()
+    settings = EvalSettings(
+        batch_size=test_batch_size or int(yaml_values.get("test_batch_size", 64)),
+        order=order,
+        encoder=encoder,
+        device=str(torch_device),
+        precision=precision,
+        image_size=model.config.clip.image_size,
+    )
+    embeddings = extract_embeddings(model, split, settings)
+    metrics = score_embeddings(embeddings)
+    if save_embeddings is not None:
+        _save_embeddings(embeddings, save_embeddings)
+    result = {k: metrics[k] for k in METRIC_NAMES}
+    if as_json:
+        print_json(result)
+        return
+    view = Table(title=f"{checkpoint} on {name} test ({settings.order} order, batch {settings.batch_size})")
+    for column in METRIC_NAMES:
+        view.add_column(column, justify="right")
+    view.add_row(*(f"{result[m]:.3f}" for m in METRIC_NAMES))
+    console.print(view)
+
+
+def _save_embeddings(embeddings, path: Path) -> None:
+    """Write the embeddings as an .npz atomically (temporary file in the same folder, then rename)."""
+    import os
+    import tempfile
+
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(handle, text=embeddings.text.numpy(), image=embeddings.image.numpy(),
+                     text_pids=embeddings.text_pids.numpy(), image_pids=embeddings.image_pids.numpy())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+@app.command()
+def synth(
+    root: Annotated[Path, typer.Option("--root", help="Folder to write the dataset folders into.")],
+    dataset: Annotated[str, typer.Option("--dataset", help="CUHK-PEDES, ICFG-PEDES, RSTPReid or all.")] = "all",
+    ids: Annotated[int | None, typer.Option("--ids", help="Training identities per dataset (default: demo size).",
+                                            min=1)] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed; the same seed writes the same files.")] = 0,
+) -> None:
+    """Write synthetic datasets in the official on-disk formats (JPEG images + annotation JSON).
+
+    Example: php-run synth --root data/synthetic --dataset all --ids 40 --seed 0
+    """
+    from php_runner.data import write_synthetic
+
+    for path in write_synthetic(root, dataset, ids, seed):
+        console.print(f"wrote {path}")
+
+
+@data_app.command("check")
+def data_check(
+    data_root: Annotated[Path, typer.Option("--data-root", help="Folder holding the dataset folder.")],
+    dataset: Annotated[str, typer.Option("--dataset", help="CUHK-PEDES, ICFG-PEDES or RSTPReid.")],
+) -> None:
+    """Print a dataset's subset/ids/images/captions table and every problem found (exit 2 on problems).
+
+    Example: php-run data check --data-root data --dataset CUHK-PEDES
+    """
+    from php_runner.data import check_dataset
+
+    rows, problems = check_dataset(data_root, dataset)
+    view = Table(title=f"{dataset} under {data_root}")
+    for column in ("subset", "ids", "images", "captions"):
+        view.add_column(column, justify="left" if column == "subset" else "right")
+    for row in rows:
+        view.add_row(*(str(row[c]) for c in ("subset", "ids", "images", "captions")))
+    if rows:
+        console.print(view)
+    for problem in problems:
+        err_console.print(f"[red]problem:[/red] {problem}", highlight=False, soft_wrap=True)
+    if problems:
+        raise typer.Exit(EXIT_BAD_INPUT)
+    console.print(f"[green]{dataset}: no problems found[/green]")

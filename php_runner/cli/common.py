@@ -1,0 +1,113 @@
+"""Shared pieces of the php-run command line: consoles, common options, exit codes, error handling.
+
+Exit codes: 0 success, 1 a run failed, 2 bad input. ``InputError`` raised anywhere below a command
+becomes one ``error: ...`` line on stderr and exit code 2 (see ``PhpRunGroup``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+from rich.console import Console
+from typer.core import TyperGroup
+
+from php_runner.errors import InputError
+
+EXIT_OK = 0
+EXIT_RUN_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+# Redirected output (logs, CI) has no terminal to wrap at: give the wide tables room instead of
+# rich's 80-column default, unless COLUMNS says otherwise.
+_REDIRECTED_WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200
+console = Console(width=_REDIRECTED_WIDTH)
+err_console = Console(stderr=True)
+
+
+def fail_input(message: str) -> typer.Exit:
+    """Print one ``error:`` line and return the exit to raise (code 2)."""
+    print(f"error: {message}", file=sys.stderr)
+    return typer.Exit(EXIT_BAD_INPUT)
+
+
+class PhpRunGroup(TyperGroup):
+    """The top-level command group; turns ``InputError`` into one stderr line and exit code 2.
+
+    Every sub-command (including ``data check`` and the audit, tune and import commands) runs inside
+    this group's ``invoke``, so they all get the same handling.
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except InputError as err:
+            raise fail_input(" ".join(str(err).split())) from None
+        except KeyboardInterrupt:
+            print("interrupted; run the same command again to resume", file=sys.stderr)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+def specs_folder() -> Path:
+    """The shipped ``experiments/`` folder of the php-run checkout, else ``./experiments``."""
+    shipped = Path(__file__).resolve().parents[2] / "experiments"
+    return shipped if shipped.is_dir() else Path("experiments")
+
+
+def print_json(value: Any) -> None:
+    """Machine-readable output: plain JSON on stdout, no rich markup or wrapping."""
+    typer.echo(json.dumps(value, indent=2, default=str))
+
+
+def parse_seeds(text: str | None) -> list[int] | None:
+    """``"1,2,3"`` -> ``[1, 2, 3]``; None keeps the spec's seeds."""
+    if text is None:
+        return None
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise InputError(f"--seeds: expected comma-separated integers, got {text!r}") from None
+    if not seeds:
+        raise InputError("--seeds: no seed given")
+    return seeds
+
+
+def parse_gpus(text: str | None) -> list[str] | None:
+    """``"0,1"`` -> ``["0", "1"]`` (values for CUDA_VISIBLE_DEVICES); None runs one worker at a time."""
+    if text is None:
+        return None
+    gpus = [part.strip() for part in text.split(",") if part.strip()]
+    if not gpus or not all(g.isdigit() for g in gpus) or len(set(gpus)) != len(gpus):
+        raise InputError(f"--gpus: expected distinct comma-separated GPU indices such as 0,1, got {text!r}")
+    return gpus
+
+
+# Common options, as reusable annotated types (defaults are given where each command declares them).
+PresetOption = Annotated[
+    str, typer.Option("--preset", help="Scale of the runs: 'paper' (ViT-B/16, real data) or 'tiny' (CPU, synthetic).")
+]
+DataRootOption = Annotated[
+    Path | None, typer.Option("--data-root", help="Folder holding the dataset folders (default: the preset's).")
+]
+ClipWeightsOption = Annotated[
+    Path | None, typer.Option("--clip-weights", help="OpenAI CLIP ViT-B/16 weights file (ViT-B-16.pt) for the paper preset.")
+]
+SeedsOption = Annotated[str | None, typer.Option("--seeds", help="Comma-separated seeds, e.g. 1,2,3 (default: the spec's).")]
+DbOption = Annotated[
+    str | None,
+    typer.Option("--db", envvar="PHP_RUN_DB", help="Registry SQLAlchemy URL (default: sqlite:///registry.db).",
+                 show_envvar=True),
+]
+DeviceOption = Annotated[
+    str | None, typer.Option("--device", help="Torch device: auto, cpu, cuda, cuda:1, ... (default: the preset's).")
+]
+GpusOption = Annotated[
+    str | None, typer.Option("--gpus", help="Run up to one worker per listed GPU in parallel, e.g. 0,1.")
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]

@@ -1,0 +1,745 @@
+"""The run registry: runs, per-epoch metrics, selected results, checkpoints, provenance and audits.
+
+SQLAlchemy 2 ORM over any SQLAlchemy URL; the default is ``sqlite:///registry.db`` in the working
+directory, ``$PHP_RUN_DB`` overrides it. Every public method returns plain dataclass snapshots,
+never live ORM objects, so callers can keep them after the session closes.
+
+Schema changes go through ``MIGRATIONS``, an ordered list of functions applied on open; each one is
+frozen history (it defines the tables as they were), so a database of any earlier version upgrades
+to the current one.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    Connection,
+    Engine,
+    Float,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    delete,
+    event,
+    inspect,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from php_runner.errors import InputError
+
+if TYPE_CHECKING:
+    from php_runner.reports import ResultRow
+    from php_runner.specs import PlannedRun
+
+DEFAULT_URL = "sqlite:///registry.db"
+URL_ENV = "PHP_RUN_DB"
+RUN_KINDS = ("trained", "imported", "trial")
+RULES = ("best-on-test", "best-on-val", "last")
+# A running run whose worker has not written a heartbeat for this long is considered dead.
+DEFAULT_STALE_AFTER_S = 120.0
+SQLITE_BUSY_TIMEOUT_MS = 60_000
+
+
+def resolve_url(url: str | None = None) -> str:
+    """``url``, else ``$PHP_RUN_DB``, else the default SQLite file in the working directory."""
+    return url or os.environ.get(URL_ENV) or DEFAULT_URL
+
+
+def this_worker() -> str:
+    """The worker id of the calling process: ``host:pid``."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+# --------------------------------------------------------------------------------------------
+# ORM model: the current schema
+# --------------------------------------------------------------------------------------------
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class SchemaVersion(Base):
+    __tablename__ = "schema_version"
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+
+
+class Run(Base):
+    __tablename__ = "runs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    config_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    config: Mapped[dict] = mapped_column(JSON)
+    kind: Mapped[str] = mapped_column(String(16), default="trained", server_default="trained")
+    dataset: Mapped[str] = mapped_column(String(64), index=True)
+    spec_name: Mapped[str] = mapped_column(String(128))
+    table_name: Mapped[str | None] = mapped_column(String(128), index=True)
+    row_label: Mapped[str] = mapped_column(String(256))
+    seed: Mapped[int] = mapped_column(Integer)
+    preset: Mapped[str] = mapped_column(String(64))
+    # queued | running | done | failed; a running run whose worker died is claimable again
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float)
+    started_at: Mapped[float | None] = mapped_column(Float)
+    finished_at: Mapped[float | None] = mapped_column(Float)
+    worker: Mapped[str | None] = mapped_column(String(256))
+    heartbeat_at: Mapped[float | None] = mapped_column(Float)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    run_dir: Mapped[str | None] = mapped_column(Text)
+
+
+class RunLabel(Base):
+    """A place a run fills: one config can be a cell of several tables (the full model is the
+    headline row, the cnum-9 row, the module-ablation "full" row, ...), but it trains once."""
+
+    __tablename__ = "run_labels"
+    __table_args__ = (UniqueConstraint("run_id", "spec_name", "row_label"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    spec_name: Mapped[str] = mapped_column(String(128))
+    table_name: Mapped[str | None] = mapped_column(String(128), index=True)
+    row_label: Mapped[str] = mapped_column(String(256))
+
+
+class EpochMetric(Base):
+    __tablename__ = "epoch_metrics"
+    __table_args__ = (UniqueConstraint("run_id", "epoch", "split", "name"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    epoch: Mapped[int] = mapped_column(Integer)
+    split: Mapped[str] = mapped_column(String(16))
+    name: Mapped[str] = mapped_column(String(64))
+    value: Mapped[float] = mapped_column(Float)
+
+
+class Result(Base):
+    __tablename__ = "results"
+    __table_args__ = (UniqueConstraint("run_id", "rule"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    rule: Mapped[str] = mapped_column(String(16))
+    epoch: Mapped[int] = mapped_column(Integer)
+    split: Mapped[str] = mapped_column(String(16))
+    metrics: Mapped[dict] = mapped_column(JSON)
+
+
+class Checkpoint(Base):
+    __tablename__ = "checkpoints"
+    __table_args__ = (UniqueConstraint("run_id", "role"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    role: Mapped[str] = mapped_column(String(32))
+    path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    epoch: Mapped[int | None] = mapped_column(Integer)
+
+
+class Provenance(Base):
+    __tablename__ = "provenance"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), unique=True)
+    git_commit: Mapped[str | None] = mapped_column(String(64))
+    git_dirty: Mapped[bool | None] = mapped_column(Boolean)
+    python: Mapped[str | None] = mapped_column(String(64))
+    torch: Mapped[str | None] = mapped_column(String(64))
+    torchvision: Mapped[str | None] = mapped_column(String(64))
+    php_run: Mapped[str | None] = mapped_column(String(64))
+    device: Mapped[str | None] = mapped_column(String(256))
+    host: Mapped[str | None] = mapped_column(String(256))
+    command: Mapped[str | None] = mapped_column(Text)
+    recorded_at: Mapped[float] = mapped_column(Float)
+    extra: Mapped[dict] = mapped_column(JSON)
+
+
+class Audit(Base):
+    __tablename__ = "audits"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    report: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+PROVENANCE_FIELDS = (
+    "git_commit", "git_dirty", "python", "torch", "torchvision", "php_run", "device", "host", "command",
+)
+
+# --------------------------------------------------------------------------------------------
+# Migrations: frozen history, one function per version step
+# --------------------------------------------------------------------------------------------
+
+
+def _migrate_to_v1(conn: Connection) -> None:
+    """Version 1: runs, per-epoch metrics, selected results, checkpoints, provenance."""
+    md = MetaData()
+    Table("schema_version", md, Column("version", Integer, primary_key=True))
+    Table(
+        "runs", md,
+        Column("id", Integer, primary_key=True),
+        Column("config_hash", String(64), unique=True, nullable=False),
+        Column("config", JSON, nullable=False),
+        Column("dataset", String(64), nullable=False, index=True),
+        Column("spec_name", String(128), nullable=False),
+        Column("table_name", String(128), index=True),
+        Column("row_label", String(256), nullable=False),
+        Column("seed", Integer, nullable=False),
+        Column("preset", String(64), nullable=False),
+        Column("status", String(16), nullable=False, index=True),
+        Column("error", Text),
+        Column("created_at", Float, nullable=False),
+        Column("started_at", Float),
+        Column("finished_at", Float),
+        Column("worker", String(256)),
+        Column("heartbeat_at", Float),
+        Column("attempts", Integer, nullable=False),
+        Column("run_dir", Text),
+    )
+    Table(
+        "epoch_metrics", md,
+        Column("id", Integer, primary_key=True),
+        Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False, index=True),
+        Column("epoch", Integer, nullable=False),
+        Column("split", String(16), nullable=False),
+        Column("name", String(64), nullable=False),
+        Column("value", Float, nullable=False),
+        UniqueConstraint("run_id", "epoch", "split", "name"),
+    )
+    Table(
+        "results", md,
+        Column("id", Integer, primary_key=True),
+        Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False, index=True),
+        Column("rule", String(16), nullable=False),
+        Column("epoch", Integer, nullable=False),
+        Column("split", String(16), nullable=False),
+        Column("metrics", JSON, nullable=False),
+        UniqueConstraint("run_id", "rule"),
+    )
+    Table(
+        "checkpoints", md,
+        Column("id", Integer, primary_key=True),
+        Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False, index=True),
+        Column("role", String(32), nullable=False),
+        Column("path", Text, nullable=False),
+        Column("sha256", String(64), nullable=False),
+        Column("epoch", Integer),
+        UniqueConstraint("run_id", "role"),
+    )
+    Table(
+        "provenance", md,
+        Column("id", Integer, primary_key=True),
+        Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False, unique=True),
+        *(Column(name, String(64)) for name in ("git_commit", "python", "torch", "torchvision", "php_run")),
+        Column("git_dirty", Boolean),
+        Column("device", String(256)),
+        Column("host", String(256)),
+        Column("command", Text),
+        Column("recorded_at", Float, nullable=False),
+        Column("extra", JSON, nullable=False),
+    )
+    md.create_all(conn)
+
+
+def _migrate_to_v2(conn: Connection) -> None:
+    """Version 2: run kinds (imported checkpoints and tuning trials next to trained runs) and audits."""
+    conn.execute(text("ALTER TABLE runs ADD COLUMN kind VARCHAR(16) NOT NULL DEFAULT 'trained'"))
+    md = MetaData()
+    Table("runs", md, Column("id", Integer, primary_key=True))
+    Table(
+        "audits", md,
+        Column("id", Integer, primary_key=True),
+        Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False, index=True),
+        Column("report", JSON, nullable=False),
+        Column("created_at", Float, nullable=False),
+    )
+    md.tables["audits"].create(conn)
+
+
+def _migrate_to_v3(conn: Connection) -> None:
+    """Version 3: run labels, so that one run can fill cells of several tables; existing runs keep theirs."""
+    md = MetaData()
+    Table("runs", md, Column("id", Integer, primary_key=True))
+    Table(
+        "run_labels", md,
+        Column("id", Integer, primary_key=True),
+        Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False, index=True),
+        Column("spec_name", String(128), nullable=False),
+        Column("table_name", String(128), index=True),
+        Column("row_label", String(256), nullable=False),
+        UniqueConstraint("run_id", "spec_name", "row_label"),
+    )
+    md.tables["run_labels"].create(conn)
+    conn.execute(text(
+        "INSERT INTO run_labels (run_id, spec_name, table_name, row_label) "
+        "SELECT id, spec_name, table_name, row_label FROM runs"
+    ))
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_migrate_to_v1, _migrate_to_v2, _migrate_to_v3]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def schema_version(conn: Connection) -> int:
+    """The version recorded in the database; 0 for an empty database."""
+    if not inspect(conn).has_table("schema_version"):
+        return 0
+    return conn.execute(text("SELECT MAX(version) FROM schema_version")).scalar() or 0
+
+
+def upgrade(engine: Engine, target: int = SCHEMA_VERSION) -> int:
+    """Apply the migrations from the database's version up to ``target``; returns the new version.
+
+    Runs in one write transaction, so concurrent openers serialise and the second sees the work done.
+    """
+    with engine.begin() as conn:
+        current = schema_version(conn)
+        if current > SCHEMA_VERSION:
+            raise InputError(
+                f"registry {engine.url}: schema version {current} is newer than this php-run ({SCHEMA_VERSION})"
+            )
+        for version in range(current + 1, target + 1):
+            MIGRATIONS[version - 1](conn)
+            conn.execute(text("INSERT INTO schema_version (version) VALUES (:v)"), {"v": version})
+        return max(current, target)
+
+
+def _make_engine(url: str) -> Engine:
+    engine = create_engine(url)
+    if engine.dialect.name == "sqlite":
+        # WAL lets readers (status, table) work while a worker writes; the busy timeout makes writers
+        # queue instead of failing. pysqlite's own transaction handling is switched off so that every
+        # transaction starts with BEGIN IMMEDIATE: it takes the write lock up front, which avoids the
+        # read-then-write upgrade failures of deferred transactions under concurrency.
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_connection, _record):
+            dbapi_connection.isolation_level = None
+            cursor = dbapi_connection.cursor()
+            cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA foreign_keys = ON")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+# --------------------------------------------------------------------------------------------
+# Snapshots
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    id: int
+    config_hash: str
+    config: dict
+    kind: str
+    dataset: str
+    spec_name: str
+    table: str | None
+    row_label: str
+    seed: int
+    preset: str
+    status: str
+    error: str | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    worker: str | None
+    heartbeat_at: float | None
+    attempts: int
+    run_dir: str | None
+
+    @property
+    def short_hash(self) -> str:
+        return self.config_hash[:12]
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    """The values recorded for one (epoch, split): losses and lr for ``train``, R1..mINP otherwise."""
+
+    epoch: int
+    split: str
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    role: str
+    path: str
+    sha256: str
+    epoch: int | None
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    id: int
+    run_id: int
+    report: dict
+    created_at: float
+
+
+def _run_record(row: Run) -> RunRecord:
+    return RunRecord(
+        id=row.id, config_hash=row.config_hash, config=row.config, kind=row.kind, dataset=row.dataset,
+        spec_name=row.spec_name, table=row.table_name, row_label=row.row_label, seed=row.seed,
+        preset=row.preset, status=row.status, error=row.error, created_at=row.created_at,
+        started_at=row.started_at, finished_at=row.finished_at, worker=row.worker,
+        heartbeat_at=row.heartbeat_at, attempts=row.attempts, run_dir=row.run_dir,
+    )
+
+
+def _pid_is_dead(worker: str | None) -> bool:
+    """True when ``worker`` names a process on this host that no longer exists."""
+    if not worker or ":" not in worker:
+        return False
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return _is_zombie(int(pid))
+
+
+def _is_zombie(pid: int) -> bool:
+    """A killed process whose parent died too may wait unreaped (as a zombie) for a long time."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no procfs (not Linux), or it just vanished
+        return False
+    return stat.rpartition(")")[2].split()[0] == "Z"
+
+
+# --------------------------------------------------------------------------------------------
+# The registry
+# --------------------------------------------------------------------------------------------
+
+
+class Registry:
+    """Access to one registry database. Opening it creates or upgrades the schema."""
+
+    def __init__(self, url: str | None = None, stale_after: float = DEFAULT_STALE_AFTER_S):
+        self.url = resolve_url(url)
+        self.stale_after = stale_after
+        try:
+            self.engine = _make_engine(self.url)
+            upgrade(self.engine)
+        except InputError:
+            raise
+        except Exception as err:  # a bad URL or an unreadable file is bad input, named by its URL
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise InputError(f"registry {self.url}: cannot open ({first_line})") from err
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def _session(self) -> Session:
+        return self._sessions.begin()  # type: ignore[return-value]
+
+    # ---- runs -------------------------------------------------------------------------------
+
+    def plan_run(self, planned: "PlannedRun", kind: str = "trained") -> RunRecord:
+        """Insert ``planned`` as a queued run when its hash is new, else return the existing run.
+
+        Either way the run gets ``planned``'s label (spec, table, row), so a config planned by several
+        specs fills a cell in each of their tables. An existing run that is not done and not running
+        takes the new ``runtime`` section (data root, weights, device): it is outside the hash, and the
+        latest invocation knows where the data lives now. The returned record keeps the labels of
+        the run's first planning.
+        """
+        if kind not in RUN_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(RUN_KINDS)}, got {kind!r}")
+        try:
+            with self._session() as s:
+                row = s.scalars(select(Run).where(Run.config_hash == planned.config_hash)).one_or_none()
+                if row is None:
+                    row = Run(
+                        config_hash=planned.config_hash, config=planned.config, kind=kind,
+                        dataset=planned.dataset, spec_name=planned.spec_name, table_name=planned.table,
+                        row_label=planned.row_label, seed=planned.seed, preset=planned.preset,
+                        status="queued", created_at=time.time(), attempts=0,
+                    )
+                    s.add(row)
+                elif row.status in ("queued", "failed") and "runtime" in planned.config:
+                    row.config = {**row.config, "runtime": planned.config["runtime"]}
+                s.flush()
+                label = select(RunLabel).where(
+                    RunLabel.run_id == row.id, RunLabel.spec_name == planned.spec_name,
+                    RunLabel.row_label == planned.row_label,
+                )
+                if s.scalars(label).first() is None:
+                    s.add(RunLabel(run_id=row.id, spec_name=planned.spec_name, table_name=planned.table,
+                                   row_label=planned.row_label))
+                return _run_record(row)
+        except IntegrityError:  # another process inserted the same hash between our select and insert
+            return self.get_run(planned.config_hash)
+
+    def claim_run(self, run_id: int, worker: str, stale_after: float | None = None) -> bool:
+        """Atomically make ``worker`` the owner of a queued, failed or abandoned running run.
+
+        A running run is abandoned when its heartbeat is older than ``stale_after`` seconds, or when
+        its worker was a process on this host that no longer exists (killed, crashed). One UPDATE
+        with the claimable condition in its WHERE clause decides; exactly one concurrent caller sees
+        a changed row.
+        """
+        stale_after = self.stale_after if stale_after is None else stale_after
+        now = time.time()
+        claimable = or_(
+            Run.status.in_(("queued", "failed")),
+            (Run.status == "running") & (Run.heartbeat_at < now - stale_after),
+        )
+        current = self.get_run(run_id)
+        if current.status == "running" and _pid_is_dead(current.worker):
+            # Compare-and-swap on the dead owner's identity: a concurrent claimer changes it first.
+            claimable = or_(
+                claimable,
+                (Run.status == "running") & (Run.worker == current.worker)
+                & (Run.heartbeat_at == current.heartbeat_at),
+            )
+        values = dict(
+            status="running", worker=worker, heartbeat_at=now, started_at=now, finished_at=None,
+            error=None, attempts=Run.attempts + 1,
+        )
+        with self._session() as s:
+            result = s.execute(
+                update(Run).where(Run.id == run_id, claimable).values(**values).execution_options(
+                    synchronize_session=False
+                )
+            )
+            return result.rowcount == 1
+
+    def is_claimable(self, run: RunRecord, stale_after: float | None = None) -> bool:
+        """Whether ``claim_run`` would currently succeed for ``run`` (a hint; claim_run decides)."""
+        stale_after = self.stale_after if stale_after is None else stale_after
+        if run.status in ("queued", "failed"):
+            return True
+        if run.status != "running":
+            return False
+        stale = run.heartbeat_at is None or run.heartbeat_at < time.time() - stale_after
+        return stale or _pid_is_dead(run.worker)
+
+    def heartbeat(self, run_id: int, worker: str) -> bool:
+        """Refresh the heartbeat; False when ``worker`` no longer owns the running run."""
+        with self._session() as s:
+            result = s.execute(
+                update(Run)
+                .where(Run.id == run_id, Run.worker == worker, Run.status == "running")
+                .values(heartbeat_at=time.time())
+                .execution_options(synchronize_session=False)
+            )
+            return result.rowcount == 1
+
+    def set_run_dir(self, run_id: int, run_dir: str) -> None:
+        with self._session() as s:
+            s.execute(update(Run).where(Run.id == run_id).values(run_dir=run_dir))
+
+    def mark_done(self, run_id: int) -> None:
+        with self._session() as s:
+            s.execute(
+                update(Run).where(Run.id == run_id).values(status="done", error=None, finished_at=time.time())
+            )
+
+    def mark_failed(self, run_id: int, error: str, worker: str | None = None) -> bool:
+        """Record a failure. With ``worker``, only while that worker still owns the running run."""
+        condition = [Run.id == run_id]
+        if worker is not None:
+            condition += [Run.worker == worker, Run.status == "running"]
+        with self._session() as s:
+            result = s.execute(
+                update(Run).where(*condition).values(status="failed", error=error, finished_at=time.time())
+            )
+            return result.rowcount == 1
+
+    def get_run(self, ref: int | str) -> RunRecord:
+        """A run by id or by a unique prefix of its config hash."""
+        with self._session() as s:
+            key = str(ref).strip()
+            if key.isdigit():
+                row = s.get(Run, int(key))
+                if row is not None:
+                    return _run_record(row)
+            if not key:
+                raise InputError("run: empty run reference")
+            rows = s.scalars(select(Run).where(Run.config_hash.startswith(key.lower())).limit(2)).all()
+            if not rows:
+                raise InputError(f"run {key!r}: no run with this id or config-hash prefix in {self.url}")
+            if len(rows) > 1:
+                raise InputError(f"run {key!r}: the hash prefix matches several runs; give more characters")
+            return _run_record(rows[0])
+
+    def list_runs(
+        self,
+        *,
+        status: str | Iterable[str] | None = None,
+        kind: str | Iterable[str] | None = None,
+        dataset: str | None = None,
+        spec_name: str | None = None,
+        table: str | None = None,
+        preset: str | None = None,
+        config_hashes: Iterable[str] | None = None,
+    ) -> list[RunRecord]:
+        """Runs matching every given filter, in id order; ``spec_name`` and ``table`` match any label."""
+        query = select(Run).order_by(Run.id)
+        for column, value in ((Run.status, status), (Run.kind, kind)):
+            if value is not None:
+                query = query.where(column.in_([value] if isinstance(value, str) else list(value)))
+        for column, value in ((Run.dataset, dataset), (Run.preset, preset)):
+            if value is not None:
+                query = query.where(column == value)
+        for column, value in ((RunLabel.spec_name, spec_name), (RunLabel.table_name, table)):
+            if value is not None:
+                query = query.where(select(RunLabel.id).where(RunLabel.run_id == Run.id, column == value).exists())
+        if config_hashes is not None:
+            query = query.where(Run.config_hash.in_(list(config_hashes)))
+        with self._session() as s:
+            return [_run_record(row) for row in s.scalars(query)]
+
+    # ---- metrics and results ----------------------------------------------------------------
+
+    def record_epoch(self, run_id: int, epoch: int, split: str, metrics: dict[str, float]) -> None:
+        """Store one epoch's values for ``split``, replacing any earlier values (a resumed epoch)."""
+        with self._session() as s:
+            s.execute(
+                delete(EpochMetric).where(
+                    EpochMetric.run_id == run_id, EpochMetric.epoch == epoch, EpochMetric.split == split
+                )
+            )
+            s.add_all(
+                EpochMetric(run_id=run_id, epoch=epoch, split=split, name=name, value=float(value))
+                for name, value in metrics.items()
+            )
+
+    def epochs(self, run_id: int) -> list[EpochMetrics]:
+        """Per-epoch values, ordered by epoch then split."""
+        query = (
+            select(EpochMetric)
+            .where(EpochMetric.run_id == run_id)
+            .order_by(EpochMetric.epoch, EpochMetric.split, EpochMetric.id)
+        )
+        grouped: dict[tuple[int, str], dict[str, float]] = {}
+        with self._session() as s:
+            for row in s.scalars(query):
+                grouped.setdefault((row.epoch, row.split), {})[row.name] = row.value
+        return [EpochMetrics(epoch, split, values) for (epoch, split), values in grouped.items()]
+
+    def record_result(self, run_id: int, rule: str, epoch: int, split: str, metrics: dict[str, float]) -> None:
+        if rule not in RULES:
+            raise ValueError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
+        with self._session() as s:
+            s.execute(delete(Result).where(Result.run_id == run_id, Result.rule == rule))
+            s.add(Result(run_id=run_id, rule=rule, epoch=epoch, split=split,
+                         metrics={k: float(v) for k, v in metrics.items()}))
+
+    def results(self, run_id: int) -> dict[str, dict]:
+        """``{rule: {"epoch": e, "split": s, "metrics": {R1, R5, R10, mAP, mINP}}}``."""
+        with self._session() as s:
+            rows = s.scalars(select(Result).where(Result.run_id == run_id).order_by(Result.id))
+            return {r.rule: {"epoch": r.epoch, "split": r.split, "metrics": dict(r.metrics)} for r in rows}
+
+    def record_checkpoint(self, run_id: int, path: str, sha256: str, epoch: int | None, role: str) -> None:
+        with self._session() as s:
+            s.execute(delete(Checkpoint).where(Checkpoint.run_id == run_id, Checkpoint.role == role))
+            s.add(Checkpoint(run_id=run_id, role=role, path=str(path), sha256=sha256, epoch=epoch))
+
+    def checkpoints(self, run_id: int) -> list[CheckpointRecord]:
+        with self._session() as s:
+            rows = s.scalars(select(Checkpoint).where(Checkpoint.run_id == run_id).order_by(Checkpoint.id))
+            return [CheckpointRecord(r.role, r.path, r.sha256, r.epoch) for r in rows]
+
+    def record_provenance(self, run_id: int, info: dict[str, Any]) -> None:
+        """Store where and with what a run executed; keys outside ``PROVENANCE_FIELDS`` go to ``extra``."""
+        known = {k: info.get(k) for k in PROVENANCE_FIELDS}
+        extra = {k: v for k, v in info.items() if k not in PROVENANCE_FIELDS}
+        with self._session() as s:
+            s.execute(delete(Provenance).where(Provenance.run_id == run_id))
+            s.add(Provenance(run_id=run_id, recorded_at=time.time(), extra=extra, **known))
+
+    def provenance(self, run_id: int) -> dict[str, Any] | None:
+        with self._session() as s:
+            row = s.scalars(select(Provenance).where(Provenance.run_id == run_id)).one_or_none()
+            if row is None:
+                return None
+            return {**{k: getattr(row, k) for k in PROVENANCE_FIELDS}, "recorded_at": row.recorded_at, **row.extra}
+
+    def record_audit(self, run_id: int, report: dict) -> AuditRecord:
+        with self._session() as s:
+            row = Audit(run_id=run_id, report=report, created_at=time.time())
+            s.add(row)
+            s.flush()
+            return AuditRecord(row.id, row.run_id, row.report, row.created_at)
+
+    def latest_audit(self, run_id: int) -> AuditRecord | None:
+        with self._session() as s:
+            row = s.scalars(
+                select(Audit).where(Audit.run_id == run_id).order_by(Audit.created_at.desc(), Audit.id.desc())
+            ).first()
+            return None if row is None else AuditRecord(row.id, row.run_id, row.report, row.created_at)
+
+    # ---- tables -----------------------------------------------------------------------------
+
+    def result_rows(self, table: str | None = None, preset: str | None = None) -> list["ResultRow"]:
+        """One ``reports.ResultRow`` per (done run, label, recorded rule), optionally for one table.
+
+        With ``preset``, runs of other presets are left out (imported runs are always kept: they are
+        released checkpoints, shown on lines of their own), so a table never averages a tiny-preset
+        run with a paper-scale one. ``forced_test`` marks tuning trials that selected on the test
+        split: their settings were chosen by test labels.
+        """
+        from php_runner.reports import ResultRow
+
+        query = (
+            select(Run, RunLabel, Result)
+            .join(RunLabel, RunLabel.run_id == Run.id)
+            .join(Result, Result.run_id == Run.id)
+            .where(Run.status == "done")
+            .order_by(Run.id, RunLabel.id, Result.id)
+        )
+        if table is not None:
+            query = query.where(RunLabel.table_name == table)
+        if preset is not None:
+            query = query.where((Run.preset == preset) | (Run.kind == "imported"))
+        with self._session() as s:
+            triples = s.execute(query).all()
+            audits: dict[int, dict] = {}
+            run_ids = sorted({run.id for run, _, _ in triples})
+            if run_ids:
+                for audit in s.scalars(
+                    select(Audit).where(Audit.run_id.in_(run_ids)).order_by(Audit.created_at, Audit.id)
+                ):
+                    audits[audit.run_id] = audit.report  # ascending order: the latest wins
+            return [
+                ResultRow(
+                    table=label.table_name, spec_name=label.spec_name, row_label=label.row_label,
+                    dataset=run.dataset, seed=run.seed, rule=result.rule, metrics=dict(result.metrics),
+                    kind=run.kind, audit=audits.get(run.id),
+                    forced_test=run.kind == "trial" and run.config.get("train", {}).get("selection") == "test",
+                )
+                for run, label, result in triples
+            ]

@@ -1,0 +1,46 @@
+"""Shared fixtures: a fresh registry URL per test, a small synthetic data root, small test specs."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+TINY_TRAIN_IDS = 4
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+TEST_SPECS = {
+    # One epoch, two seeds: two short runs.
+    "two_seeds": 'extends = "base"\ndatasets = ["CUHK-PEDES"]\nseeds = [1, 2]\n[grid]\n"train.epochs" = [1]\n',
+    # Two epochs, so that a run can be killed after its first checkpoint.
+    "two_epochs": 'extends = "base"\ndatasets = ["CUHK-PEDES"]\nseeds = [1]\n[grid]\n"train.epochs" = [2]\n',
+    # ICFG-PEDES has no val split, so selection on val fails inside the worker (after it claimed the run).
+    "bad_selection": 'extends = "base"\ndatasets = ["ICFG-PEDES"]\n[train]\nselection = "val"\n',
+}
+
+
+@pytest.fixture
+def registry_url(tmp_path: Path) -> str:
+    """A SQLite registry in the test's temporary folder."""
+    return f"sqlite:///{tmp_path / 'registry.db'}"
+
+
+@pytest.fixture(scope="session")
+def tiny_data_root(tmp_path_factory) -> Path:
+    """Synthetic CUHK-PEDES, ICFG-PEDES and RSTPReid with 4 training identities each (seed 0)."""
+    from php_runner.data import write_synthetic
+
+    root = tmp_path_factory.mktemp("tiny_data")
+    write_synthetic(root, "all", num_ids=TINY_TRAIN_IDS, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def spec_dir(tmp_path_factory) -> Path:
+    """The shipped base spec and presets plus the small ``TEST_SPECS`` (run them with ``--preset tiny``)."""
+    folder = tmp_path_factory.mktemp("specs")
+    for name in ("base.toml", "presets.toml"):
+        shutil.copy(EXPERIMENTS / name, folder / name)
+    for name, body in TEST_SPECS.items():
+        (folder / f"{name}.toml").write_text(body)
+    return folder

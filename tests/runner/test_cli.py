@@ -1,0 +1,221 @@
+"""The php-run command line: help examples, JSON shapes, exit codes 0/1/2 and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from php_runner.cli import app
+from php_runner.registry import Registry
+from php_runner.specs import expand, load_spec
+
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
+METRIC_NAMES = ["R1", "R5", "R10", "mAP", "mINP"]
+
+
+@pytest.fixture
+def cli(tmp_path, monkeypatch):
+    """Invoke php-run in a fresh working directory; returns (exit code, stdout, stderr)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PHP_RUN_DB", raising=False)
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+        return result.exit_code, result.stdout, result.stderr
+
+    return invoke
+
+
+def _commands(group, prefix: tuple[str, ...] = ()):
+    for name, command in group.commands.items():
+        if hasattr(command, "commands"):  # a sub-group such as ``data``
+            yield from _commands(command, prefix + (name,))
+        else:
+            yield prefix + (name,)
+
+
+def test_every_command_has_help_with_an_example(cli):
+    paths = list(_commands(typer.main.get_command(app)))
+    assert ("data", "check") in paths and ("run",) in paths and len(paths) >= 12
+    for path in paths:
+        code, out, _ = cli(*path, "--help")
+        assert code == 0 and "Example" in out, path
+
+
+def record_done_run(registry: Registry, planned, metrics: dict, rule: str = "best-on-test"):
+    run = registry.plan_run(planned)
+    registry.record_epoch(run.id, 1, "train", {"total": 1.0, "lr": 1e-3})
+    registry.record_epoch(run.id, 1, "test", metrics)
+    registry.record_result(run.id, rule, 1, "test", metrics)
+    registry.record_checkpoint(run.id, "/x/best.pth", "0" * 64, 1, "best")
+    registry.record_provenance(run.id, {"git_commit": "abc", "host": "h"})
+    registry.mark_done(run.id)
+    return run
+
+
+def test_status_and_show_json(cli, registry_url, spec_dir, tiny_data_root):
+    planned = expand(load_spec(spec_dir / "two_seeds.toml"), "tiny", runtime={"data_root": str(tiny_data_root)})
+    registry = Registry(registry_url)
+    metrics = dict(zip(METRIC_NAMES, [50.0, 75.0, 100.0, 60.5, 40.25]))
+    done = record_done_run(registry, planned[0], metrics)
+    registry.record_audit(done.id, {"batch_dependent": True})
+    queued = registry.plan_run(planned[1])
+
+    code, out, _ = cli("status", "--json", "--db", registry_url)
+    assert code == 0
+    entries = json.loads(out)
+    assert [e["id"] for e in entries] == [done.id, queued.id]
+    for entry in entries:
+        assert {"id", "config_hash", "dataset", "status", "metrics"} <= set(entry)
+    assert entries[0]["config_hash"] == done.config_hash and entries[0]["dataset"] == "CUHK-PEDES"
+    assert entries[0]["status"] == "done" and entries[0]["metrics"] == metrics
+    assert entries[1]["status"] == "queued" and entries[1]["metrics"] is None
+
+    code, out, _ = cli("show", done.config_hash[:10], "--json", "--db", registry_url)
+    details = json.loads(out)
+    assert code == 0 and set(details) == {"run", "epochs", "results", "checkpoints", "provenance", "audit"}
+    assert details["run"]["config"] == done.config and details["results"]["best-on-test"]["metrics"] == metrics
+    assert details["audit"]["report"] == {"batch_dependent": True} and details["provenance"]["git_commit"] == "abc"
+
+    code, out, _ = cli("status", "--db", registry_url)
+    assert code == 0 and "50.00" in out and "queued" in out
+    code, out, _ = cli("show", str(done.id), "--db", registry_url)
+    assert code == 0 and "best-on-test" in out and "/x/best.pth" in out
+
+
+def test_the_environment_variable_selects_the_registry(cli, tmp_path, monkeypatch, spec_dir, tiny_data_root):
+    planned = expand(load_spec(spec_dir / "two_seeds.toml"), "tiny", runtime={"data_root": str(tiny_data_root)})
+    url = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    Registry(url).plan_run(planned[0])
+    monkeypatch.setenv("PHP_RUN_DB", url)
+    code, out, _ = cli("status", "--json")
+    assert code == 0 and len(json.loads(out)) == 1
+    assert not Path("registry.db").exists()
+
+
+def test_demo_with_every_run_done_trains_nothing_and_prints_the_table(cli, registry_url, tiny_data_root):
+    planned = expand(load_spec(EXPERIMENTS / "headline.toml"), "tiny", runtime={"data_root": str(tiny_data_root)})
+    registry = Registry(registry_url)
+    for index, run in enumerate(planned):
+        record_done_run(registry, run, dict(zip(METRIC_NAMES, [10.0 + index, 20.0, 30.0, 40.0, 50.0])))
+    code, out, _ = cli("demo", "--data-root", tiny_data_root, "--db", registry_url)
+    assert code == 0, out
+    assert f"{len(planned)} skipped" in out and "done run" not in out
+    assert "PHP" in out and "10.00" in out
+    assert Path("reports/headline_tiny.md").is_file() and Path("reports/headline_tiny.csv").is_file()
+
+
+def test_table_all_on_an_empty_registry_lists_what_to_run(cli, registry_url):
+    code, out, _ = cli("table", "--all", "--json", "--db", registry_url)
+    assert code == 0
+    views = json.loads(out)
+    assert {v["name"] for v in views} >= {"headline", "module", "loss", "cnum", "beta", "sharing", "coupling"}
+    fills = {line["fill_command"] for v in views for line in v["lines"] if line["fill_command"]}
+    assert "php-run ablate cnum --dataset CUHK-PEDES" in fills
+    code, out, _ = cli("table", "--db", registry_url)
+    assert code == 0 and "No results recorded yet" in out
+
+
+def test_validate_loads_the_shipped_specs(cli):
+    code, out, _ = cli("validate")
+    assert code == 0 and "headline" in out and "cnum" in out
+
+
+def test_synth_and_data_check(cli, tmp_path):
+    code, out, _ = cli("synth", "--root", tmp_path / "d", "--dataset", "RSTPReid", "--ids", "3", "--seed", "2")
+    assert code == 0 and (tmp_path / "d" / "RSTPReid" / "data_captions.json").is_file()
+    code, out, err = cli("data", "check", "--data-root", tmp_path / "d", "--dataset", "RSTPReid")
+    assert code == 0 and "train" in out and "no problems" in out and err == ""
+    next((tmp_path / "d" / "RSTPReid" / "imgs").rglob("*.jpg")).unlink()
+    code, out, err = cli("data", "check", "--data-root", tmp_path / "d", "--dataset", "RSTPReid")
+    assert code == 2 and "problem" in err
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A randomly initialised tiny PHP model saved as a php-run checkpoint (weights + config)."""
+    import torch
+
+    from php_runner.model.checkpoint import CONFIG_KEY, config_to_dict, save_atomic
+    from php_runner.model.config import PHPConfig
+    from php_runner.model.php import PHPModel
+
+    torch.manual_seed(0)
+    model = PHPModel(PHPConfig.tiny())
+    path = tmp_path_factory.mktemp("ckpt") / "best.pth"
+    save_atomic({"model": model.state_dict(), CONFIG_KEY: config_to_dict(model.config), "epoch": 1}, path)
+    return path, model
+
+
+def test_evaluate_matches_the_engine_and_saves_embeddings(cli, tmp_path, tiny_checkpoint, tiny_data_root):
+    from php_runner.data import read_dataset
+    from php_runner.engine.evaluate import EvalSettings, evaluate
+    from php_runner.model.precision import apply_precision
+
+    path, model = tiny_checkpoint
+    split = read_dataset(tiny_data_root, "CUHK-PEDES").test
+    expected = evaluate(apply_precision(model, "amp"), split,
+                        EvalSettings(batch_size=3, precision="amp", image_size=model.config.clip.image_size))
+    npz = tmp_path / "emb.npz"
+    code, out, _ = cli("evaluate", "--checkpoint", path, "--data-root", tiny_data_root, "--dataset", "CUHK-PEDES",
+                       "--precision", "amp", "--device", "cpu", "--test-batch-size", "3", "--json",
+                       "--save-embeddings", npz)
+    assert code == 0
+    assert json.loads(out) == {k: expected[k] for k in METRIC_NAMES}
+    arrays = np.load(npz)
+    assert set(arrays.files) == {"text", "image", "text_pids", "image_pids"}
+    assert arrays["text"].shape == (len(split.captions), model.config.clip.embed_dim)
+    assert arrays["image_pids"].tolist() == list(split.image_pids)
+
+
+def one_line_error(code: int, err: str) -> str:
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_bad_input_gives_one_line_and_exit_code_2(cli, tmp_path, registry_url, tiny_data_root):
+    bad_spec = tmp_path / "bad.toml"
+    bad_spec.write_text('extends = "base"\n[model]\ncnumm = 3\n')
+    shutil.copy(EXPERIMENTS / "base.toml", tmp_path / "base.toml")
+    shutil.copy(EXPERIMENTS / "presets.toml", tmp_path / "presets.toml")
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    db = ("--db", registry_url)
+    cases = [
+        (("run", tmp_path / "missing.toml", *db), "missing.toml"),
+        (("run", bad_spec, "--preset", "tiny", *db), "cnumm"),
+        (("run", bad_spec.with_name("base.toml"), "--preset", "nope", *db), "--preset"),
+        (("reproduce", "--dataset", "Market-1501", *db), "--dataset"),
+        (("reproduce", "--preset", "paper", *db), "--data-root"),
+        (("ablate", "depth", *db), "depth"),
+        (("ablate", "cnum", "--preset", "tiny", "--seeds", "1,x", *db), "--seeds"),
+        (("ablate", "cnum", "--preset", "tiny", "--gpus", "0,0", *db), "--gpus"),
+        (("evaluate", "--checkpoint", junk, "--data-root", tiny_data_root, "--dataset", "CUHK-PEDES"), "junk.pth"),
+        (("evaluate", "--checkpoint", junk, "--data-root", tiny_data_root, "--dataset", "Nope"), "--dataset"),
+        (("show", "999", *db), "999"),
+        (("table", "nope", *db), "nope"),
+        (("status", "--db", f"sqlite:///{tmp_path}/no/such/dir/r.db"), "registry"),
+        (("synth", "--root", tmp_path, "--dataset", "Nope"), "Nope"),
+    ]
+    for args, named in cases:
+        code, _, err = cli(*args)
+        assert named in one_line_error(code, err), args
+
+
+@pytest.mark.slow
+def test_a_failed_run_exits_1(cli, registry_url, spec_dir, tiny_data_root):
+    code, out, _ = cli("run", spec_dir / "bad_selection.toml", "--preset", "tiny", "--data-root", tiny_data_root,
+                       "--db", registry_url)
+    assert code == 1
+    assert "1 failed" in out
+    [run] = Registry(registry_url).list_runs()
+    assert run.status == "failed" and "selection" in run.error

@@ -1,0 +1,311 @@
+"""Registry round trips, atomic claims, stale-run recovery and schema migrations."""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, inspect, text
+
+from php_runner.errors import InputError
+from php_runner.registry import (
+    SCHEMA_VERSION,
+    Base,
+    Registry,
+    resolve_url,
+    schema_version,
+    upgrade,
+)
+from php_runner.specs import PlannedRun
+
+METRICS = {"R1": 61.5, "R5": 80.25, "R10": 86.0, "mAP": 55.5, "mINP": 40.125}
+
+
+def planned(seed: int = 1, *, config_hash: str | None = None, table: str | None = "cnum", row: str = "9",
+            data_root: str = "data") -> PlannedRun:
+    config = {"model": {"cnum": 9}, "train": {"seed": seed, "selection": "test"},
+              "data": {"dataset": "CUHK-PEDES"}, "runtime": {"data_root": data_root}}
+    return PlannedRun(config=config, config_hash=config_hash or f"{seed:02d}" + "ab" * 31, spec_name="cnum",
+                      table=table, row_label=row, dataset="CUHK-PEDES", seed=seed, preset="tiny")
+
+
+@pytest.fixture
+def registry(registry_url):
+    reg = Registry(registry_url)
+    yield reg
+    reg.close()
+
+
+def test_plan_run_inserts_once_and_returns_the_existing_run(registry):
+    first = registry.plan_run(planned())
+    again = registry.plan_run(planned())
+    assert first.status == "queued" and first.kind == "trained" and first.attempts == 0
+    assert again.id == first.id
+    assert [r.id for r in registry.list_runs()] == [first.id]
+    other = registry.plan_run(planned(seed=2), kind="trial")
+    assert other.id != first.id and other.kind == "trial"
+    with pytest.raises(ValueError):
+        registry.plan_run(planned(seed=3), kind="nonsense")
+
+
+def test_plan_run_takes_the_new_runtime_only_for_runs_not_done(registry):
+    run = registry.plan_run(planned(data_root="old"))
+    assert registry.plan_run(planned(data_root="new")).config["runtime"]["data_root"] == "new"
+    registry.mark_done(run.id)
+    assert registry.plan_run(planned(data_root="newer")).config["runtime"]["data_root"] == "new"
+
+
+def test_everything_recorded_reads_back_as_snapshots(registry):
+    run = registry.plan_run(planned())
+    registry.record_epoch(run.id, 1, "train", {"total": 3.5, "lr": 1e-3})
+    registry.record_epoch(run.id, 1, "test", METRICS)
+    registry.record_epoch(run.id, 1, "train", {"total": 2.5, "lr": 2e-3})  # a resumed epoch replaces its values
+    registry.record_result(run.id, "best-on-test", 1, "test", METRICS)
+    registry.record_result(run.id, "last", 1, "test", {**METRICS, "R1": 1.0})
+    registry.record_checkpoint(run.id, "/ckpt/best.pth", "f" * 64, 1, "best")
+    registry.record_checkpoint(run.id, "/ckpt/best2.pth", "e" * 64, 2, "best")
+    registry.record_provenance(run.id, {"git_commit": "abc", "git_dirty": True, "torch": "2.x", "host": "h",
+                                        "cuda_visible_devices": "0"})
+    registry.record_audit(run.id, {"verdict": "old"})
+    registry.record_audit(run.id, {"verdict": "new"})
+
+    epochs = {(e.epoch, e.split): e.metrics for e in registry.epochs(run.id)}
+    assert epochs == {(1, "train"): {"total": 2.5, "lr": 2e-3}, (1, "test"): METRICS}
+    assert registry.results(run.id) == {
+        "best-on-test": {"epoch": 1, "split": "test", "metrics": METRICS},
+        "last": {"epoch": 1, "split": "test", "metrics": {**METRICS, "R1": 1.0}},
+    }
+    [checkpoint] = registry.checkpoints(run.id)
+    assert (checkpoint.path, checkpoint.sha256, checkpoint.epoch, checkpoint.role) == ("/ckpt/best2.pth", "e" * 64, 2,
+                                                                                       "best")
+    provenance = registry.provenance(run.id)
+    assert provenance["git_commit"] == "abc" and provenance["git_dirty"] is True
+    assert provenance["cuda_visible_devices"] == "0" and provenance["python"] is None
+    assert registry.latest_audit(run.id).report == {"verdict": "new"}
+    with pytest.raises(ValueError):
+        registry.record_result(run.id, "best-on-train", 1, "test", METRICS)
+
+
+def test_get_run_by_id_or_unique_hash_prefix(registry):
+    a = registry.plan_run(planned(1, config_hash="aa11" + "0" * 60))
+    b = registry.plan_run(planned(2, config_hash="aa22" + "0" * 60))
+    assert registry.get_run(a.id).id == a.id
+    assert registry.get_run(str(b.id)).id == b.id
+    assert registry.get_run("aa2").id == b.id
+    for ref, message in (("aa", "several"), ("ffff", "no run"), ("999", "no run")):
+        with pytest.raises(InputError, match=message):
+            registry.get_run(ref)
+
+
+def test_one_config_planned_by_two_specs_trains_once_and_fills_both_tables(registry):
+    headline = dataclasses.replace(planned(1), spec_name="headline", table="headline", row_label="PHP")
+    module = dataclasses.replace(planned(1), spec_name="module", table="module", row_label="full")
+    run = registry.plan_run(headline)
+    assert registry.plan_run(module).id == run.id and registry.plan_run(module).id == run.id
+    registry.record_result(run.id, "best-on-test", 2, "test", METRICS)
+    registry.mark_done(run.id)
+    assert [(r.table, r.spec_name, r.row_label) for r in registry.result_rows()] == [
+        ("headline", "headline", "PHP"), ("module", "module", "full")]
+    assert [r.row_label for r in registry.result_rows("module")] == ["full"]
+    assert [r.id for r in registry.list_runs(table="module")] == [run.id]
+    assert [r.id for r in registry.list_runs(spec_name="headline")] == [run.id]
+
+
+def test_list_runs_filters(registry):
+    a = registry.plan_run(planned(1))
+    b = registry.plan_run(planned(2, table=None))
+    registry.mark_failed(b.id, "boom")
+    assert [r.id for r in registry.list_runs(status="failed")] == [b.id]
+    assert [r.id for r in registry.list_runs(status=["queued", "failed"])] == [a.id, b.id]
+    assert [r.id for r in registry.list_runs(table="cnum")] == [a.id]
+    assert registry.list_runs(kind="imported") == []
+    assert registry.get_run(b.id).error == "boom"
+
+
+def test_result_rows_carry_the_latest_audit_of_done_runs(registry):
+    done = registry.plan_run(planned(1))
+    registry.plan_run(planned(2))  # queued: no row
+    registry.record_result(done.id, "best-on-test", 3, "test", METRICS)
+    registry.record_audit(done.id, {"n": 1})
+    registry.record_audit(done.id, {"n": 2})
+    registry.mark_done(done.id)
+    [row] = registry.result_rows("cnum")
+    assert (row.table, row.spec_name, row.row_label, row.dataset, row.seed, row.rule, row.kind) == (
+        "cnum", "cnum", "9", "CUHK-PEDES", 1, "best-on-test", "trained")
+    assert row.metrics == METRICS and row.audit == {"n": 2} and not row.forced_test
+    assert registry.result_rows("loss") == []
+
+    trial = registry.plan_run(planned(3), kind="trial")  # selects on test: tuned on test labels
+    registry.record_result(trial.id, "best-on-test", 1, "test", METRICS)
+    registry.mark_done(trial.id)
+    assert [(r.seed, r.kind, r.forced_test) for r in registry.result_rows("cnum")] == [
+        (1, "trained", False), (3, "trial", True)]
+
+
+def test_result_rows_of_a_preset_leave_out_other_presets_but_keep_imported_runs(registry):
+    def done(plan, kind="trained"):
+        run = registry.plan_run(plan, kind=kind)
+        registry.record_result(run.id, "best-on-test", 1, "test", METRICS)
+        registry.mark_done(run.id)
+
+    done(planned(1))  # preset tiny
+    done(dataclasses.replace(planned(2), preset="paper"))
+    done(dataclasses.replace(planned(3), preset="released"), kind="imported")
+    assert sorted(r.seed for r in registry.result_rows("cnum")) == [1, 2, 3]
+    assert sorted(r.seed for r in registry.result_rows("cnum", preset="paper")) == [2, 3]
+    assert sorted(r.seed for r in registry.result_rows("cnum", preset="tiny")) == [1, 3]
+
+
+def test_claim_states(registry):
+    run = registry.plan_run(planned())
+    assert registry.claim_run(run.id, "w1")
+    assert not registry.claim_run(run.id, "w2")  # fresh heartbeat: owned
+    claimed = registry.get_run(run.id)
+    assert (claimed.status, claimed.worker, claimed.attempts) == ("running", "w1", 1)
+    assert registry.heartbeat(run.id, "w1") and not registry.heartbeat(run.id, "w2")
+    registry.mark_failed(run.id, "crash")
+    assert registry.claim_run(run.id, "w2")  # failed runs resume
+    assert registry.get_run(run.id).attempts == 2 and registry.get_run(run.id).error is None
+    registry.mark_done(run.id)
+    assert not registry.claim_run(run.id, "w3")
+    assert not registry.mark_failed(run.id, "late", worker="w2")  # only the owner of a running run
+
+
+def test_a_stale_heartbeat_makes_a_running_run_claimable(registry):
+    run = registry.plan_run(planned())
+    assert registry.claim_run(run.id, "otherhost:1")
+    assert not registry.claim_run(run.id, "w2")
+    with registry.engine.begin() as conn:
+        conn.execute(text("UPDATE runs SET heartbeat_at = heartbeat_at - 10000 WHERE id = :id"), {"id": run.id})
+    assert registry.is_claimable(registry.get_run(run.id))
+    assert registry.claim_run(run.id, "w2")
+    assert not registry.heartbeat(run.id, "otherhost:1")  # the old owner learns it lost the run
+
+
+def test_a_run_of_a_dead_local_process_is_claimable_at_once(registry):
+    run = registry.plan_run(planned())
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_worker = f"{socket.gethostname()}:{finished.stdout.strip()}"
+    assert registry.claim_run(run.id, dead_worker)
+    alive_worker = f"{socket.gethostname()}:{__import__('os').getpid()}"
+    assert registry.claim_run(run.id, alive_worker)  # the dead process's heartbeat is fresh, yet it is gone
+    assert not registry.claim_run(run.id, "w3")  # the live one keeps it
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="zombie detection reads procfs (Linux)")
+def test_a_run_of_an_unreaped_dead_process_is_claimable(registry):
+    run = registry.plan_run(planned())
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.time() + 30
+    while open(f"/proc/{zombie.pid}/stat").read().rpartition(")")[2].split()[0] != "Z":  # exited, not reaped
+        assert time.time() < deadline
+        time.sleep(0.05)
+    assert registry.claim_run(run.id, f"{socket.gethostname()}:{zombie.pid}")
+    assert registry.claim_run(run.id, "w2")
+    zombie.wait()
+
+
+def _claim_in_process(url: str, run_id: int, worker: str, start, results) -> None:
+    registry = Registry(url)
+    start.wait()
+    results.put((worker, registry.claim_run(run_id, worker)))
+    registry.close()
+
+
+def test_concurrent_processes_claiming_one_run_exactly_one_wins(registry_url):
+    run = Registry(registry_url).plan_run(planned())
+    ctx = multiprocessing.get_context("fork")
+    start, results = ctx.Event(), ctx.Queue()
+    processes = [ctx.Process(target=_claim_in_process, args=(registry_url, run.id, f"p{i}", start, results))
+                 for i in range(6)]
+    for process in processes:
+        process.start()
+    time.sleep(0.5)
+    start.set()
+    for process in processes:
+        process.join(60)
+    outcomes = dict(results.get(timeout=5) for _ in processes)
+    winners = [worker for worker, won in outcomes.items() if won]
+    assert len(winners) == 1
+    assert Registry(registry_url).get_run(run.id).worker == winners[0]
+
+
+def test_concurrent_threads_claiming_one_run_exactly_one_wins(registry):
+    run = registry.plan_run(planned())
+    barrier, won = threading.Barrier(8), []
+
+    def claim(i: int) -> None:
+        barrier.wait()
+        if registry.claim_run(run.id, f"t{i}"):
+            won.append(i)
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(won) == 1
+
+
+def test_sqlite_uses_wal_and_a_busy_timeout(registry):
+    with registry.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() > 0
+
+
+def test_a_version_1_database_upgrades_to_the_current_schema(registry_url):
+    engine = create_engine(registry_url)
+    assert upgrade(engine, target=1) == 1
+    with engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO runs (config_hash, config, dataset, spec_name, table_name, row_label, seed, preset, status,"
+            " created_at, attempts) VALUES ('c0ffee', '{\"model\": {}}', 'RSTPReid', 'module', 'module', 'full', 1,"
+            " 'paper', 'done', 0.0, 1)"
+        ))
+        assert schema_version(conn) == 1
+        assert "kind" not in {c["name"] for c in inspect(conn).get_columns("runs")}
+    engine.dispose()
+
+    registry = Registry(registry_url)
+    with registry.engine.connect() as conn:
+        assert schema_version(conn) == SCHEMA_VERSION
+        inspector = inspect(conn)
+        for table in Base.metadata.sorted_tables:
+            assert {c["name"] for c in inspector.get_columns(table.name)} == set(table.columns.keys()), table.name
+    old = registry.get_run("c0ffee")
+    assert (old.kind, old.dataset, old.config) == ("trained", "RSTPReid", {"model": {}})
+    registry.record_result(old.id, "best-on-test", 1, "test", METRICS)
+    assert [(r.table, r.row_label) for r in registry.result_rows("module")] == [("module", "full")]  # label backfilled
+    registry.record_audit(old.id, {"ok": True})
+    assert registry.latest_audit(old.id).report == {"ok": True}
+    registry.close()
+    assert Registry(registry_url).get_run(old.id).kind == "trained"  # reopening applies nothing twice
+
+
+def test_a_newer_schema_or_a_bad_url_is_bad_input(registry_url, tmp_path):
+    Registry(registry_url).close()
+    engine = create_engine(registry_url)
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO schema_version (version) VALUES (:v)"), {"v": SCHEMA_VERSION + 1})
+    engine.dispose()
+    with pytest.raises(InputError, match="newer"):
+        Registry(registry_url)
+    with pytest.raises(InputError, match="cannot open"):
+        Registry(f"sqlite:///{tmp_path}/missing-folder/registry.db")
+    with pytest.raises(InputError):
+        Registry("nosuchdialect://x")
+
+
+def test_url_resolution(monkeypatch):
+    monkeypatch.delenv("PHP_RUN_DB", raising=False)
+    assert resolve_url(None) == "sqlite:///registry.db"
+    monkeypatch.setenv("PHP_RUN_DB", "sqlite:////tmp/x.db")
+    assert resolve_url(None) == "sqlite:////tmp/x.db"
+    assert resolve_url("sqlite:///given.db") == "sqlite:///given.db"
