@@ -1,0 +1,347 @@
+"""Tests of php_runner/audit.py: batch probes, order sensitivity, split leakage and selection."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from php_runner import audit
+from php_runner.audit import AuditSettings
+from php_runner.data import read_dataset, write_synthetic
+from php_runner.engine.evaluate import EvalSettings
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared CPU extra threads only wait."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------------------------
+# pure pieces
+
+
+def test_relative_change_matches_naive_formula():
+    reference = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
+    changed = torch.tensor([[3.0, 5.0], [1.0, 0.0]])
+    assert audit.relative_change(changed, reference).tolist() == pytest.approx([1 / 5, 0.0])
+
+
+@pytest.mark.parametrize("index,total,size,expected", [(0, 10, 4, [0, 1, 2, 3]), (5, 10, 4, [4, 5, 6, 7]),
+                                                       (9, 10, 4, [8, 9]), (3, 4, 64, [0, 1, 2, 3])])
+def test_evaluation_batch_is_the_annotation_order_batch(index, total, size, expected):
+    assert audit.evaluation_batch(index, total, size) == expected
+
+
+def test_other_batch_avoids_the_evaluation_batch_when_it_can():
+    rng = random.Random(0)
+    mates = audit.other_batch(5, 4, 20, {4, 5, 6, 7}, rng)
+    assert mates[0] == 5 and len(mates) == 4 and len(set(mates)) == 4
+    assert not set(mates[1:]) & {4, 5, 6, 7}
+    # Too few others outside the batch: falls back to any other item.
+    assert sorted(audit.other_batch(1, 3, 3, {0, 1, 2}, rng)) == [0, 1, 2]
+
+
+def _rows(indices):
+    return torch.tensor([[float(i), float(i * i % 7) + 1.0] for i in indices])
+
+
+def test_probe_finds_no_change_for_a_per_row_encoder():
+    figures = audit.probe_batch_dependence(lambda idx: _rows(idx), 10, 4, [0, 5, 9], random.Random(0))
+    assert figures == {"alone": {"max": 0.0, "mean": 0.0}, "other_batch": {"max": 0.0, "mean": 0.0}}
+
+
+def test_probe_measures_a_batch_mean_coupling():
+    def coupled(indices):
+        rows = _rows(indices)
+        return rows + rows.mean(dim=0, keepdim=True)
+
+    figures = audit.probe_batch_dependence(coupled, 12, 4, [1, 6], random.Random(0))
+    # Alone, a row is 2x; in its evaluation batch it is x + the batch mean (naive formula below).
+    expected = []
+    for index, batch in ((1, [0, 1, 2, 3]), (6, [4, 5, 6, 7])):
+        rows = _rows(batch)
+        in_batch = rows[batch.index(index)] + rows.mean(dim=0)
+        expected.append(float((2 * rows[batch.index(index)] - in_batch).norm() / in_batch.norm()))
+    assert figures["alone"]["max"] == pytest.approx(max(expected), rel=1e-6)
+    assert figures["alone"]["mean"] == pytest.approx(sum(expected) / 2, rel=1e-6)
+    assert figures["other_batch"]["max"] > 0
+
+
+def test_mean_and_std_over_runs():
+    runs = [dict.fromkeys(audit.METRIC_NAMES, 10.0), dict.fromkeys(audit.METRIC_NAMES, 20.0)]
+    summary = audit.mean_and_std(runs)
+    assert summary["R1"] == 15.0 and summary["std"]["mAP"] == pytest.approx(7.0710678)
+    assert audit.mean_and_std(runs[:1])["std"]["R1"] == 0.0
+
+
+def test_batch_alignment_of_one_caption_per_image_in_file_order():
+    from php_runner.data import EvalSplit
+
+    pids = [0, 0, 1, 1, 2, 2, 3, 3, 4]
+    aligned = EvalSplit(image_pids=pids, img_paths=[f"{i}.jpg" for i in pids], caption_pids=pids, captions=["c"] * 9)
+    assert audit.batch_alignment(aligned, 4) == {
+        "batch_size": 4, "queries_with_match_in_same_batch": 1.0, "identical_batches": 1.0}
+    # Two captions per image shift the text batches: the last identity's captions sit in a batch
+    # index that has no image batch.
+    doubled = EvalSplit(image_pids=[0, 1], img_paths=["a", "b"], caption_pids=[0, 0, 1, 1], captions=["c"] * 4)
+    result = audit.batch_alignment(doubled, 2)
+    assert result["queries_with_match_in_same_batch"] == 0.5 and result["identical_batches"] == 0.0
+
+
+def test_selection_audit_golden_values():
+    def m(r1):
+        return {"R1": r1, "R5": r1 + 1, "R10": r1 + 2, "mAP": r1 - 1, "mINP": r1 - 2}
+
+    test = {1: m(10.0), 2: m(30.0), 3: m(30.0), 4: m(20.0)}
+    val = {1: m(5.0), 2: m(6.0), 3: m(9.0), 4: m(7.0)}
+    result = audit.selection_audit(test, val, "test")
+    assert result["selected_by"] == "test"
+    assert result["rules"]["best-on-test"]["epoch"] == 2  # earliest of the tied best epochs
+    assert result["rules"]["best-on-val"]["epoch"] == 3
+    assert result["rules"]["last"]["epoch"] == 4
+    assert result["r1_gaps"] == {"test_minus_val": 0.0, "test_minus_last": 10.0}
+    no_val = audit.selection_audit(test, None, "last")
+    assert no_val["rules"]["best-on-val"] is None and no_val["r1_gaps"]["test_minus_val"] is None
+
+
+# ----------------------------------------------------------------------------------------------
+# planted leakage in a synthetic dataset
+
+
+def _plant_leaks(data_root: Path) -> dict:
+    """Write a CUHK-format set and plant one leak of each kind into its test split."""
+    (annotation,) = write_synthetic(data_root, "CUHK-PEDES", num_ids=4, seed=0)
+    entries = json.loads(annotation.read_text())
+    train = [e for e in entries if e["split"] == "train"]
+    test = [e for e in entries if e["split"] == "test"]
+    images = annotation.parent / "imgs"
+    # A byte copy of a train image under a new test path: same content, different path.
+    shutil.copyfile(images / train[0]["file_path"], images / "test" / "copied.jpg")
+    test[0]["file_path"] = "test/copied.jpg"
+    # The very same path in both splits.
+    test[1]["file_path"] = train[2]["file_path"]
+    # A train caption of identity 1 reused for a test identity.
+    test[2]["captions"][0] = "  " + train[0]["captions"][0].upper() + " "
+    # A test identity that is also a train identity (raw id 2 = train pid 1).
+    test[3]["id"] = train[2]["id"]
+    annotation.write_text(json.dumps(entries))
+    return {"train": train, "test": test, "images": images}
+
+
+def test_split_audit_finds_planted_overlaps(tmp_path):
+    planted = _plant_leaks(tmp_path)
+    dataset = read_dataset(tmp_path, "CUHK-PEDES")
+    report = audit.split_audit(audit.split_views(dataset), max_examples=5, hash_workers=2)
+    overlap = report["overlaps"]["train-test"]
+    images = planted["images"]
+    assert overlap["image_paths"] == {"count": 1, "examples": [str(images / planted["train"][2]["file_path"])]}
+    assert overlap["image_content"]["count"] == 2
+    assert [str(images / planted["train"][0]["file_path"]), str(images / "test" / "copied.jpg")] in overlap[
+        "image_content"]["examples"]
+    assert overlap["identities"] == {"count": 1, "examples": [planted["train"][2]["id"]]}
+    shared = report["captions_shared_across_identities"]
+    assert shared["count"] == 1
+    holders = shared["examples"][0]["holders"]
+    assert ["train", planted["train"][0]["id"]] in holders and ["test", planted["test"][2]["id"]] in holders
+    # The untouched val split shares nothing with train.
+    assert all(entry["count"] == 0 for entry in report["overlaps"]["train-val"].values())
+    train_images = len({item.img_path for item in dataset.train})
+    assert report["splits"]["train"]["captions_per_image"] == {"2": train_images}  # two per image in this format
+    assert report["unreadable_images"]["count"] == 0
+
+
+def test_split_audit_of_a_clean_synthetic_set_finds_nothing(tmp_path):
+    write_synthetic(tmp_path, "ICFG-PEDES", num_ids=4, seed=0)
+    dataset = read_dataset(tmp_path, "ICFG-PEDES")
+    report = audit.split_audit(audit.split_views(dataset))
+    assert [entry["count"] for entry in report["overlaps"]["train-test"].values()] == [0, 0, 0]
+    assert report["captions_shared_across_identities"]["count"] == 0
+    assert report["splits"]["train"]["captions_per_image"] == {"1": len(dataset.train)}  # one per image
+
+
+# ----------------------------------------------------------------------------------------------
+# acceptance: official coupling is batch-dependent, per-sample coupling is not
+
+
+@pytest.fixture(scope="module")
+def icfg(tmp_path_factory):
+    root = tmp_path_factory.mktemp("icfg")
+    write_synthetic(root, "ICFG-PEDES", num_ids=8, seed=0)
+    return read_dataset(root, "ICFG-PEDES")
+
+
+def _model_with_trained_experts(config):
+    from php_runner.model.php import PHPModel
+
+    torch.manual_seed(0)
+    model = PHPModel(config)
+    # Trained experts are not the identity: give the EFP branch weight so it moves the embeddings.
+    for block in model.shared_transformer.resblocks:
+        for expert in block.feed_forward.experts:
+            torch.nn.init.normal_(expert.up.weight, std=0.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from php_runner.model.config import PHPConfig
+
+    return _model_with_trained_experts(PHPConfig.tiny())
+
+
+def _settings(model):
+    return AuditSettings(
+        eval=EvalSettings(batch_size=4, precision="amp", image_size=model.config.clip.image_size),
+        train_batch_size=8,
+        seeds=3,
+        sample_size=6,
+        hash_workers=2,
+    )
+
+
+def test_official_coupling_is_reported_batch_dependent_and_order_sensitive(icfg, tiny_model):
+    tiny_model.coupling = "official"
+    report = audit.run_audit(tiny_model, icfg, _settings(tiny_model))
+    assert report["batch_dependent"] is True
+    for modality in ("text", "image"):
+        probe = report["batch_independence"][modality]
+        assert probe["batch_dependent"] and probe["alone"]["max"] > 100 * report["batch_independence"]["threshold"]
+    assert report["order_sensitive"] and report["max_metric_change"] > 0
+    assert any(run != report["ordered"] for run in report["shuffled"]["runs"])
+    assert report["r1_gap"] == report["ordered"]["R1"] - report["shuffled"]["R1"]
+    # In the ICFG layout text batch k and image batch k hold the same people.
+    assert report["alignment"]["identical_batches"] == 1.0
+    json.dumps(report)  # the report is JSON-able as it stands
+
+
+def test_per_sample_coupling_is_batch_independent_with_equal_metrics(icfg, tiny_model):
+    tiny_model.coupling = "per-sample"
+    report = audit.run_audit(tiny_model, icfg, _settings(tiny_model))
+    assert report["batch_dependent"] is False
+    probes = report["batch_independence"]
+    assert max(probes[m][k]["max"] for m in ("text", "image") for k in ("alone", "other_batch")) < probes["threshold"]
+    assert all(run == report["ordered"] for run in report["shuffled"]["runs"])
+    assert all(metrics == report["ordered"] for metrics in report["batch_sizes"].values())
+    assert set(report["batch_sizes"]) == {"4", "1", "8"}
+    assert report["r1_gap"] == 0.0 and report["order_sensitive"] is False
+    assert {k: report["shuffled"][k] for k in audit.METRIC_NAMES} == pytest.approx(report["ordered"])
+    assert audit.audit_summary(report) == {
+        "batch_dependent": False, "r1_ordered": report["ordered"]["R1"], "r1_shuffled": report["shuffled"]["R1"],
+        "r1_shuffled_std": 0.0, "r1_gap": 0.0}
+
+
+# ----------------------------------------------------------------------------------------------
+# the command line: a checkpoint file and a registry run
+
+
+@pytest.fixture(scope="module")
+def run_checkpoint(tmp_path_factory, tiny_model):
+    """The tiny preset's weights as a training run saves them (its config lives in the registry)."""
+    from php_runner.model.checkpoint import save_atomic
+
+    path = tmp_path_factory.mktemp("run") / "best.pth"
+    save_atomic({"model": tiny_model.state_dict(), "epoch": 2}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def saved_checkpoint(tmp_path_factory):
+    """A self-describing checkpoint file; tower widths of 64 let the loader infer head counts (width // 64)."""
+    from php_runner.model.checkpoint import CONFIG_KEY, config_to_dict, save_atomic
+    from php_runner.model.config import PHPConfig
+
+    tiny = PHPConfig.tiny()
+    model = _model_with_trained_experts(
+        replace(tiny, clip=replace(tiny.clip, vision_width=64, vision_heads=1, text_width=64, text_heads=1)))
+    path = tmp_path_factory.mktemp("ckpt") / "best.pth"
+    save_atomic({"model": model.state_dict(), CONFIG_KEY: config_to_dict(model.config), "epoch": 3}, path)
+    return path
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    import php_runner.cli.audit  # noqa: F401  (registers the command, also when run alone)
+    from php_runner.cli import app
+
+    return CliRunner().invoke(app, ["audit", *map(str, args)])
+
+
+@pytest.mark.parametrize("coupling,dependent", [("official", True), ("per-sample", False)])
+def test_cli_audits_a_checkpoint_file_as_json(icfg, saved_checkpoint, coupling, dependent):
+    result = _cli("--checkpoint", saved_checkpoint, "--data-root", icfg.root.parent, "--dataset", "ICFG-PEDES",
+                  "--coupling", coupling, "--precision", "amp", "--batch-size", 4, "--seeds", 2, "--sample", 3,
+                  "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["batch_dependent"] is dependent and report["coupling"] == coupling
+    assert set(report["ordered"]) == set(audit.METRIC_NAMES)
+    assert set(report["shuffled"]) >= {*audit.METRIC_NAMES, "std"} and report["shuffled"]["seeds"] == [0, 1]
+    assert report["selection"]["selected_by"] == "test" and report["selection"]["epoch"] == 3
+
+
+def test_cli_rejects_bad_input_with_one_line(saved_checkpoint):
+    for args, field in ((["--checkpoint", saved_checkpoint], "--data-root"),
+                        ([], "RUN or --checkpoint"),
+                        (["--checkpoint", "missing.pth", "--data-root", "."], "--checkpoint missing.pth"),
+                        (["--checkpoint", saved_checkpoint, "--data-root", ".", "--coupling", "both"], "--coupling")):
+        result = _cli(*args)
+        assert result.exit_code == 2 and field in result.output
+        assert len(result.output.strip().splitlines()) == 1
+
+
+def _tiny_run_config(model, data_root) -> dict:
+    from dataclasses import asdict
+
+    model_section = {k: v for k, v in asdict(model.config).items() if k not in ("clip", "num_classes")}
+    model_section.update(clip="tiny", image_size=list(model.config.clip.image_size), coupling="official")
+    return {
+        "model": model_section,
+        "loss": {"names": ["sdm", "itc", "aux"]},
+        "train": {"batch_size": 8, "test_batch_size": 4, "precision": "amp", "selection": "test"},
+        "data": {"dataset": "ICFG-PEDES", "source": "synthetic", "val_from_train": 0.0, "val_seed": 0},
+        "runtime": {"data_root": str(data_root), "clip_weights": None, "device": "cpu", "num_workers": 0},
+    }
+
+
+def test_cli_audits_a_registry_run_and_stores_the_report(tmp_path, icfg, tiny_model, run_checkpoint):
+    from types import SimpleNamespace
+
+    from php_runner.registry import Registry
+
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    registry = Registry(url)
+    config = _tiny_run_config(tiny_model, icfg.root.parent)
+    planned = SimpleNamespace(config=config, config_hash="ab" * 32, spec_name="coupling", table="coupling",
+                              row_label="official", dataset="ICFG-PEDES", seed=1, preset="tiny")
+    run = registry.plan_run(planned)
+    registry.record_checkpoint(run.id, str(run_checkpoint), "0" * 64, 2, "best")
+    for epoch, r1 in ((1, 20.0), (2, 50.0), (3, 40.0)):
+        registry.record_epoch(run.id, epoch, "test", dict.fromkeys(audit.METRIC_NAMES, r1))
+    registry.close()
+
+    result = _cli(str(run.id), "--db", url, "--seeds", 2, "--sample", 3, "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["batch_dependent"] is True and report["eval_batch_size"] == 4
+    assert set(report["batch_sizes"]) == {"4", "1", "8"}
+    selection = report["selection"]
+    assert selection["selected_by"] == "test" and selection["rules"]["best-on-test"]["epoch"] == 2
+    assert selection["r1_gaps"] == {"test_minus_val": None, "test_minus_last": 10.0}
+
+    stored = Registry(url).latest_audit(run.id)
+    assert stored is not None and audit.audit_summary(stored.report) == audit.audit_summary(report)
+    text = _cli(str(run.id), "--db", url, "--seeds", 2, "--sample", 3, "--device", "cpu", "--coupling", "per-sample")
+    assert text.exit_code == 0, text.output
+    assert "batch-independent" in text.output
