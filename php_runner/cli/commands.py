@@ -458,11 +458,14 @@ def evaluate(
     = None,
     coupling: Annotated[str | None, typer.Option("--coupling", help="EFP attention: official or per-sample.")] = None,
     test_batch_size: Annotated[int | None, typer.Option("--test-batch-size", help="Evaluation batch size "
-                                                        "(default: configs.yaml's, else 64).", min=1)] = None,
+                                                        "(default: the checkpoint's recipe or configs.yaml's, "
+                                                        "else 64).", min=1)] = None,
     order: Annotated[str, typer.Option("--order", help="Batching order: annotation (official) or shuffled.")]
     = "annotation",
-    precision: Annotated[str, typer.Option("--precision", help="Weight layout: official (fp16, as the official "
-                                           "test.py) or amp (fp32; bf16 autocast on CUDA).")] = "official",
+    precision: Annotated[str | None, typer.Option("--precision", help="Weight layout: official (fp16, as the "
+                                                  "official test.py) or amp (fp32; bf16 autocast on CUDA). Default: "
+                                                  "the regime a php-run checkpoint was trained in, else official.")]
+    = None,
     device: DeviceOption = None,
     as_json: JsonOption = False,
     save_embeddings: Annotated[Path | None, typer.Option("--save-embeddings", help="Write text, image, text_pids "
@@ -492,17 +495,19 @@ def evaluate(
         raise InputError(f"--coupling: expected official or per-sample, got {coupling!r}")
     if encoder is not None and encoder not in ("full", "base", "crfm", "efp"):
         raise InputError(f"--encoder: expected full, base, crfm or efp, got {encoder!r}")
-    if precision not in PRECISIONS:
+    if precision is not None and precision not in PRECISIONS:
         raise InputError(f"--precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
 
-    model, _info = load_model(checkpoint, config)
+    model, info = load_model(checkpoint, config)
+    recipe = info["settings"]  # our checkpoints: evaluate as training evaluated, unless overridden
+    precision = precision or recipe.get("precision", "official")
     if coupling is not None:
         model.coupling = coupling
     split = read_dataset(root, name).test
     torch_device = resolve_device(device or "auto")
     apply_precision(model, precision).to(torch_device).eval()
     settings = EvalSettings(
-        batch_size=test_batch_size or int(yaml_values.get("test_batch_size", 64)),
+        batch_size=test_batch_size or int(recipe.get("test_batch_size", yaml_values.get("test_batch_size", 64))),
         order=order,
         encoder=encoder,
         device=str(torch_device),

@@ -229,7 +229,8 @@ def load_model(path: str | Path, yaml_path: str | Path | None = None, **override
     """Build the model a checkpoint describes (no CLIP weights needed) and load it; fp32 weights.
 
     Precedence of settings: ``overrides`` > the checkpoint's stored config (our own files) > the yaml >
-    defaults. Returns ``(model, info)`` with the epoch, R1 counters, scheduler base lrs and the config.
+    defaults. Returns ``(model, info)`` with the epoch, R1 counters, scheduler base lrs, the config and
+    the training settings stored by php-run (``info["settings"]``).
     """
     payload = load_checkpoint_file(path)
     weights, counters = split_counters(extract_state_dict(payload))
@@ -251,6 +252,8 @@ def load_model(path: str | Path, yaml_path: str | Path | None = None, **override
         "scheduler_base_lrs": scheduler.get("base_lrs") if isinstance(scheduler, dict) else None,
         "has_optimizer": "optimizer" in payload,
         "yaml": yaml_values,
+        # The training recipe our own checkpoints carry (precision, test batch size, ...); empty for official files.
+        "settings": dict(payload.get("settings") or {}),
     }
     return model, info
 

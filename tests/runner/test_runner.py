@@ -7,6 +7,7 @@ CUHK-PEDES set with four identities.
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -119,6 +120,17 @@ def test_a_failing_run_is_recorded_and_the_next_one_still_runs(reference):
     provenance = registry.provenance(good.id)
     assert provenance["torch"] and provenance["python"] and provenance["device"].startswith("cpu")
     assert registry.provenance(bad.id) is not None  # recorded before the failure
+
+
+@pytest.mark.slow
+def test_evaluate_on_a_trained_checkpoint_reproduces_the_recorded_metrics(reference, tiny_data_root):
+    registry, good = reference["registry"], reference["good"]
+    best = next(c for c in registry.checkpoints(good.id) if c.role == "best")
+    done = subprocess.run([sys.executable, "-m", "php_runner", "evaluate", "--checkpoint", best.path, "--data-root",
+                           str(tiny_data_root), "--dataset", good.dataset, "--json"],
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == reference["results"]["best-on-test"]["metrics"]
 
 
 @pytest.mark.slow
