@@ -238,6 +238,7 @@ class _SpecFile(_Strict):
     data: dict[str, Any] = Field(default_factory=dict)
     grid: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(default_factory=dict)
     tune: dict[str, Any] | None = None
+    audit: bool = False
 
 
 class Preset(_Strict):
@@ -274,6 +275,7 @@ class Spec:
     sections: dict[str, dict[str, Any]]  # merged model/loss/train/data
     points: tuple[GridPoint, ...]
     tune: TuneSection | None
+    audit: bool = False                # audit every run after training (the table's verdict column reads it)
 
     @property
     def folder(self) -> Path:
@@ -346,6 +348,7 @@ def load_spec(path: str | Path) -> Spec:
         sections={name: dict(getattr(top, name)) for name in SECTIONS},
         points=_grid_points(top.grid, top.row_label or path.stem),
         tune=tune,
+        audit=top.audit,
     )
     placeholder_runtime = _Layer("command line", "", {"runtime": {"data_root": "."}})
     for point in spec.points:

@@ -14,6 +14,9 @@ TEST_SPECS = {
     "two_seeds": 'extends = "base"\ndatasets = ["CUHK-PEDES"]\nseeds = [1, 2]\n[grid]\n"train.epochs" = [1]\n',
     # Two epochs, so that a run can be killed after its first checkpoint.
     "two_epochs": 'extends = "base"\ndatasets = ["CUHK-PEDES"]\nseeds = [1]\n[grid]\n"train.epochs" = [2]\n',
+    # One epoch of both couplings, audited after training (as the shipped coupling spec is).
+    "audited": ('extends = "base"\ndatasets = ["ICFG-PEDES"]\naudit = true\n[train]\nepochs = 1\n'
+                '[grid]\n"model.coupling" = ["official", "per-sample"]\n'),
     # ICFG-PEDES has no val split, so selection on val fails inside the worker (after it claimed the run).
     "bad_selection": 'extends = "base"\ndatasets = ["ICFG-PEDES"]\n[train]\nselection = "val"\n',
 }

@@ -74,8 +74,12 @@ def _plan(spec: "Spec", preset: str, datasets: list[str] | None, seeds: str | No
     return planned
 
 
-def _execute(planned: list["PlannedRun"], db: str | None, gpus: str | None) -> int:
-    """Execute ``planned`` and print a summary; returns the exit code (1 when a run failed)."""
+def _execute(planned: list["PlannedRun"], db: str | None, gpus: str | None, audit: bool = False,
+             device: str | None = None) -> int:
+    """Execute ``planned`` and print a summary; returns the exit code (1 when a run failed).
+
+    With ``audit`` (a spec field), every done run without an audit report is audited afterwards.
+    """
     from php_runner.runner import RunOutcome, command_line, execute_planned
 
     gpu_ids = parse_gpus(gpus)
@@ -93,7 +97,27 @@ def _execute(planned: list["PlannedRun"], db: str | None, gpus: str | None) -> i
     summary = execute_planned(planned, db, gpu_ids, command=command_line(), on_outcome=on_outcome)
     counts = ", ".join(f"{summary.count(s)} {s}" for s in ("done", "skipped", "busy", "failed") if summary.count(s))
     console.print(f"[bold]runs:[/bold] {counts}")
+    if audit:
+        _audit_done_runs(planned, db, device)
     return EXIT_RUN_FAILED if summary.failed else 0
+
+
+def _audit_done_runs(planned: list["PlannedRun"], db: str | None, device: str | None) -> None:
+    """Audit each done run of ``planned`` that has no audit report yet, and store the report."""
+    from php_runner.audit import audit_run, audit_summary
+
+    registry = Registry(db)
+    try:
+        for plan in planned:
+            run = registry.get_run(plan.config_hash)
+            if run.status != "done" or registry.latest_audit(run.id) is not None:
+                continue
+            console.print(f"auditing run {run.id} {run.config_hash[:12]} {run.dataset} {run.row_label}")
+            summary = audit_summary(audit_run(registry, run.id, device=device or "auto"))
+            console.print("   " + ", ".join(f"{key} {value:.2f}" if isinstance(value, float) else f"{key} {value}"
+                                            for key, value in summary.items()))
+    finally:
+        registry.close()
 
 
 def _spec_of_table(table: str) -> "Spec":
@@ -215,15 +239,16 @@ def ablate(
     """
     if name not in ABLATIONS:
         raise InputError(f"ablation {name!r}: expected one of {', '.join(ABLATIONS)}")
-    planned = _plan(_spec_of_table(name), preset, _datasets_option(dataset), seeds, data_root, clip_weights, device)
-    code = _execute(planned, db, gpus)
+    spec = _spec_of_table(name)
+    planned = _plan(spec, preset, _datasets_option(dataset), seeds, data_root, clip_weights, device)
+    code = _execute(planned, db, gpus, audit=spec.audit, device=device)
     _print_tables([name], db, include_empty=True, as_json=False, preset=preset)
     raise typer.Exit(code)
 
 
 @app.command("run")
 def run_spec(
-    spec_path: Annotated[Path, typer.Argument(help="A spec file (TOML), e.g. experiments/ablate_cnum.toml.")],
+    spec_path: Annotated[Path, typer.Argument(help="A spec file (TOML), e.g. experiments/cnum.toml.")],
     dataset: Annotated[str, typer.Option("--dataset", help="CUHK-PEDES, ICFG-PEDES, RSTPReid or all.")] = "all",
     preset: PresetOption = "paper",
     data_root: DataRootOption = None,
@@ -235,12 +260,13 @@ def run_spec(
 ) -> None:
     """Execute every run a spec file expands to (done runs are skipped, interrupted ones resume).
 
-    Example: php-run run experiments/ablate_cnum.toml --preset tiny --seeds 1,2
+    Example: php-run run experiments/cnum.toml --preset tiny --seeds 1,2
     """
     from php_runner.specs import load_spec
 
-    planned = _plan(load_spec(spec_path), preset, _datasets_option(dataset), seeds, data_root, clip_weights, device)
-    raise typer.Exit(_execute(planned, db, gpus))
+    spec = load_spec(spec_path)
+    planned = _plan(spec, preset, _datasets_option(dataset), seeds, data_root, clip_weights, device)
+    raise typer.Exit(_execute(planned, db, gpus, audit=spec.audit, device=device))
 
 
 # --------------------------------------------------------------------------------------------

@@ -219,3 +219,23 @@ def test_a_failed_run_exits_1(cli, registry_url, spec_dir, tiny_data_root):
     assert "1 failed" in out
     [run] = Registry(registry_url).list_runs()
     assert run.status == "failed" and "selection" in run.error
+
+
+@pytest.mark.slow
+def test_a_spec_with_audit_true_audits_each_run_after_training(cli, registry_url, spec_dir, tiny_data_root):
+    code, out, _ = cli("run", spec_dir / "audited.toml", "--preset", "tiny", "--data-root", tiny_data_root,
+                       "--db", registry_url)
+    assert code == 0, out
+    registry = Registry(registry_url)
+    verdicts = {}
+    for run in registry.list_runs():
+        report = registry.latest_audit(run.id).report
+        verdicts[run.config["model"]["coupling"]] = report["batch_dependent"]
+        assert set(report["ordered"]) >= set(METRIC_NAMES) and set(report["shuffled"]) >= set(METRIC_NAMES)
+    assert verdicts == {"official": True, "per-sample": False}
+    audits_before = [registry.latest_audit(run.id).id for run in registry.list_runs()]
+    code, out, _ = cli("run", spec_dir / "audited.toml", "--preset", "tiny", "--data-root", tiny_data_root,
+                       "--db", registry_url)
+    assert code == 0 and "auditing" not in out  # done and audited: nothing to do again
+    assert [registry.latest_audit(run.id).id for run in registry.list_runs()] == audits_before
+

@@ -252,3 +252,12 @@ def test_override_sets_dotted_values_and_revalidates(folder):
     assert trial["model"]["topk"] == run.config["model"]["topk"] and config_hash(trial) != run.config_hash
     assert error_of(lambda: override(run.config, {"train.lr": -1.0})).startswith("override: train.lr:")
     assert error_of(lambda: override(run.config, {"train.speed": 1})).startswith("override: train.speed: unknown field")
+
+
+def test_audit_flag_defaults_off_is_inherited_and_must_be_a_bool(folder):
+    write(folder, "audited", 'extends = "base"\naudit = true\n')
+    write(folder, "child", 'extends = "audited"\n')
+    assert load_spec(folder / "base.toml").audit is False
+    assert load_spec(folder / "audited.toml").audit is True and load_spec(folder / "child.toml").audit is True
+    write(folder, "bad", 'extends = "base"\naudit = "yes"\n')
+    assert "audit" in error_of(lambda: load_spec(folder / "bad.toml"))
