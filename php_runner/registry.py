@@ -54,7 +54,9 @@ if TYPE_CHECKING:
 DEFAULT_URL = "sqlite:///registry.db"
 URL_ENV = "PHP_RUN_DB"
 RUN_KINDS = ("trained", "imported", "trial")
-RULES = ("best-on-test", "best-on-val", "last")
+# final-test: test metrics of the selected checkpoint computed once after training (tuning trials,
+# which never evaluate test while they train).
+RULES = ("best-on-test", "best-on-val", "last", "final-test")
 # A running run whose worker has not written a heartbeat for this long is considered dead.
 DEFAULT_STALE_AFTER_S = 120.0
 SQLITE_BUSY_TIMEOUT_MS = 60_000

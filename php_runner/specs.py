@@ -130,6 +130,7 @@ class TrainSection(_Strict):
     img_aug: bool
     precision: Literal[PRECISIONS]
     selection: Literal[SELECTIONS]
+    evaluate_test: bool
     eval_period: PositiveInt
     test_batch_size: PositiveInt
     seed: int

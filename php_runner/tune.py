@@ -29,8 +29,11 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from php_runner.engine.train import RULE_OF_SELECTION, EpochRecord, StopTraining
+from php_runner.engine.evaluate import EvalSettings, evaluate
+from php_runner.engine.train import RULE_OF_SELECTION, EpochRecord, StopTraining, resolve_device
 from php_runner.errors import InputError
+from php_runner.model.checkpoint import load_model
+from php_runner.model.precision import apply_precision
 from php_runner.registry import Registry, RunRecord
 from php_runner.runner import EXIT_INTERRUPTED, EXIT_NOT_CLAIMED, execute_run, load_training_data, preflight
 from php_runner.specs import (
@@ -204,7 +207,9 @@ def tune(
         raise InputError(
             f"{spec.path}: a tuning spec must give one run per dataset (no [grid], one seed); it gives {len(planned)}"
         )
-    changes: dict[str, Any] = {"train.selection": objective.split}
+    # A val objective never evaluates test during trials: the best trial's test metrics are computed once,
+    # by ``final_test_result`` when the study table is shown.
+    changes: dict[str, Any] = {"train.selection": objective.split, "train.evaluate_test": on_test}
     if val_from_train is not None:
         changes["data.val_from_train"] = val_from_train
     config = override(planned[0].config, changes)
@@ -402,7 +407,7 @@ def study_data(study: optuna.Study, registry: Registry) -> dict:
     if complete:
         best_trial = study.best_trial
         run_id = best_trial.user_attrs.get("run_id")
-        test = registry.results(run_id).get(objective.rule) if run_id is not None else None
+        test = final_test_result(registry, run_id, objective) if run_id is not None else None
         best = {"trial": best_trial.number, "value": best_trial.value, "params": best_trial.params, "run_id": run_id,
                 "test": test}
     importances, importance_note = _importances(study, complete)
@@ -418,6 +423,32 @@ def study_data(study: optuna.Study, registry: Registry) -> dict:
         "importances": importances,
         "importance_note": importance_note,
     }
+
+
+FINAL_TEST_RULE = "final-test"  # one of registry.RULES
+
+
+def final_test_result(registry: Registry, run_id: int, objective: Objective) -> dict:
+    """The test metrics of a trial run's selected checkpoint, evaluated at most once and then read back.
+
+    Trials with a val objective never evaluate test; the first request evaluates ``best.pth`` on the
+    test split with the run's own precision and test batch size and records it under ``final-test``.
+    A forced test objective already has them under its selection rule.
+    """
+    results = registry.results(run_id)
+    for rule in (FINAL_TEST_RULE, objective.rule):
+        if rule in results and results[rule]["split"] == "test":
+            return results[rule]
+    run = registry.get_run(run_id)
+    best = next(c for c in registry.checkpoints(run_id) if c.role == "best")
+    model, info = load_model(best.path)
+    train = run.config["train"]
+    apply_precision(model, train["precision"])
+    settings = EvalSettings(batch_size=train["test_batch_size"], device=str(resolve_device(run.config["runtime"].get(
+        "device", "auto"))), precision=train["precision"], image_size=model.config.clip.image_size)
+    metrics = evaluate(model, load_training_data(run.config).test, settings)
+    registry.record_result(run_id, FINAL_TEST_RULE, info["epoch"], "test", metrics)
+    return registry.results(run_id)[FINAL_TEST_RULE]
 
 
 def _trial_row(trial: FrozenTrial, registry: Registry) -> dict:

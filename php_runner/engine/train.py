@@ -3,7 +3,8 @@
 Every epoch ends with ``last.pth`` written atomically; it holds everything needed to continue as if
 the run had never stopped (model, optimiser, scheduler, RNG states, history, best-so-far). ``best.pth``
 holds the model of the epoch chosen by ``TrainSettings.selection``. All three selection rules are
-tracked regardless, so a run reports best-on-test (official), best-on-val and last side by side.
+tracked regardless, so a run reports best-on-test (official), best-on-val and last side by side;
+``evaluate_test=False`` (tuning trials) leaves the test split unevaluated until someone asks once.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class TrainSettings:
     img_aug: bool = True
     precision: str = "official"
     selection: str = "test"
+    evaluate_test: bool = True  # False keeps the test split untouched during training (tuning trials)
     eval_period: int = 1
     test_batch_size: int = 64
     seed: int = 1
@@ -86,6 +88,8 @@ class TrainSettings:
                 raise InputError(f"train.{name}: must be at least 1, got {getattr(self, name)}")
         if self.warmup_epochs < 0 or self.num_workers < 0:
             raise InputError("train.warmup_epochs and train.num_workers must not be negative")
+        if not self.evaluate_test and self.selection != "val":
+            raise InputError(f"train.evaluate_test: false needs train.selection = 'val', got {self.selection!r}")
         self.betas = tuple(self.betas)
 
     def recipe(self) -> dict:
@@ -116,7 +120,8 @@ class TrainResult:
     """Selected epochs per rule, the full history and the checkpoint paths.
 
     ``selected[rule] = (epoch, split, metrics)``: the epoch the rule picks and the test metrics at that
-    epoch (rules: best-on-test, best-on-val when the dataset has a val split, last).
+    epoch, or the val metrics with ``evaluate_test`` off (rules: best-on-test when test is evaluated,
+    best-on-val when the dataset has a val split, last).
     """
 
     selected: dict[str, tuple[int, str, dict]]
@@ -242,27 +247,32 @@ class _Progress:
 
 
 class _Selection:
-    """Best-so-far bookkeeping for the three rules; ``best-on-*`` move only on a strict R1 improvement."""
+    """Best-so-far bookkeeping for the three rules; ``best-on-*`` move only on a strict R1 improvement.
+
+    Each pick reports the test metrics at its epoch, or the val metrics when test is not evaluated.
+    """
 
     def __init__(self, state: dict | None = None) -> None:
-        # rule -> [epoch, score R1 on the selecting split, test metrics at that epoch]
+        # rule -> [epoch, score R1 on the selecting split, reported split, its metrics at that epoch]
         self.state: dict[str, list] = state or {}
 
     def update(self, epoch: int, metrics: dict[str, dict]) -> set[str]:
         """Feed an evaluated epoch; returns the rules whose pick changed."""
         changed = set()
-        candidates = {"best-on-test": metrics.get("test"), "best-on-val": metrics.get("val"), "last": metrics.get("test")}
+        reported = "test" if "test" in metrics else "val"
+        candidates = {"best-on-test": metrics.get("test"), "best-on-val": metrics.get("val"),
+                      "last": metrics.get(reported)}
         for rule, scored in candidates.items():
             if scored is None:
                 continue
             current = self.state.get(rule)
             if rule == "last" or current is None or scored["R1"] > current[1]:
-                self.state[rule] = [epoch, scored["R1"], dict(metrics["test"])]
+                self.state[rule] = [epoch, scored["R1"], reported, dict(metrics[reported])]
                 changed.add(rule)
         return changed
 
     def selected(self) -> dict[str, tuple[int, str, dict]]:
-        return {rule: (epoch, "test", metrics) for rule, (epoch, _, metrics) in self.state.items()}
+        return {rule: (epoch, split, metrics) for rule, (epoch, _, split, metrics) in self.state.items()}
 
 
 def _train_loader(model, dataset: PedesDataset, settings: TrainSettings, device, generator) -> DataLoader:
@@ -377,7 +387,8 @@ def train(
             num_workers=settings.num_workers,
             image_size=model.config.clip.image_size,
         )
-        splits = {"test": dataset.test} | ({"val": dataset.val} if dataset.val is not None else {})
+        splits = ({"test": dataset.test} if settings.evaluate_test else {}) | (
+            {"val": dataset.val} if dataset.val is not None else {})
         loader = _train_loader(model, dataset, settings, device, loader_generator)
         progress = _Progress(settings.epochs, len(loader), start_epoch)
         epoch = start_epoch

@@ -176,6 +176,25 @@ def test_val_selection_needs_a_val_split(small_dataset, tmp_path):
         train(_model(), without_val, _small_settings(selection="val"), tmp_path)
 
 
+def test_without_test_evaluation_training_never_touches_the_test_split(small_dataset, tmp_path, monkeypatch):
+    from php_runner.engine import train as train_module
+
+    real_evaluate = train_module.evaluate
+
+    def evaluate_but_not_test(model, split, settings):
+        assert split is not small_dataset.test, "the test split was evaluated during training"
+        return real_evaluate(model, split, settings)
+
+    monkeypatch.setattr(train_module, "evaluate", evaluate_but_not_test)
+    result = train(_model(), small_dataset, _small_settings(epochs=2, selection="val", evaluate_test=False), tmp_path)
+    assert all(set(record.metrics) == {"val"} for record in result.history)
+    assert set(result.selected) == {"best-on-val", "last"}
+    epoch, split, metrics = result.selected["best-on-val"]
+    assert split == "val" and metrics == result.history[epoch - 1].metrics["val"]
+    with pytest.raises(InputError, match="train.evaluate_test"):
+        TrainSettings(selection="test", evaluate_test=False)
+
+
 @pytest.mark.parametrize(("field", "value"), [("optimizer", "lamb"), ("solver", "v2"), ("selection", "best"),
                                               ("precision", "fp8"), ("epochs", 0)])
 def test_bad_settings_name_the_field(field, value):

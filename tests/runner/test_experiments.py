@@ -20,7 +20,7 @@ PAPER_RECIPE = {
     "train": {"epochs": 60, "batch_size": 64, "lr": 3e-6, "optimizer": "adam", "adam_eps": 1e-3, "betas": [0.9, 0.999],
               "momentum": 0.9, "weight_decay": 4e-5, "weight_decay_bias": 0.0, "bias_lr_factor": 2.0, "lr_factor": 5.0,
               "solver": "head", "transformer_lr_factor": 1.0, "moe_lr_factor": 2.0, "warmup_epochs": 5,
-              "warmup_factor": 0.1, "img_aug": True, "precision": "official", "selection": "test", "eval_period": 1,
+              "warmup_factor": 0.1, "img_aug": True, "precision": "official", "selection": "test", "evaluate_test": True, "eval_period": 1,
               "test_batch_size": 64, "seed": 1, "deterministic": False},
     "data": {"dataset": "CUHK-PEDES", "source": "real", "val_from_train": 0.0, "val_seed": 0},
 }

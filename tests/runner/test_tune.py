@@ -208,7 +208,7 @@ def run_tune(workspace, spec: Path, **options):
 
 
 @pytest.mark.slow
-def test_study_runs_trials_as_registry_runs_and_continues(workspace):
+def test_study_runs_trials_as_registry_runs_and_continues(workspace, monkeypatch):
     spec = write_spec(workspace["root"] / "specs", "tune_tiny", 'objective = "val.R1"\ntrials = 2')
     lines: list[str] = []
     outcome = run_tune(workspace, spec, echo=lines.append)
@@ -226,6 +226,8 @@ def test_study_runs_trials_as_registry_runs_and_continues(workspace):
         assert run.config["train"]["selection"] == "val" and run.config["data"]["val_from_train"] == 0.25
         assert run.config["train"]["lr"] == trial.params["train.lr"]
         assert run.config["loss"]["aux_factor"] == trial.params["loss.aux_factor"]
+        assert run.config["train"]["evaluate_test"] is False
+        assert {row.split for row in registry.epochs(run.id)} == {"train", "val"}  # test untouched while tuning
         val_by_epoch = {row.epoch: row.metrics["R1"] for row in registry.epochs(run.id) if row.split == "val"}
         assert sorted(val_by_epoch) == list(range(1, TEST_EPOCHS + 1))
         assert trial.intermediate_values == val_by_epoch  # the pruner saw every val epoch
@@ -249,8 +251,14 @@ def test_study_runs_trials_as_registry_runs_and_continues(workspace):
     assert data["counts"]["complete"] == 3  # fewer finished trials than the median pruner's startup
     best_run = data["best"]["run_id"]
     assert data["best"]["value"] == max(t["value"] for t in data["trials"])
-    assert data["best"]["test"] == registry.results(best_run)["best-on-val"]
+    best_checkpoint = next(c for c in registry.checkpoints(best_run) if c.role == "best")
     assert data["best"]["test"]["split"] == "test"
+    assert data["best"]["test"]["epoch"] == registry.results(best_run)["best-on-val"]["epoch"] == best_checkpoint.epoch
+    assert data["best"]["test"] == registry.results(best_run)["final-test"]  # evaluated once, then recorded
+    test_runs = [run.id for run in registry.list_runs(kind="trial") if "final-test" in registry.results(run.id)]
+    assert test_runs == [best_run]  # only the best trial ever saw the test split
+    monkeypatch.setattr(tune_module, "evaluate", lambda *args, **kwargs: pytest.fail("test evaluated twice"))
+    assert tune_table(outcome.study_name, workspace["db"])[1]["best"]["test"] == data["best"]["test"]
     if len({row["value"] for row in data["trials"]}) == 1:  # the tiny synthetic task is often solved by all
         assert "same objective value" in data["importance_note"]
     else:
