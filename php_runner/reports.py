@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import statistics
 import tempfile
@@ -303,6 +304,33 @@ def write_reports(view: TableView, folder: str | Path = "reports") -> list[Path]
     if view.name in CHART_TABLES:
         written.append(plot_module_chart(view, folder / f"{view.file_stem}.png"))
     return written
+
+
+BENCHMARK_LOG = "benchmarks.jsonl"
+BENCHMARK_COLUMNS = ("recorded", "device_name", "clip", "precision", "batch_size", "steps", "train_samples_per_s",
+                     "encode_samples_per_s", "peak_memory_mib", "git_commit", "torch")
+
+
+def record_benchmark(record: dict, folder: str | Path = "reports") -> list[Path]:
+    """Add one benchmark record to ``benchmarks.jsonl`` and regenerate ``benchmarks.md`` from all records.
+
+    Both files are rewritten atomically, so an interrupted call leaves the earlier records intact.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    log = folder / BENCHMARK_LOG
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+    records.append(record)
+    lines = ["# Benchmarks", "", "Recorded by `php-run bench`; samples are image-caption pairs.", "",
+             "| " + " | ".join(BENCHMARK_COLUMNS) + " |", "|" + "|".join("---" for _ in BENCHMARK_COLUMNS) + "|"]
+    for entry in records:
+        cells = [entry.get(column) for column in BENCHMARK_COLUMNS]
+        lines.append("| " + " | ".join("" if c is None else f"{c:.1f}" if isinstance(c, float) else str(c)
+                                        for c in cells) + " |")
+    return [
+        _write_atomic(log, "".join(json.dumps(entry, sort_keys=True) + "\n" for entry in records).encode("utf-8")),
+        _write_atomic(folder / "benchmarks.md", ("\n".join(lines) + "\n").encode("utf-8")),
+    ]
 
 
 # ---- internals ------------------------------------------------------------------------------------

@@ -575,6 +575,53 @@ def _save_embeddings(embeddings, path: Path) -> None:
 
 
 @app.command()
+def bench(
+    clip: Annotated[str, typer.Option("--clip", help="Model size: ViT-B/16 (the paper's) or tiny.")] = "ViT-B/16",
+    precision: Annotated[str, typer.Option("--precision", help="official (fp16 layout) or amp (bf16 autocast "
+                                           "on CUDA, fp32 on CPU).")] = "official",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Image-caption pairs per step.", min=2)] = 64,
+    steps: Annotated[int, typer.Option("--steps", help="Timed steps (after the warm-up ones).", min=1)] = 10,
+    warmup: Annotated[int, typer.Option("--warmup", help="Untimed steps first.", min=0)] = 2,
+    device: DeviceOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Measure training and encoding throughput (and CUDA peak memory) on random inputs; record it.
+
+    Random weights and inputs of the configured shapes: no data or CLIP file needed. Each call is
+    added to reports/benchmarks.jsonl and reports/benchmarks.md with the device and git commit.
+
+    Example: php-run bench --clip ViT-B/16 --precision amp --batch-size 64 --device cuda
+    """
+    from datetime import datetime, timezone
+
+    from php_runner import reports
+    from php_runner.engine.benchmark import benchmark
+    from php_runner.model.config import ClipConfig, PHPConfig
+    from php_runner.model.precision import PRECISIONS
+    from php_runner.runner import command_line, provenance_info
+
+    configs = {"ViT-B/16": PHPConfig(clip=ClipConfig()), "tiny": PHPConfig.tiny()}
+    if clip not in configs:
+        raise InputError(f"--clip: expected ViT-B/16 or tiny, got {clip!r}")
+    if precision not in PRECISIONS:
+        raise InputError(f"--precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    result = benchmark(configs[clip], precision, batch_size, steps, warmup, device or "auto")
+    provenance = provenance_info(result.device, command_line())
+    record = {**result.as_dict(), "clip": clip, "device_name": provenance["device"],
+              "git_commit": provenance["git_commit"], "git_dirty": provenance["git_dirty"], "torch": provenance["torch"],
+              "recorded": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    written = reports.record_benchmark(record, REPORTS_DIR)
+    if as_json:
+        print_json(record)
+        return
+    peak = "n/a on CPU" if result.peak_memory_mib is None else f"{result.peak_memory_mib:.0f} MiB"
+    console.print(f"{clip} {precision} batch {batch_size} on {provenance['device']}: "
+                  f"train {result.train_samples_per_s:.1f} samples/s, encode {result.encode_samples_per_s:.1f} "
+                  f"samples/s, peak memory {peak}")
+    console.print(f"[dim]written: {', '.join(str(p) for p in written)}[/dim]")
+
+
+@app.command()
 def synth(
     root: Annotated[Path, typer.Option("--root", help="Folder to write the dataset folders into.")],
     dataset: Annotated[str, typer.Option("--dataset", help="CUHK-PEDES, ICFG-PEDES, RSTPReid or all.")] = "all",

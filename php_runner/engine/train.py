@@ -331,20 +331,7 @@ def train(
         loader_generator = torch.Generator().manual_seed(settings.seed)
         apply_precision(model, settings.precision)
         model.to(device)
-        groups = build_param_groups(
-            model,
-            settings.lr,
-            solver=settings.solver,
-            weight_decay=settings.weight_decay,
-            weight_decay_bias=settings.weight_decay_bias,
-            bias_lr_factor=settings.bias_lr_factor,
-            lr_factor=settings.lr_factor,
-            transformer_lr_factor=settings.transformer_lr_factor,
-            moe_lr_factor=settings.moe_lr_factor,
-        )
-        optimizer = build_optimizer(
-            groups, settings.optimizer, lr=settings.lr, betas=settings.betas, adam_eps=settings.adam_eps, momentum=settings.momentum
-        )
+        optimizer = build_training_optimizer(model, settings)
         scheduler = WarmupCosine(optimizer, settings.epochs, settings.warmup_epochs, settings.warmup_factor)
 
         history: list[EpochRecord] = []
@@ -441,6 +428,38 @@ def train(
     )
 
 
+def build_training_optimizer(model, settings: TrainSettings) -> torch.optim.Optimizer:
+    """The official per-parameter groups (spec 5) and the optimiser, from the recipe."""
+    groups = build_param_groups(
+        model,
+        settings.lr,
+        solver=settings.solver,
+        weight_decay=settings.weight_decay,
+        weight_decay_bias=settings.weight_decay_bias,
+        bias_lr_factor=settings.bias_lr_factor,
+        lr_factor=settings.lr_factor,
+        transformer_lr_factor=settings.transformer_lr_factor,
+        moe_lr_factor=settings.moe_lr_factor,
+    )
+    return build_optimizer(
+        groups, settings.optimizer, lr=settings.lr, betas=settings.betas, adam_eps=settings.adam_eps, momentum=settings.momentum
+    )
+
+
+def train_step(model, batch: dict, optimizer, settings: TrainSettings, device) -> dict[str, torch.Tensor]:
+    """One optimisation step on a batch (keys images, caption_ids, pids); returns the loss terms."""
+    images = batch["images"].to(device, non_blocking=True)
+    caption_ids = batch["caption_ids"].to(device, non_blocking=True)
+    pids = batch["pids"].to(device, non_blocking=True)
+    with autocast_context(settings.precision, device):
+        output = model(images, caption_ids)
+    losses = compute_losses(output, pids, settings.loss)
+    optimizer.zero_grad(set_to_none=True)
+    losses["total"].backward()
+    optimizer.step()
+    return losses
+
+
 def _train_one_epoch(model, loader, optimizer, settings: TrainSettings, device, progress: _Progress, epoch: int) -> dict:
     """One pass over the train loader; returns the sample-weighted mean of every loss term."""
     model.train()
@@ -448,16 +467,8 @@ def _train_one_epoch(model, loader, optimizer, settings: TrainSettings, device, 
     sums: dict[str, torch.Tensor] = {}
     seen = 0
     for batch in loader:
-        images = batch["images"].to(device, non_blocking=True)
-        caption_ids = batch["caption_ids"].to(device, non_blocking=True)
-        pids = batch["pids"].to(device, non_blocking=True)
-        with autocast_context(settings.precision, device):
-            output = model(images, caption_ids)
-        losses = compute_losses(output, pids, settings.loss)
-        optimizer.zero_grad(set_to_none=True)
-        losses["total"].backward()
-        optimizer.step()
-        size = len(pids)
+        losses = train_step(model, batch, optimizer, settings, device)
+        size = len(batch["pids"])
         seen += size
         for name, value in losses.items():
             sums[name] = sums.get(name, 0) + value.detach().float() * size

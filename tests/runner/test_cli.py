@@ -239,3 +239,16 @@ def test_a_spec_with_audit_true_audits_each_run_after_training(cli, registry_url
     assert code == 0 and "auditing" not in out  # done and audited: nothing to do again
     assert [registry.latest_audit(run.id).id for run in registry.list_runs()] == audits_before
 
+
+
+def test_bench_records_every_call(cli):
+    for precision in ("official", "amp"):
+        code, out, _ = cli("bench", "--clip", "tiny", "--precision", precision, "--batch-size", "4", "--steps", "1",
+                           "--warmup", "0", "--device", "cpu")
+        assert code == 0, out
+        assert "samples/s" in out
+    records = [json.loads(line) for line in Path("reports/benchmarks.jsonl").read_text().splitlines()]
+    assert [r["precision"] for r in records] == ["official", "amp"]
+    assert all(r["train_samples_per_s"] > 0 and r["clip"] == "tiny" and r["git_commit"] for r in records)
+    table = Path("reports/benchmarks.md").read_text()
+    assert table.count("| tiny |") == 2
