@@ -64,14 +64,15 @@ def _runtime(data_root: Path | None, clip_weights: Path | None, device: str | No
     }
 
 
-def _plan(spec: "Spec", preset: str, datasets: list[str] | None, seeds: str | None, data_root: Path | None,
-          clip_weights: Path | None, device: str | None) -> list["PlannedRun"]:
+def _run_spec(spec: "Spec", preset: str, datasets: list[str] | None, seeds: str | None, data_root: Path | None,
+              clip_weights: Path | None, device: str | None, db: str | None, gpus: str | None) -> int:
+    """Plan a spec's runs and execute them (auditing them when the spec asks); returns the exit code."""
     from php_runner.specs import expand
 
     planned = expand(spec, preset, datasets, parse_seeds(seeds), _runtime(data_root, clip_weights, device))
     if not planned:
         raise InputError(f"spec {spec.name}: no runs for preset {preset!r} and the given datasets/seeds")
-    return planned
+    return _execute(planned, db, gpus, audit=spec.audit, device=device)
 
 
 def _execute(planned: list["PlannedRun"], db: str | None, gpus: str | None, audit: bool = False,
@@ -193,8 +194,7 @@ def demo(
         if not (root / name).exists():
             console.print(f"writing synthetic {name} under {root}")
             write_synthetic(root, name)
-    planned = _plan(_spec_of_table(HEADLINE_TABLE), "tiny", None, seeds, root, None, device)
-    code = _execute(planned, db, gpus)
+    code = _run_spec(_spec_of_table(HEADLINE_TABLE), "tiny", None, seeds, root, None, device, db, gpus)
     _print_tables([HEADLINE_TABLE], db, include_empty=True, as_json=False, preset="tiny")
     raise typer.Exit(code)
 
@@ -214,9 +214,8 @@ def reproduce(
 
     Example: php-run reproduce --dataset CUHK-PEDES --data-root data --clip-weights ViT-B-16.pt
     """
-    planned = _plan(_spec_of_table(HEADLINE_TABLE), preset, _datasets_option(dataset), seeds, data_root,
-                    clip_weights, device)
-    code = _execute(planned, db, gpus)
+    code = _run_spec(_spec_of_table(HEADLINE_TABLE), preset, _datasets_option(dataset), seeds, data_root,
+                     clip_weights, device, db, gpus)
     _print_tables([HEADLINE_TABLE], db, include_empty=True, as_json=False, preset=preset)
     raise typer.Exit(code)
 
@@ -239,9 +238,8 @@ def ablate(
     """
     if name not in ABLATIONS:
         raise InputError(f"ablation {name!r}: expected one of {', '.join(ABLATIONS)}")
-    spec = _spec_of_table(name)
-    planned = _plan(spec, preset, _datasets_option(dataset), seeds, data_root, clip_weights, device)
-    code = _execute(planned, db, gpus, audit=spec.audit, device=device)
+    code = _run_spec(_spec_of_table(name), preset, _datasets_option(dataset), seeds, data_root, clip_weights,
+                     device, db, gpus)
     _print_tables([name], db, include_empty=True, as_json=False, preset=preset)
     raise typer.Exit(code)
 
@@ -264,9 +262,8 @@ def run_spec(
     """
     from php_runner.specs import load_spec
 
-    spec = load_spec(spec_path)
-    planned = _plan(spec, preset, _datasets_option(dataset), seeds, data_root, clip_weights, device)
-    raise typer.Exit(_execute(planned, db, gpus, audit=spec.audit, device=device))
+    raise typer.Exit(_run_spec(load_spec(spec_path), preset, _datasets_option(dataset), seeds, data_root,
+                               clip_weights, device, db, gpus))
 
 
 # --------------------------------------------------------------------------------------------
