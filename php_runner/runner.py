@@ -135,7 +135,6 @@ def load_training_data(config: dict):
 
 def build_model(config: dict, num_classes: int):
     """The PHP model of ``config``; ViT-B/16 starts from the OpenAI weights in ``runtime.clip_weights``."""
-    from php_runner.model.clip import clip_config_for_weights, load_clip_weights, read_clip_state_dict
     from php_runner.model.php import PHPModel
 
     uses_id_loss = "id" in config["loss"].get("names", ())
@@ -145,11 +144,7 @@ def build_model(config: dict, num_classes: int):
         return PHPModel(php_config)
     if not weights:
         raise InputError("runtime.clip_weights: the ViT-B/16 model needs the OpenAI weights (--clip-weights)")
-    state_dict = read_clip_state_dict(weights)
-    php_config = replace(php_config, clip=clip_config_for_weights(state_dict, php_config.clip))
-    model = PHPModel(php_config)
-    load_clip_weights(model.base_model, state_dict)
-    return model
+    return PHPModel(php_config, clip_weights=weights)
 
 
 # --------------------------------------------------------------------------------------------

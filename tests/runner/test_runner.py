@@ -6,6 +6,7 @@ CUHK-PEDES set with four identities.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -26,6 +27,7 @@ from php_runner.runner import (
     _Active,
     _finish,
     _pump,
+    build_model,
     build_php_config,
     build_train_settings,
     execute_planned,
@@ -58,6 +60,30 @@ def test_model_section_builds_the_named_clip_with_the_configured_image_size(spec
     assert build_php_config({**model, "image_size": [64, 32]}).clip.image_size == (64, 32)
     with pytest.raises(InputError, match="model.clip"):
         build_php_config({**model, "clip": "ViT-L/14"})
+
+
+def test_the_vit_b16_model_starts_from_the_clip_weights_file(spec_dir, tmp_path):
+    import torch
+
+    from php_runner.model.clip import CLIP, resize_visual_positional_embedding
+
+    tiny_clip = dataclasses.replace(PHPConfig.tiny().clip, image_size=(32, 32))  # a square 4x4 table, as OpenAI's
+    torch.manual_seed(3)
+    weights = CLIP(tiny_clip).state_dict()
+    path = tmp_path / "clip.pt"
+    torch.save(weights, path)
+    config = tiny_config(spec_dir, tmp_path)
+    config = {**config, "model": {**config["model"], "clip": "ViT-B/16"},
+              "runtime": {**config["runtime"], "clip_weights": str(path)}}
+    model = build_model(config, num_classes=0)
+    assert model.config.clip.embed_dim == tiny_clip.embed_dim  # dimensions come from the weights
+    loaded = model.base_model.state_dict()
+    table = "visual.positional_embedding"
+    assert all(torch.equal(loaded[key], value) for key, value in weights.items() if key != table)
+    assert torch.equal(loaded[table], resize_visual_positional_embedding(weights[table], model.base_model.visual.grid))
+    without = {**config, "runtime": {**config["runtime"], "clip_weights": None}}
+    with pytest.raises(InputError, match="runtime.clip_weights"):
+        build_model(without, num_classes=0)
 
 
 def test_train_settings_take_train_loss_and_runtime_sections(spec_dir, tmp_path):
