@@ -237,28 +237,36 @@ def _record_training(registry: Registry, run_id: int, settings, result) -> None:
 
 
 def execute_run(run_id: int, db_url: str | None = None, command: str | None = None,
-                on_epoch: Callable[[Any], None] | None = None) -> int:
+                on_epoch: Callable[[Any], None] | None = None, claimed_by: str | None = None,
+                heartbeat_interval: float = HEARTBEAT_INTERVAL_S) -> int:
     """Claim run ``run_id`` and train it; returns the worker exit code (0 done, 1 failed, 3 not claimed).
 
     ``on_epoch`` is called with each ``EpochRecord`` after it is recorded; it may raise
     ``engine.train.StopTraining`` to end the run early (tuning trials run this in-process to prune).
+    ``claimed_by`` trains a run that this worker id claimed already (a queue worker, ``launch.worker``),
+    heartbeating and recording failures under that id.
     """
     registry = Registry(db_url)
     try:
-        return _claim_and_train(registry, run_id, command, on_epoch)
+        return _claim_and_train(registry, run_id, command, on_epoch, claimed_by, heartbeat_interval)
     finally:
         registry.close()
 
 
 def _claim_and_train(registry: Registry, run_id: int, command: str | None,
-                     on_epoch: Callable[[Any], None] | None) -> int:
-    worker = this_worker()
-    if not registry.claim_run(run_id, worker):
+                     on_epoch: Callable[[Any], None] | None, claimed_by: str | None = None,
+                     heartbeat_interval: float = HEARTBEAT_INTERVAL_S) -> int:
+    worker = claimed_by or this_worker()
+    if claimed_by is None and not registry.claim_run(run_id, worker):
         run = registry.get_run(run_id)
         print(f"run {run_id} ({run.short_hash}) is {run.status} (worker {run.worker}); not executing it", file=sys.stderr)
         return EXIT_NOT_CLAIMED
     run = registry.get_run(run_id)
-    heartbeat = _Heartbeat(registry, run_id, worker)
+    if run.status != "running" or run.worker != worker:
+        print(f"run {run_id} ({run.short_hash}) is {run.status} (worker {run.worker}), not held by {worker}; "
+              "not executing it", file=sys.stderr)
+        return EXIT_NOT_CLAIMED
+    heartbeat = _Heartbeat(registry, run_id, worker, heartbeat_interval)
     try:
         with heartbeat:
             _train_claimed(registry, run, heartbeat, command, on_epoch)
@@ -319,12 +327,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("run_id", type=int)
     parser.add_argument("--db", default=None, help="registry URL (default: $PHP_RUN_DB or sqlite:///registry.db)")
     parser.add_argument("--command", default=None, help="the php-run command line, for provenance")
+    parser.add_argument("--claimed-by", default=None,
+                        help="the worker id (host:pid of the parent) that claimed the run for this process")
+    parser.add_argument("--heartbeat", type=float, default=HEARTBEAT_INTERVAL_S, help="seconds between heartbeats")
     args = parser.parse_args(argv)
+    if args.claimed_by:
+        die_with_parent(args.claimed_by)
     try:
-        return execute_run(args.run_id, args.db, args.command)
+        return execute_run(args.run_id, args.db, args.command, claimed_by=args.claimed_by,
+                           heartbeat_interval=args.heartbeat)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def die_with_parent(owner: str) -> None:
+    """End this process when the worker that claimed its run dies (Linux), so that a killed worker's
+    runs go stale instead of training on unowned; exits at once when that worker is gone already."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    host, _, pid = owner.rpartition(":")
+    if host == socket.gethostname() and pid.isdigit() and os.getppid() != int(pid):
+        sys.exit(EXIT_NOT_CLAIMED)
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,6 +396,7 @@ class _Active:
     stderr_tail: deque
     threads: list[threading.Thread]
     gpu: str | None
+    owner: str | None = None  # the worker id the run was claimed under, when the parent claimed it
 
 
 def _pump(stream, sink, prefix: str, tail: deque | None) -> None:
@@ -379,13 +408,16 @@ def _pump(stream, sink, prefix: str, tail: deque | None) -> None:
     stream.close()
 
 
-def _spawn(run: RunRecord, db_url: str, gpu: str | None, parallel: bool, command: str | None) -> _Active:
+def _spawn(run: RunRecord, db_url: str, gpu: str | None, parallel: bool, command: str | None,
+           claimed_by: str | None = None, heartbeat: float = HEARTBEAT_INTERVAL_S) -> _Active:
     env = dict(os.environ)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
-    argv = [sys.executable, "-m", "php_runner.runner", str(run.id), "--db", db_url]
+    argv = [sys.executable, "-m", "php_runner.runner", str(run.id), "--db", db_url, "--heartbeat", str(heartbeat)]
     if command:
         argv += ["--command", command]
+    if claimed_by:
+        argv += ["--claimed-by", claimed_by]
     process = subprocess.Popen(
         argv, env=env, text=True, bufsize=1, stdout=subprocess.PIPE if parallel else None, stderr=subprocess.PIPE
     )
@@ -396,7 +428,7 @@ def _spawn(run: RunRecord, db_url: str, gpu: str | None, parallel: bool, command
         threads.append(threading.Thread(target=_pump, args=(process.stdout, sys.stdout, prefix, None), daemon=True))
     for thread in threads:
         thread.start()
-    return _Active(run, process, tail, threads, gpu)
+    return _Active(run, process, tail, threads, gpu, claimed_by)
 
 
 def _finish(registry: Registry, active: _Active) -> RunOutcome:
@@ -409,7 +441,7 @@ def _finish(registry: Registry, active: _Active) -> RunOutcome:
         return _outcome(run, "done")
     if code == EXIT_NOT_CLAIMED:
         return _outcome(run, "skipped" if run.status == "done" else "busy")
-    worker = f"{socket.gethostname()}:{active.process.pid}"
+    worker = active.owner or f"{socket.gethostname()}:{active.process.pid}"
     if run.status == "running" and run.worker == worker:
         how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
         last_line = active.stderr_tail[-1] if active.stderr_tail else "no error output"
@@ -421,6 +453,18 @@ def _finish(registry: Registry, active: _Active) -> RunOutcome:
 def plan_all(registry: Registry, planned: Sequence["PlannedRun"], kind: str = "trained") -> list[RunRecord]:
     """Record every planned run (new hashes become queued runs); the same order as ``planned``."""
     return [registry.plan_run(p, kind=kind) for p in planned]
+
+
+def preflight_runs(runs: Sequence[RunRecord]) -> None:
+    """``preflight`` once per distinct data and weights setting of ``runs``."""
+    checked: set[str] = set()
+    for run in runs:
+        runtime = run.config.get("runtime", {})
+        key = repr((runtime.get("data_root"), run.config["data"], run.config["model"].get("clip"),
+                    runtime.get("clip_weights")))
+        if key not in checked:
+            checked.add(key)
+            preflight(run.config)
 
 
 def execute_planned(
@@ -452,14 +496,7 @@ def execute_planned(
             report(_outcome(run, "skipped"))
         else:
             pending.append(run)
-    checked: set[str] = set()
-    for run in pending:
-        runtime = run.config.get("runtime", {})
-        key = repr((runtime.get("data_root"), run.config["data"], run.config["model"].get("clip"),
-                    runtime.get("clip_weights")))
-        if key not in checked:
-            checked.add(key)
-            preflight(run.config)
+    preflight_runs(pending)
 
     slots: list[str | None] = list(gpus) if gpus else [None]
     parallel = len(slots) > 1

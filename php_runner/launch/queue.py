@@ -1,0 +1,44 @@
+"""The run queue: runs recorded in the registry as queued, executed later by workers.
+
+A queued run is an ordinary registry run that nobody has claimed yet; ``enqueue`` plans runs
+exactly as ``php-run run`` does (done runs stay done, their checks run up front) and stops there.
+Workers claim them with ``Registry.claim_next``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from php_runner.errors import InputError
+from php_runner.registry import Registry, RunRecord, resolve_url
+from php_runner.runner import plan_all, preflight_runs
+
+if TYPE_CHECKING:
+    from php_runner.specs import PlannedRun
+
+SQLITE_REFUSAL = (
+    "registry {url} is SQLite, which corrupts when jobs on several nodes share it over a network "
+    "filesystem; use PostgreSQL (--db postgresql+psycopg://USER:PASSWORD@HOST/DB), or pass --allow-sqlite "
+    "when every job runs on this one node"
+)
+
+
+def check_registry_for(executor: str, db_url: str | None, allow_sqlite: bool) -> str:
+    """The registry URL jobs of ``executor`` will use; refuses SQLite for Slurm unless allowed."""
+    url = resolve_url(db_url)
+    if executor == "slurm" and url.startswith("sqlite") and not allow_sqlite:
+        raise InputError(SQLITE_REFUSAL.format(url=url))
+    return url
+
+
+def enqueue(planned: Sequence["PlannedRun"], db_url: str | None = None) -> list[RunRecord]:
+    """Record ``planned`` as queued runs (existing hashes keep their state) after the pre-flight
+    checks of their data and weights; returns the records in the order of ``planned``."""
+    registry = Registry(db_url)
+    try:
+        runs = plan_all(registry, planned)
+        preflight_runs([run for run in runs if run.status != "done"])
+        return runs
+    finally:
+        registry.close()
