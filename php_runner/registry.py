@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -108,6 +108,9 @@ class Run(Base):
     heartbeat_at: Mapped[float | None] = mapped_column(Float)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     run_dir: Mapped[str | None] = mapped_column(Text)
+    # Where the run's worker was dispatched (local, slurm) and that executor's job id, for status/cancel.
+    executor: Mapped[str | None] = mapped_column(String(32))
+    job_id: Mapped[str | None] = mapped_column(String(128))
 
 
 class RunLabel(Base):
@@ -295,7 +298,13 @@ def _migrate_to_v3(conn: Connection) -> None:
     ))
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_migrate_to_v1, _migrate_to_v2, _migrate_to_v3]
+def _migrate_to_v4(conn: Connection) -> None:
+    """Version 4: the executor and job id of the worker a queued run was dispatched to."""
+    conn.execute(text("ALTER TABLE runs ADD COLUMN executor VARCHAR(32)"))
+    conn.execute(text("ALTER TABLE runs ADD COLUMN job_id VARCHAR(128)"))
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_migrate_to_v1, _migrate_to_v2, _migrate_to_v3, _migrate_to_v4]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -372,6 +381,8 @@ class RunRecord:
     heartbeat_at: float | None
     attempts: int
     run_dir: str | None
+    executor: str | None
+    job_id: str | None
 
     @property
     def short_hash(self) -> str:
@@ -409,8 +420,22 @@ def _run_record(row: Run) -> RunRecord:
         spec_name=row.spec_name, table=row.table_name, row_label=row.row_label, seed=row.seed,
         preset=row.preset, status=row.status, error=row.error, created_at=row.created_at,
         started_at=row.started_at, finished_at=row.finished_at, worker=row.worker,
-        heartbeat_at=row.heartbeat_at, attempts=row.attempts, run_dir=row.run_dir,
+        heartbeat_at=row.heartbeat_at, attempts=row.attempts, run_dir=row.run_dir, executor=row.executor,
+        job_id=row.job_id,
     )
+
+
+def _claimable(now: float, stale_after: float):
+    """The SQL part of the claimable rule: queued, failed, or running with a stale heartbeat."""
+    return or_(
+        Run.status.in_(("queued", "failed")),
+        (Run.status == "running") & (Run.heartbeat_at < now - stale_after),
+    )
+
+
+def _claim_values(worker: str, now: float) -> dict[str, Any]:
+    return dict(status="running", worker=worker, heartbeat_at=now, started_at=now, finished_at=None,
+                error=None, attempts=Run.attempts + 1)
 
 
 def _pid_is_dead(worker: str | None) -> bool:
@@ -513,10 +538,7 @@ class Registry:
         """
         stale_after = self.stale_after if stale_after is None else stale_after
         now = time.time()
-        claimable = or_(
-            Run.status.in_(("queued", "failed")),
-            (Run.status == "running") & (Run.heartbeat_at < now - stale_after),
-        )
+        claimable = _claimable(now, stale_after)
         current = self.get_run(run_id)
         if current.status == "running" and _pid_is_dead(current.worker):
             # Compare-and-swap on the dead owner's identity: a concurrent claimer changes it first.
@@ -525,15 +547,64 @@ class Registry:
                 (Run.status == "running") & (Run.worker == current.worker)
                 & (Run.heartbeat_at == current.heartbeat_at),
             )
-        values = dict(
-            status="running", worker=worker, heartbeat_at=now, started_at=now, finished_at=None,
-            error=None, attempts=Run.attempts + 1,
-        )
         with self._session() as s:
             result = s.execute(
-                update(Run).where(Run.id == run_id, claimable).values(**values).execution_options(
-                    synchronize_session=False
-                )
+                update(Run).where(Run.id == run_id, claimable).values(**_claim_values(worker, now))
+                .execution_options(synchronize_session=False)
+            )
+            return result.rowcount == 1
+
+    def claim_next(
+        self, worker: str, stale_after: float | None = None, run_ids: Sequence[int] | None = None
+    ) -> RunRecord | None:
+        """Atomically claim the oldest claimable run (the rule of ``claim_run``) among ``run_ids``.
+
+        ``run_ids=None`` means any run; imported runs are never claimed (they never train). On PostgreSQL
+        the candidate row is selected ``FOR UPDATE SKIP LOCKED``, so concurrent workers take
+        different runs without waiting on each other; on SQLite the transaction is ``BEGIN
+        IMMEDIATE`` (see ``_make_engine``), which serialises claimers. Runs held by a dead local
+        process are claimed through ``claim_run``'s compare-and-swap. Returns the claimed run, or
+        None when nothing is claimable.
+        """
+        if run_ids is not None and not run_ids:
+            return None
+        stale_after = self.stale_after if stale_after is None else stale_after
+        scope = [Run.kind.in_(("trained", "trial"))] + ([] if run_ids is None else [Run.id.in_(list(run_ids))])
+        now = time.time()
+        with self._session() as s:
+            candidate = s.scalars(
+                select(Run.id).where(*scope, _claimable(now, stale_after)).order_by(Run.id).limit(1)
+                .with_for_update(skip_locked=True)
+            ).first()
+            if candidate is not None:
+                s.execute(update(Run).where(Run.id == candidate).values(**_claim_values(worker, now))
+                          .execution_options(synchronize_session=False))
+                return _run_record(s.get(Run, candidate))
+            orphans = s.execute(
+                select(Run.id, Run.worker).where(*scope, Run.status == "running").order_by(Run.id)
+            ).all()
+        for run_id, owner in orphans:
+            if _pid_is_dead(owner) and self.claim_run(run_id, worker, stale_after):
+                return self.get_run(run_id)
+        return None
+
+    def set_job(self, run_id: int, executor: str | None, job_id: str | None) -> None:
+        """Record the executor (``local``, ``slurm``) and job id that will run, or runs, ``run_id``."""
+        with self._session() as s:
+            s.execute(update(Run).where(Run.id == run_id).values(executor=executor, job_id=job_id))
+
+    def requeue(self, run_id: int, worker: str | None = None) -> bool:
+        """Put a running run back in the queue (preempted, cancelled); with ``worker``, only its own.
+
+        The run directory stays, so the next claimer resumes from its last checkpoint.
+        """
+        condition = [Run.id == run_id, Run.status == "running"]
+        if worker is not None:
+            condition.append(Run.worker == worker)
+        with self._session() as s:
+            result = s.execute(
+                update(Run).where(*condition).values(status="queued", worker=None, heartbeat_at=None)
+                .execution_options(synchronize_session=False)
             )
             return result.rowcount == 1
 

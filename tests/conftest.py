@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import uuid
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,29 @@ TEST_SPECS = {
 def registry_url(tmp_path: Path) -> str:
     """A SQLite registry in the test's temporary folder."""
     return f"sqlite:///{tmp_path / 'registry.db'}"
+
+
+PG_URL_ENV = "PHP_RUN_TEST_PG_URL"
+
+
+@pytest.fixture
+def pg_url() -> str:
+    """A fresh, empty PostgreSQL database on the server named by ``$PHP_RUN_TEST_PG_URL``, dropped after
+    the test (``scripts/services.sh start`` starts a server and writes the variable to .services/env)."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+
+    server = os.environ.get(PG_URL_ENV)
+    if not server:
+        pytest.skip(f"{PG_URL_ENV} is not set: no PostgreSQL server (start one with scripts/services.sh start)")
+    name = f"php_run_test_{uuid.uuid4().hex[:16]}"
+    admin = create_engine(server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    yield make_url(server).set(database=name).render_as_string(hide_password=False)
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.dispose()
 
 
 @pytest.fixture(scope="session")

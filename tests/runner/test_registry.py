@@ -1,4 +1,7 @@
-"""Registry round trips, atomic claims, stale-run recovery and schema migrations."""
+"""Registry round trips, atomic claims, the run queue, stale-run recovery and schema migrations.
+
+Every test runs against SQLite and, when ``$PHP_RUN_TEST_PG_URL`` names a server, PostgreSQL.
+"""
 
 from __future__ import annotations
 
@@ -34,6 +37,14 @@ def planned(seed: int = 1, *, config_hash: str | None = None, table: str | None 
               "data": {"dataset": "CUHK-PEDES"}, "runtime": {"data_root": data_root}}
     return PlannedRun(config=config, config_hash=config_hash or f"{seed:02d}" + "ab" * 31, spec_name="cnum",
                       table=table, row_label=row, dataset="CUHK-PEDES", seed=seed, preset="tiny")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.pg)])
+def registry_url(request, tmp_path) -> str:
+    """A fresh registry database of each backend (overrides the SQLite-only conftest fixture)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'registry.db'}"
+    return request.getfixturevalue("pg_url")
 
 
 @pytest.fixture
@@ -212,6 +223,99 @@ def test_a_run_of_an_unreaped_dead_process_is_claimable(registry):
     zombie.wait()
 
 
+def test_claim_next_takes_the_oldest_claimable_run_in_scope(registry):
+    a, b, c = (registry.plan_run(planned(seed)) for seed in (1, 2, 3))
+    imported = registry.plan_run(planned(4), kind="imported")
+    registry.mark_done(a.id)
+    first = registry.claim_next("w1")
+    assert (first.id, first.status, first.worker, first.attempts) == (b.id, "running", "w1", 1)
+    assert registry.claim_next("w2", run_ids=[a.id, b.id, imported.id]) is None  # done, owned, never trains
+    assert registry.claim_next("w2", run_ids=[]) is None
+    assert registry.claim_next("w2").id == c.id
+    assert registry.claim_next("w3") is None
+    registry.mark_failed(c.id, "crash")
+    assert registry.claim_next("w3", run_ids=[c.id]).attempts == 2  # failed runs are claimable again
+    assert registry.get_run(imported.id).status == "queued"
+
+
+def test_claim_next_recovers_stale_and_dead_owners(registry):
+    stale, orphan = registry.plan_run(planned(1)), registry.plan_run(planned(2))
+    assert registry.claim_next("otherhost:1").id == stale.id
+    dead_pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout.strip()
+    assert registry.claim_next(f"{socket.gethostname()}:{dead_pid}").id == orphan.id
+    assert registry.claim_next("w2", run_ids=[stale.id]) is None  # fresh heartbeat, remote host: owned
+    with registry.engine.begin() as conn:
+        conn.execute(text("UPDATE runs SET heartbeat_at = heartbeat_at - 10000 WHERE id = :id"), {"id": stale.id})
+    assert registry.claim_next("w2", run_ids=[stale.id]).worker == "w2"
+    assert registry.claim_next("w3").id == orphan.id  # its worker's process no longer exists
+    assert registry.claim_next("w4") is None
+
+
+def test_requeue_and_job_ids(registry):
+    run = registry.plan_run(planned())
+    assert registry.get_run(run.id).executor is None and registry.get_run(run.id).job_id is None
+    registry.set_job(run.id, "slurm", "4242_3")
+    assert not registry.requeue(run.id)  # only running runs go back to the queue
+    registry.claim_run(run.id, "w1")
+    registry.set_run_dir(run.id, "/runs/1")
+    assert not registry.requeue(run.id, worker="w2")  # not its owner
+    assert registry.requeue(run.id, worker="w1")
+    back = registry.get_run(run.id)
+    assert (back.status, back.worker, back.run_dir, back.executor, back.job_id) == (
+        "queued", None, "/runs/1", "slurm", "4242_3")
+    assert registry.claim_next("w2").id == run.id and not registry.heartbeat(run.id, "w1")
+    assert registry.requeue(run.id)
+    registry.set_job(run.id, None, None)
+    assert (registry.get_run(run.id).executor, registry.get_run(run.id).job_id) == (None, None)
+
+
+def test_postgresql_claims_skip_a_run_another_transaction_holds(registry):
+    only("postgresql", registry)
+    held, free = registry.plan_run(planned(1)), registry.plan_run(planned(2))
+    claimed = []
+    with registry.engine.connect() as conn, conn.begin():
+        conn.execute(text("SELECT id FROM runs WHERE id = :id FOR UPDATE"), {"id": held.id})
+        claimer = threading.Thread(target=lambda: claimed.append(registry.claim_next("w1").id))
+        claimer.start()
+        claimer.join(30)
+        assert claimed == [free.id]  # without SKIP LOCKED the claimer waits for the held row's lock
+    claimer.join()
+    assert registry.claim_next("w2").id == held.id
+
+
+def _drain_in_process(url: str, worker: str, start, results) -> None:
+    registry = Registry(url)
+    start.wait()
+    claimed = []
+    while (run := registry.claim_next(worker)) is not None:
+        claimed.append(run.id)
+    results.put((worker, claimed))
+    registry.close()
+
+
+def test_concurrent_workers_draining_the_queue_claim_each_run_once(registry_url):
+    registry = Registry(registry_url)
+    run_ids = [registry.plan_run(planned(seed)).id for seed in range(1, 41)]
+    registry.close()
+    ctx = multiprocessing.get_context("fork")
+    start, results = ctx.Event(), ctx.Queue()
+    processes = [ctx.Process(target=_drain_in_process, args=(registry_url, f"p{i}", start, results))
+                 for i in range(4)]
+    for process in processes:
+        process.start()
+    start.set()
+    outcomes = dict(results.get(timeout=120) for _ in processes)
+    for process in processes:
+        process.join(60)
+    claimed = sorted(run_id for ids in outcomes.values() for run_id in ids)
+    assert claimed == run_ids  # none twice, none left
+    registry = Registry(registry_url)
+    assert {r.worker for r in registry.list_runs()} <= set(outcomes)
+    assert all(r.status == "running" and r.attempts == 1 for r in registry.list_runs())
+    registry.close()
+
+
 def _claim_in_process(url: str, run_id: int, worker: str, start, results) -> None:
     registry = Registry(url)
     start.wait()
@@ -254,7 +358,13 @@ def test_concurrent_threads_claiming_one_run_exactly_one_wins(registry):
     assert len(won) == 1
 
 
+def only(backend: str, registry: Registry) -> None:
+    if registry.engine.dialect.name != backend:
+        pytest.skip(f"a {backend} behaviour")
+
+
 def test_sqlite_uses_wal_and_a_busy_timeout(registry):
+    only("sqlite", registry)
     with registry.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() > 0
