@@ -344,6 +344,8 @@ def status(
 
     Example: php-run status --json
     """
+    from php_runner.launch.jobs import job_states
+
     registry = Registry(db)
     entries = []
     abandoned = set()
@@ -353,11 +355,13 @@ def status(
         if run.status == "running" and registry.is_claimable(run):
             abandoned.add(run.id)  # its worker died; the next invocation resumes it
     registry.close()
+    jobs = job_states([run for run, _, _ in entries])
     if as_json:
         print_json([
             {"id": run.id, "config_hash": run.config_hash, "dataset": run.dataset, "status": run.status,
              "metrics": metrics, "rule": rule, "kind": run.kind, "spec": run.spec_name, "table": run.table,
-             "row": run.row_label, "seed": run.seed, "preset": run.preset, "error": run.error}
+             "row": run.row_label, "seed": run.seed, "preset": run.preset, "error": run.error,
+             "executor": run.executor, "job_id": run.job_id, "job_state": jobs.get(run.id)}
             for run, rule, metrics in entries
         ])
         return
@@ -370,13 +374,17 @@ def status(
     view.add_column("status", no_wrap=True)
     for metric in METRIC_NAMES:
         view.add_column(metric, justify="right", no_wrap=True)
+    with_jobs = any(run.job_id for run, _, _ in entries)
+    if with_jobs:
+        view.add_column("job", no_wrap=True)
     styles = {"done": "green", "failed": "red", "running": "yellow", "queued": "dim", "interrupted": "red"}
     for run, _rule, metrics in entries:
         shown = "interrupted" if run.id in abandoned else run.status
         values = [f"{metrics[m]:.2f}" if metrics and metrics[m] is not None else "-" for m in METRIC_NAMES]
         kind = "" if run.kind == "trained" else f" ({run.kind})"
+        job = [f"{run.job_id or '-'} {jobs.get(run.id, '')}".strip()] if with_jobs else []
         view.add_row(str(run.id), run.config_hash[:8], f"{run.spec_name}: {run.row_label}{kind}", run.dataset,
-                     str(run.seed), f"[{styles[shown]}]{shown}[/]", *values)
+                     str(run.seed), f"[{styles[shown]}]{shown}[/]", *values, *job)
     console.print(view if entries else "The registry has no runs yet. Start with: php-run demo")
 
 

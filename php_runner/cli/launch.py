@@ -210,7 +210,7 @@ def cancel(
 
     Example: php-run cancel 12     (or: php-run cancel --all)
     """
-    from php_runner.launch.slurm import cancel as cancel_runs
+    from php_runner.launch.jobs import cancel as cancel_runs
 
     cancelled = cancel_runs(runs or [], db, every=all_runs)
     for run, job_id in cancelled:

@@ -8,6 +8,7 @@ jobs: every node must reach the same database (PostgreSQL) and see the same work
 checkpointing hook (``WorkerJob.checkpoint``): it stops its run's process, puts the run back in the
 queue and resubmits itself, and the requeued element resumes the run from ``last.pth``.
 ``executor="local"`` runs the same workers as local processes through submitit's local executor.
+Job states and cancelling are in ``launch.jobs``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import math
 import os
 import re
 import signal
-import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import submitit
 
 from php_runner.errors import InputError
+from php_runner.launch.jobs import EXECUTORS
 from php_runner.launch.queue import check_registry_for, enqueue
 from php_runner.launch.worker import Worker, WorkerSettings
 from php_runner.registry import Registry, RunRecord
@@ -33,13 +34,11 @@ from php_runner.registry import Registry, RunRecord
 if TYPE_CHECKING:
     from php_runner.specs import PlannedRun
 
-EXECUTORS = ("slurm", "local")
 DEFAULT_FOLDER = Path("checkpoints/submitit/%j")
 DEFAULT_TIME = "24:00:00"
 # A stopped element (SIGTERM) waits this long before returning, so that a preemption's USR2, sent
 # right after SIGTERM, still reaches submitit's checkpointing hook instead of a finished job.
 STOP_GRACE_S = 30.0
-SACCT_TIMEOUT_S = 30
 
 
 @dataclass(frozen=True)
@@ -179,79 +178,3 @@ def wait(jobs: Sequence[submitit.Job]) -> list[str]:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             problems.append(f"job {job.job_id}: {first}")
     return problems
-
-
-# --------------------------------------------------------------------------------------------
-# Job states and cancelling
-# --------------------------------------------------------------------------------------------
-
-
-def slurm_states(job_ids: Sequence[str]) -> dict[str, str]:
-    """Slurm's state of each job id (an array element ``12_3`` or a whole array ``12``), from sacct.
-
-    A whole array shows the distinct states of its elements (e.g. ``RUNNING/PENDING``); ids sacct
-    does not know, or every id when sacct is unavailable, are left out.
-    """
-    ids = sorted({job for job in job_ids if job})
-    if not ids:
-        return {}
-    try:
-        done = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(ids)],
-                              capture_output=True, text=True, timeout=SACCT_TIMEOUT_S)
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    if done.returncode != 0:
-        return {}
-    lines = [line.split("|", 1) for line in done.stdout.splitlines() if "|" in line]
-    states: dict[str, str] = {}
-    for job in ids:
-        exact = [state for name, state in lines if name == job]
-        parts = exact or [state for name, state in lines if name.startswith(job + "_")]
-        if parts:
-            states[job] = "/".join(dict.fromkeys(state.split()[0] for state in parts))
-    return states
-
-
-def job_states(runs: Sequence[RunRecord]) -> dict[int, str]:
-    """``{run id: scheduler state}`` for the runs with a Slurm job id."""
-    states = slurm_states([run.job_id for run in runs if run.executor == "slurm" and run.job_id])
-    return {run.id: states[run.job_id] for run in runs if run.executor == "slurm" and run.job_id in states}
-
-
-def cancel(refs: Sequence[str], db_url: str | None = None, every: bool = False) -> list[tuple[RunRecord, str]]:
-    """Cancel the jobs of the given runs (or of every queued or running run) and queue the runs again.
-
-    A running run's job is its array element; a queued run's is the whole array it waits in, so
-    cancelling one cancels the array's workers (the array's other runs stay queued too). Runs resume
-    from ``last.pth`` when submitted again. Returns (run, job id) for each run with a job.
-    """
-    if bool(refs) == every:
-        raise InputError("cancel: give run ids or hash prefixes, or --all (not both)")
-    registry = Registry(db_url)
-    try:
-        if every:
-            runs = registry.list_runs(status=("queued", "running"))
-        else:
-            runs = [registry.get_run(ref) for ref in refs]
-        with_jobs = [run for run in runs if run.job_id and run.executor in EXECUTORS]
-        slurm_jobs = sorted({run.job_id for run in with_jobs if run.executor == "slurm"})
-        if slurm_jobs:
-            try:
-                subprocess.run(["scancel", *slurm_jobs], capture_output=True, text=True, timeout=60)
-            except OSError as err:
-                raise InputError(f"cancel: cannot run scancel ({err}); is this a Slurm login node?") from None
-        for run in with_jobs:
-            if run.executor == "local" and run.job_id.split("_")[0].isdigit():
-                _terminate(int(run.job_id.split("_")[0]))
-        for run in runs:
-            registry.requeue(run.id)
-        return [(run, run.job_id) for run in with_jobs]
-    finally:
-        registry.close()
-
-
-def _terminate(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        pass

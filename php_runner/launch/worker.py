@@ -94,6 +94,7 @@ class Worker:
         self.summary = WorkerSummary(self.id)
         self.stopping = False
         self.active: list[_Active] = []
+        self.failed_here: set[int] = set()  # not claimed again by this worker (a failure would repeat)
         stale_after = settings.stale_after or DEFAULT_STALE_AFTER_S
         self.heartbeat = min(HEARTBEAT_INTERVAL_S, stale_after / BEATS_PER_STALE_PERIOD)
 
@@ -108,10 +109,10 @@ class Worker:
         idle_since = time.monotonic()
         try:
             while True:
-                claimed_now = self._fill(registry, slots)
                 for item in [a for a in self.active if a.process.poll() is not None]:
                     self.active.remove(item)
                     self._finished(registry, item)
+                claimed_now = self._fill(registry, slots)
                 if self.active or claimed_now:
                     idle_since = time.monotonic()
                 elif self.stopping or self._budget_spent():
@@ -133,7 +134,7 @@ class Worker:
         busy = {a.gpu for a in self.active}
         free = [slot for slot in slots if slot not in busy]
         while free and not self.stopping and not self._budget_spent():
-            run = registry.claim_next(self.id, self.settings.stale_after, self.settings.run_ids)
+            run = registry.claim_next(self.id, self.settings.stale_after, self._scope(registry))
             if run is None:
                 break
             claimed_any = True
@@ -153,13 +154,25 @@ class Worker:
                                       claimed_by=self.id, heartbeat=self.heartbeat))
         return claimed_any
 
+    def _scope(self, registry: Registry) -> tuple[int, ...] | None:
+        """The run ids this worker may claim: its settings' (None: any) without the ones it saw fail."""
+        if not self.failed_here:
+            return self.settings.run_ids
+        scope = self.settings.run_ids
+        if scope is None:
+            scope = tuple(run.id for run in registry.list_runs(status=("queued", "running", "failed")))
+        return tuple(run_id for run_id in scope if run_id not in self.failed_here)
+
     def _finished(self, registry: Registry, item: _Active) -> None:
         if self.stopping and registry.requeue(item.run.id, self.id):
             for thread in item.threads:
                 thread.join()
             self.summary.requeued.append(item.run.id)
             return
-        self._report(_finish(registry, item))
+        outcome = _finish(registry, item)
+        if outcome.status == "failed":
+            self.failed_here.add(outcome.run_id)
+        self._report(outcome)
 
     def _report(self, outcome: RunOutcome) -> None:
         self.summary.outcomes.append(outcome)

@@ -2,8 +2,8 @@
 # A real single-node Slurm cluster for php-run's tests and CI: MUNGE, slurmctld, slurmd, and
 # slurmdbd on a private MariaDB (so sacct and submitit's job states work), with fake GPUs for GRES.
 #
-#   scripts/services/slurm.sh start   install what is missing, start what is not running, append
-#                                     `export SLURM_CONF=...` to .services/env
+#   scripts/services/slurm.sh start   install what is missing, start what is not running, print
+#                                     `export SLURM_CONF=...` (also in .services/slurm.env and .services/env)
 #   scripts/services/slurm.sh stop    stop the daemons this checkout started
 #
 # Everything lives in one state folder, $PHP_RUN_SLURM_DIR (default /tmp/php-run-slurm), shared by
@@ -179,12 +179,15 @@ start_slurmd() {
 }
 
 export_conf() {
+  # scripts/services.sh collects each part's .services/<part>.env (and `export` lines on stdout) into
+  # .services/env; when this script runs alone, it updates .services/env itself.
+  local line="export SLURM_CONF=$CONF" env="$SERVICES/env"
   mkdir -p "$SERVICES"
-  local env="$SERVICES/env"
+  echo "$line" >"$SERVICES/slurm.env"
   touch "$env"
-  grep -v '^export SLURM_CONF=' "$env" >"$env.tmp" || true
-  echo "export SLURM_CONF=$CONF" >>"$env.tmp"
+  { grep -v '^export SLURM_CONF=' "$env" || true; echo "$line"; } >"$env.tmp"
   mv "$env.tmp" "$env"
+  echo "$line"
 }
 
 stop_one() {  # stop_one NAME PIDFILE
