@@ -139,10 +139,11 @@ class Worker:
                 break
             claimed_any = True
             self.summary.claimed.append(run.id)
-            registry.set_job(run.id, self.settings.executor, self.settings.job_id)
+            if (run.executor, run.job_id) != (self.settings.executor, self.settings.job_id):
+                registry.set_job(run.id, self.settings.executor, self.settings.job_id)
             if noop_training():
                 registry.mark_done(run.id)
-                self._report(_outcome(registry.get_run(run.id), "done"))
+                self._report(_outcome(run, "done"))
                 continue
             try:
                 check_visible(run)
