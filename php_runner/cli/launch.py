@@ -184,7 +184,7 @@ def submit(
                   f"{len(submission.jobs)} {executor} worker job(s) {submission.job_id or first}")
     if not wait:
         return
-    problems = slurm.wait(submission.jobs)
+    _, problems = slurm.wait(submission.jobs)
     for line in problems:
         console.print(f"[yellow]{line}[/yellow]")
     from php_runner.registry import Registry

@@ -8,6 +8,14 @@ from typing import Annotated
 import typer
 
 from php_runner.cli import app
+from php_runner.cli.launch import (
+    AllowSqliteOption,
+    GpusPerRunOption,
+    PartitionOption,
+    SlurmOptionOption,
+    TimeOption,
+    job_options,
+)
 from php_runner.cli.common import (
     EXIT_RUN_FAILED,
     ClipWeightsOption,
@@ -37,10 +45,19 @@ def tune_command(
     clip_weights: ClipWeightsOption = None,
     db: DbOption = None,
     device: DeviceOption = None,
+    executor: Annotated[str | None, typer.Option("--executor", help="Run the study from --workers submitit jobs: "
+                                                 "slurm (a job array) or local.")] = None,
+    workers: Annotated[int, typer.Option("--workers", help="With --executor: workers sharing the study.", min=1)] = 1,
+    partition: PartitionOption = None,
+    gpus_per_run: GpusPerRunOption = 1,
+    time_limit: TimeOption = "24:00:00",
+    slurm_option: SlurmOptionOption = None,
+    allow_sqlite: AllowSqliteOption = False,
 ) -> None:
     """Tune hyperparameters on a validation split; every trial is a registry run of kind "trial".
 
-    Running the same command again continues the study; several processes on one database share it.
+    Running the same command again continues the study; several processes on one database share it,
+    and --executor slurm --workers N runs N Slurm jobs on it (the database must be PostgreSQL).
 
     Example: php-run tune experiments/tune_php.toml --dataset ICFG-PEDES --val-from-train 0.25 --preset tiny --trials 3
     """
@@ -56,6 +73,12 @@ def tune_command(
         "clip_weights": None if clip_weights is None else str(clip_weights),
         "device": device,
     }
+    if executor is not None:
+        _submit_tune(spec_path, dataset, executor, workers, db, allow_sqlite,
+                     job_options(partition, gpus_per_run, time_limit, None, slurm_option, None),
+                     dict(trials=trials, preset=preset, study_name=study, val_from_train=val_from_train,
+                          force_test=force_test, runtime=runtime, command=command_line()))
+        return
     try:
         outcome = tune(spec_path, dataset, db_url=db, trials=trials, preset=preset, study_name=study,
                        val_from_train=val_from_train, force_test=force_test, runtime=runtime,
@@ -65,3 +88,21 @@ def tune_command(
         raise typer.Exit(EXIT_RUN_FAILED) from None
     typer.echo(f"study {outcome.study_name}: {outcome.finished_before + outcome.finished_now} of "
                f"{outcome.budget} trials finished; see php-run table tune {outcome.study_name}")
+
+
+def _submit_tune(spec_path: Path, dataset: str, executor: str, workers: int, db: str | None, allow_sqlite: bool,
+                 options, tune_options: dict) -> None:
+    """Submit the tuning workers, wait for them, and print each one's summary."""
+    from php_runner.launch.slurm import wait
+    from php_runner.launch.tuning import submit_tune
+
+    jobs = submit_tune(spec_path, dataset, executor=executor, workers=workers, db_url=db,
+                       allow_sqlite=allow_sqlite, options=options, **tune_options)
+    typer.echo(f"submitted {len(jobs)} {executor} tuning worker(s): {', '.join(job.job_id for job in jobs)}")
+    results, problems = wait(jobs)
+    for job_id, outcome in results.items():
+        typer.echo(f"worker {job_id}: {outcome['finished_now']} trial(s) finished in study {outcome['study_name']}")
+    for line in problems:
+        err_console.print(f"error: {line}", markup=False)
+    if problems:
+        raise typer.Exit(EXIT_RUN_FAILED)

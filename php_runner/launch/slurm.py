@@ -168,13 +168,13 @@ def submit(
     return Submission(runs, pending, jobs, array_id)
 
 
-def wait(jobs: Sequence[submitit.Job]) -> list[str]:
-    """Wait for every job; returns one line per job that did not complete (cancelled, failed, ...)."""
-    problems = []
+def wait(jobs: Sequence[submitit.Job]) -> tuple[dict[str, Any], list[str]]:
+    """Wait for every job: (``{job id: return value}`` of the completed ones, one line per other job)."""
+    results, problems = {}, []
     for job in jobs:
         try:
-            job.result()
+            results[job.job_id] = job.result()
         except (submitit.core.utils.UncompletedJobError, submitit.core.utils.FailedJobError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             problems.append(f"job {job.job_id}: {first}")
-    return problems
+    return results, problems
