@@ -183,13 +183,18 @@ class Worker:
     def stop(self, *_signal_args) -> None:
         """Claim nothing more; running processes are stopped and their runs queued again."""
         self.stopping = True
+        self._terminate_active()
+
+    def _terminate_active(self) -> None:
         for item in self.active:
             if item.process.poll() is None:
                 item.process.terminate()
 
     def release_all(self, registry: Registry | None = None) -> list[int]:
         """Stop every running process and put its run back in the queue (it resumes from last.pth)."""
-        self.stop()
+        if not self.active:
+            return self.summary.requeued
+        self._terminate_active()
         own = registry is None
         registry = registry or Registry(self.url)
         try:
