@@ -186,11 +186,14 @@ def tune(
     runtime: Mapping[str, Any] | None = None,
     command: str | None = None,
     echo: Callable[[str], None] = print,
+    prepare_only: bool = False,
 ) -> StudyOutcome:
     """Create or continue a study of the spec's ``[tune]`` section until it has ``trials`` finished trials.
 
     ``trials`` defaults to ``[tune] trials``; finished means completed or pruned. ``force_test``
-    allows a ``test.*`` objective and marks the study as tuned on test.
+    allows a ``test.*`` objective and marks the study as tuned on test. ``prepare_only`` creates,
+    checks and marks the study and requeues interrupted trials, then returns without running any:
+    done once before several workers start on the study, so that they do not race to mark it.
     """
     spec = load_spec(spec_path)
     if spec.tune is None:
@@ -243,6 +246,8 @@ def tune(
              "and resume from the run's last checkpoint")
 
     finished_before = _count_finished(study)
+    if prepare_only:
+        return StudyOutcome(name, budget, finished_before, 0, note)
     remaining = budget - finished_before
     if remaining <= 0:
         echo(f"study {name}: {finished_before} finished trials, the budget of {budget} is met; nothing to run")

@@ -41,7 +41,10 @@ def submit_tune(spec_path: str | Path, dataset: str, *, executor: str, workers: 
     url = check_registry_for(executor, db_url, allow_sqlite)
     if workers < 1:
         raise InputError(f"--workers: expected at least 1, got {workers}")
-    if not Path(spec_path).is_file():
-        raise InputError(f"{spec_path}: spec file not found")
-    job = TuneJob(str(Path(spec_path).resolve()), dataset, {**tune_options, "db_url": url, "echo": print})
+    from php_runner.tune import tune
+
+    options_here = {**tune_options, "db_url": url, "echo": print}
+    # The study is created and marked here, once: workers creating it at the same time would collide.
+    tune(spec_path, dataset, **options_here, prepare_only=True)
+    job = TuneJob(str(Path(spec_path).resolve()), dataset, options_here)
     return build_executor(executor, options, "php-run-tune").map_array(job, list(range(workers)))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,12 @@ def finish(process) -> str:
 
 def job_logs(folder: Path) -> str:
     return "\n".join(path.read_text() for path in sorted(folder.glob("checkpoints/submitit/*/*_log.out")))
+
+
+def pending_reason(job_id: str) -> str:
+    done = subprocess.run(["squeue", "-h", "-j", job_id, "-t", "PD", "-o", "%r"], capture_output=True, text=True,
+                          timeout=30)
+    return done.stdout.strip()
 
 
 def test_time_and_slurm_options_parse_or_fail_naming_the_option():
@@ -101,6 +108,9 @@ def test_a_preempted_element_is_requeued_by_submitit_and_resumes(slurm, spec_dir
     [run] = submission.pending
     wait_for(lambda: list(tmp_path.glob("checkpoints/*/last.pth")), "epoch 1's checkpoint")
     job._interrupt()  # what Slurm does on preemption: SIGTERM, then submitit's USR2
+    wait_for(lambda: pending_reason(job.job_id) == "BeginTime", "the requeued job")
+    # slurmctld holds a requeued job for about 2 minutes; this test need not wait that long.
+    subprocess.run(["scontrol", "update", f"JobId={job.job_id}", "StartTime=now"], check=True, timeout=30)
     wait_for(job.done, "the requeued element to finish")
     summary = job.result()  # the requeued element's return value
     resumed = registry.get_run(run.id)

@@ -7,6 +7,7 @@ import os
 import re
 import signal
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from launch_helpers import JOB_TIMEOUT_S, php_run, php_run_env, plan, wait_for
@@ -18,6 +19,19 @@ from php_runner.specs import config_hash
 STALE_AFTER_S = 3
 
 
+def trainers_of(owner: str) -> list[Path]:
+    """The live processes training a run claimed by worker ``owner`` (their command line names it)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"--claimed-by" in argv and owner.encode() in argv:
+            found.append(cmdline.parent)
+    return found
+
+
 @pytest.mark.slow
 def test_a_sigkilled_worker_s_run_goes_stale_and_the_next_worker_resumes_it(
         spec_dir, tiny_data_root, tmp_path, registry_url, local_reference):
@@ -27,10 +41,13 @@ def test_a_sigkilled_worker_s_run_goes_stale_and_the_next_worker_resumes_it(
     worker_args = ("worker", "--idle-exit", 0, "--stale-after", STALE_AFTER_S, "--db", registry_url)
     first = php_run(*worker_args, cwd=tmp_path)
     wait_for(lambda: list(tmp_path.glob("checkpoints/*/last.pth")), "epoch 1's checkpoint", first)
+    owner = f"{os.uname().nodename}:{first.pid}"
+    assert trainers_of(owner)  # the run's own process, started by the worker
     first.send_signal(signal.SIGKILL)  # the worker only: its run's process dies with it
     first.communicate(timeout=60)
+    wait_for(lambda: not trainers_of(owner), "the run's process to die with its worker", timeout=30)
     killed = registry.get_run(run.id)
-    assert killed.status == "running" and killed.worker == f"{os.uname().nodename}:{first.pid}"
+    assert killed.status == "running" and killed.worker == owner
     wait_for(lambda: registry.is_claimable(registry.get_run(run.id), stale_after=STALE_AFTER_S), "a stale lease")
 
     second = php_run(*worker_args, cwd=tmp_path)
