@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from launch_helpers import JOB_TIMEOUT_S, php_run, php_run_env, plan, wait_for
 
+from php_runner.errors import InputError
+from php_runner.launch.worker import Worker, WorkerSettings
 from php_runner.registry import Registry
 from php_runner.specs import config_hash
 
@@ -84,3 +86,19 @@ def test_eight_workers_drain_1000_noop_runs_on_postgresql_each_exactly_once(pg_u
     seconds = max(run.finished_at for run in runs) - min(run.started_at for run in runs)
     print(f"\ndrain: 1000 runs by 8 workers in {seconds:.2f} s = {1000 / seconds:.0f} claims/s "
           f"(per worker: {sorted(claims)})")
+
+
+def test_a_worker_that_cannot_see_a_run_s_folder_fails_clearly_and_queues_it_again(registry_url, spec_dir,
+                                                                                  tiny_data_root, tmp_path):
+    [planned] = plan(spec_dir, "two_epochs", tiny_data_root)
+    registry = Registry(registry_url)
+    run = registry.plan_run(planned)
+    missing = tmp_path / "another-node-only" / run.short_hash
+    registry.set_run_dir(run.id, str(missing))  # started elsewhere; its last.pth is not on this node
+    worker = Worker(WorkerSettings(db_url=registry_url, idle_exit=0))
+    with pytest.raises(InputError, match=f"run folder {missing} is not visible on .*every node shares"):
+        worker.run()
+    after = registry.get_run(run.id)
+    assert after.status == "queued" and after.attempts == 1 and not worker.active
+    with pytest.raises(InputError, match="working folder .* is not visible"):
+        Worker(WorkerSettings(db_url=registry_url, workdir=str(tmp_path / "nowhere"))).run()
