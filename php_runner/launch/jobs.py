@@ -50,7 +50,7 @@ def job_states(runs: Sequence[RunRecord]) -> dict[int, str]:
 
 
 def cancel(refs: Sequence[str], db_url: str | None = None, every: bool = False) -> list[tuple[RunRecord, str]]:
-    """Cancel the jobs of the given runs (or of every queued or running run) and queue the runs again.
+    """Cancel the jobs of the given runs (or of all queued or running runs with a job); queue the runs again.
 
     A running run's job is its array element; a queued run's is the whole array it waits in, so
     cancelling one cancels the array's workers (the array's other runs stay queued too). Runs resume
@@ -74,7 +74,8 @@ def cancel(refs: Sequence[str], db_url: str | None = None, every: bool = False) 
         for run in with_jobs:
             if run.executor == "local" and run.job_id.split("_")[0].isdigit():
                 _terminate(int(run.job_id.split("_")[0]))
-        for run in runs:
+        # With --all, runs without a job belong to bare workers (php-run worker), which keep them.
+        for run in with_jobs if every else runs:
             registry.requeue(run.id)
         return [(run, run.job_id) for run in with_jobs]
     finally:
