@@ -4,33 +4,38 @@ SQLAlchemy 2 ORM over any SQLAlchemy URL; the default is ``sqlite:///registry.db
 directory, ``$PHP_RUN_DB`` overrides it. Every public method returns plain dataclass snapshots,
 never live ORM objects, so callers can keep them after the session closes.
 
-Schema changes go through ``MIGRATIONS``, an ordered list of functions applied on open; each one is
-frozen history (it defines the tables as they were), so a database of any earlier version upgrades
-to the current one.
+The ORM models below are the current schema; every change to them comes with an Alembic revision in
+``php_runner/migrations/versions`` (frozen history: each defines the step as it was), applied on
+open, so a database of any earlier version upgrades in place. A test compares the models with the
+migrated schema, so a model change without its revision fails.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
+import sqlite3
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util.exc import CommandError as AlembicError
 from sqlalchemy import (
     JSON,
     Boolean,
-    Column,
     Connection,
     Engine,
     Float,
     ForeignKey,
     Integer,
-    MetaData,
     String,
-    Table,
     Text,
     UniqueConstraint,
     create_engine,
@@ -42,6 +47,7 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -79,11 +85,6 @@ def this_worker() -> str:
 
 class Base(DeclarativeBase):
     pass
-
-
-class SchemaVersion(Base):
-    __tablename__ = "schema_version"
-    version: Mapped[int] = mapped_column(Integer, primary_key=True)
 
 
 class Run(Base):
@@ -189,147 +190,133 @@ PROVENANCE_FIELDS = (
 )
 
 # --------------------------------------------------------------------------------------------
-# Migrations: frozen history, one function per version step
+# Migrations: Alembic revisions in php_runner/migrations/versions, applied on open
 # --------------------------------------------------------------------------------------------
 
-
-def _migrate_to_v1(conn: Connection) -> None:
-    """Version 1: runs, per-epoch metrics, selected results, checkpoints, provenance."""
-    md = MetaData()
-    Table("schema_version", md, Column("version", Integer, primary_key=True))
-    Table(
-        "runs", md,
-        Column("id", Integer, primary_key=True),
-        Column("config_hash", String(64), unique=True, nullable=False),
-        Column("config", JSON, nullable=False),
-        Column("dataset", String(64), nullable=False, index=True),
-        Column("spec_name", String(128), nullable=False),
-        Column("table_name", String(128), index=True),
-        Column("row_label", String(256), nullable=False),
-        Column("seed", Integer, nullable=False),
-        Column("preset", String(64), nullable=False),
-        Column("status", String(16), nullable=False, index=True),
-        Column("error", Text),
-        Column("created_at", Float, nullable=False),
-        Column("started_at", Float),
-        Column("finished_at", Float),
-        Column("worker", String(256)),
-        Column("heartbeat_at", Float),
-        Column("attempts", Integer, nullable=False),
-        Column("run_dir", Text),
-    )
-    Table(
-        "epoch_metrics", md,
-        Column("id", Integer, primary_key=True),
-        Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False, index=True),
-        Column("epoch", Integer, nullable=False),
-        Column("split", String(16), nullable=False),
-        Column("name", String(64), nullable=False),
-        Column("value", Float, nullable=False),
-        UniqueConstraint("run_id", "epoch", "split", "name"),
-    )
-    Table(
-        "results", md,
-        Column("id", Integer, primary_key=True),
-        Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False, index=True),
-        Column("rule", String(16), nullable=False),
-        Column("epoch", Integer, nullable=False),
-        Column("split", String(16), nullable=False),
-        Column("metrics", JSON, nullable=False),
-        UniqueConstraint("run_id", "rule"),
-    )
-    Table(
-        "checkpoints", md,
-        Column("id", Integer, primary_key=True),
-        Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False, index=True),
-        Column("role", String(32), nullable=False),
-        Column("path", Text, nullable=False),
-        Column("sha256", String(64), nullable=False),
-        Column("epoch", Integer),
-        UniqueConstraint("run_id", "role"),
-    )
-    Table(
-        "provenance", md,
-        Column("id", Integer, primary_key=True),
-        Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False, unique=True),
-        *(Column(name, String(64)) for name in ("git_commit", "python", "torch", "torchvision", "php_run")),
-        Column("git_dirty", Boolean),
-        Column("device", String(256)),
-        Column("host", String(256)),
-        Column("command", Text),
-        Column("recorded_at", Float, nullable=False),
-        Column("extra", JSON, nullable=False),
-    )
-    md.create_all(conn)
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+# Before Alembic, the registry counted its schema versions in a table of its own; version N is
+# revision 000N (the revisions replay exactly those steps), so such a database is stamped and carries on.
+LEGACY_VERSION_TABLE = "schema_version"
+ALEMBIC_VERSION_TABLE = "alembic_version"
+# Serialises concurrent first openers of one PostgreSQL database (SQLite's BEGIN IMMEDIATE does that there).
+PG_MIGRATION_LOCK = 0x7068_7072_756E  # "phprun"
 
 
-def _migrate_to_v2(conn: Connection) -> None:
-    """Version 2: run kinds (imported checkpoints and tuning trials next to trained runs) and audits."""
-    conn.execute(text("ALTER TABLE runs ADD COLUMN kind VARCHAR(16) NOT NULL DEFAULT 'trained'"))
-    md = MetaData()
-    Table("runs", md, Column("id", Integer, primary_key=True))
-    Table(
-        "audits", md,
-        Column("id", Integer, primary_key=True),
-        Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False, index=True),
-        Column("report", JSON, nullable=False),
-        Column("created_at", Float, nullable=False),
-    )
-    md.tables["audits"].create(conn)
+def _alembic_config(conn: Connection | None = None) -> AlembicConfig:
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.attributes["connection"] = conn
+    return config
 
 
-def _migrate_to_v3(conn: Connection) -> None:
-    """Version 3: run labels, so that one run can fill cells of several tables; existing runs keep theirs."""
-    md = MetaData()
-    Table("runs", md, Column("id", Integer, primary_key=True))
-    Table(
-        "run_labels", md,
-        Column("id", Integer, primary_key=True),
-        Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False, index=True),
-        Column("spec_name", String(128), nullable=False),
-        Column("table_name", String(128), index=True),
-        Column("row_label", String(256), nullable=False),
-        UniqueConstraint("run_id", "spec_name", "row_label"),
-    )
-    md.tables["run_labels"].create(conn)
-    conn.execute(text(
-        "INSERT INTO run_labels (run_id, spec_name, table_name, row_label) "
-        "SELECT id, spec_name, table_name, row_label FROM runs"
-    ))
+@functools.cache
+def _scripts() -> ScriptDirectory:
+    return ScriptDirectory.from_config(_alembic_config())
 
 
-def _migrate_to_v4(conn: Connection) -> None:
-    """Version 4: the executor and job id of the worker a queued run was dispatched to."""
-    conn.execute(text("ALTER TABLE runs ADD COLUMN executor VARCHAR(32)"))
-    conn.execute(text("ALTER TABLE runs ADD COLUMN job_id VARCHAR(128)"))
+def head_revision() -> str:
+    """The newest schema revision this php-run knows."""
+    return _scripts().get_current_head()
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_migrate_to_v1, _migrate_to_v2, _migrate_to_v3, _migrate_to_v4]
-SCHEMA_VERSION = len(MIGRATIONS)
+def revision_history() -> list[tuple[str, str]]:
+    """``(revision, first line of its description)`` for every revision, oldest first."""
+    revisions = reversed(list(_scripts().walk_revisions()))
+    return [(r.revision, (r.doc or "").strip().splitlines()[0] if r.doc else "") for r in revisions]
 
 
-def schema_version(conn: Connection) -> int:
-    """The version recorded in the database; 0 for an empty database."""
-    if not inspect(conn).has_table("schema_version"):
-        return 0
-    return conn.execute(text("SELECT MAX(version) FROM schema_version")).scalar() or 0
+def current_revision(conn: Connection) -> str | None:
+    """The revision recorded in the database (a legacy version table counts); None when empty."""
+    tables = set(inspect(conn).get_table_names())
+    if ALEMBIC_VERSION_TABLE in tables:
+        return MigrationContext.configure(conn).get_current_revision()
+    if LEGACY_VERSION_TABLE in tables:
+        version = conn.execute(text(f"SELECT MAX(version) FROM {LEGACY_VERSION_TABLE}")).scalar() or 0
+        return f"{version:04d}" if version else None
+    return None
 
 
-def upgrade(engine: Engine, target: int = SCHEMA_VERSION) -> int:
-    """Apply the migrations from the database's version up to ``target``; returns the new version.
+def upgrade(engine: Engine, target: str = "head") -> str:
+    """Bring the database to ``target`` (the head revision by default); returns the revision reached.
 
-    Runs in one write transaction, so concurrent openers serialise and the second sees the work done.
+    One write transaction (BEGIN IMMEDIATE on SQLite, an advisory lock on PostgreSQL), so concurrent
+    openers serialise and the later ones find the work done. A database from a newer php-run, or
+    one holding tables that are not a registry's, is refused untouched.
     """
     with engine.begin() as conn:
-        current = schema_version(conn)
-        if current > SCHEMA_VERSION:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_MIGRATION_LOCK})
+        tables = set(inspect(conn).get_table_names())
+        current = current_revision(conn)
+        _check_known(engine.url, tables, current)
+        if LEGACY_VERSION_TABLE in tables:
+            command.stamp(_alembic_config(conn), current)
+            conn.execute(text(f"DROP TABLE {LEGACY_VERSION_TABLE}"))
+        if current != head_revision() or target != "head":
+            command.upgrade(_alembic_config(conn), target)
+        reached = current_revision(conn)
+        if target == "head":
+            _check_tables(engine.url, conn, reached)
+    return reached
+
+
+def _check_known(url: object, tables: set[str], revision: str | None) -> None:
+    """Refuse a database that is not a php-run registry, or one written by a newer php-run."""
+    if revision is None and tables - {ALEMBIC_VERSION_TABLE}:
+        raise InputError(
+            f"registry {url}: not a php-run registry (it holds the tables {', '.join(sorted(tables))}); "
+            "give an empty or new file with --db"
+        )
+    if revision is not None:
+        try:
+            _scripts().get_revision(revision)
+        except AlembicError:
             raise InputError(
-                f"registry {engine.url}: schema version {current} is newer than this php-run ({SCHEMA_VERSION})"
-            )
-        for version in range(current + 1, target + 1):
-            MIGRATIONS[version - 1](conn)
-            conn.execute(text("INSERT INTO schema_version (version) VALUES (:v)"), {"v": version})
-        return max(current, target)
+                f"registry {url}: schema revision {revision} is newer than this php-run "
+                f"(it knows up to {head_revision()}); upgrade php-run"
+            ) from None
+
+
+def _check_tables(url: object, conn: Connection, revision: str | None) -> None:
+    """Every table and column of the models exists: a damaged database is named, not a traceback later."""
+    inspector = inspect(conn)
+    present = set(inspector.get_table_names())
+    for table in Base.metadata.sorted_tables:
+        if table.name not in present:
+            raise InputError(f"registry {url}: table {table.name} is missing (schema revision {revision}); "
+                             "the database is damaged")
+        missing = set(table.columns.keys()) - {c["name"] for c in inspector.get_columns(table.name)}
+        if missing:
+            raise InputError(f"registry {url}: table {table.name} lacks the columns {', '.join(sorted(missing))} "
+                             f"(schema revision {revision}); the database is damaged")
+
+
+def _check_sqlite_file(url: str) -> None:
+    """Look at an existing SQLite registry read-only, before the engine switches it to WAL: a foreign
+    or newer database must be refused with its bytes unchanged."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return
+    path = Path(parsed.database)
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if ALEMBIC_VERSION_TABLE in tables:
+                revision = conn.execute(f"SELECT version_num FROM {ALEMBIC_VERSION_TABLE}").fetchone()
+                revision = revision[0] if revision else None
+            elif LEGACY_VERSION_TABLE in tables:
+                version = conn.execute(f"SELECT MAX(version) FROM {LEGACY_VERSION_TABLE}").fetchone()[0]
+                revision = f"{version:04d}" if version else None
+            else:
+                revision = None
+        finally:
+            conn.close()
+    except sqlite3.Error as err:
+        raise InputError(f"registry {url}: cannot open ({err})") from err
+    _check_known(url, tables - {"sqlite_sequence"}, revision)
 
 
 def _make_engine(url: str) -> Engine:
@@ -475,6 +462,7 @@ class Registry:
         self.url = resolve_url(url)
         self.stale_after = stale_after
         try:
+            _check_sqlite_file(self.url)
             self.engine = _make_engine(self.url)
             upgrade(self.engine)
         except InputError:
