@@ -12,12 +12,15 @@ migrated schema, so a model change without its revision fails.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
+import math
 import os
 import socket
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,6 +63,7 @@ if TYPE_CHECKING:
 DEFAULT_URL = "sqlite:///registry.db"
 URL_ENV = "PHP_RUN_DB"
 RUN_KINDS = ("trained", "imported", "trial")
+RUN_STATUSES = ("queued", "running", "done", "failed")
 # final-test: test metrics of the selected checkpoint computed once after training (tuning trials,
 # which never evaluate test while they train).
 RULES = ("best-on-test", "best-on-val", "last", "final-test")
@@ -260,6 +264,30 @@ def upgrade(engine: Engine, target: str = "head") -> str:
     return reached
 
 
+def stored_revision(url: str | None = None) -> str | None:
+    """The revision of the database at ``url`` without changing it; None when it is absent or empty."""
+    url = resolve_url(url)
+    try:
+        _check_sqlite_file(url)
+        parsed = make_url(url)
+        if parsed.get_backend_name() == "sqlite" and parsed.database and not Path(parsed.database).is_file():
+            return None
+        engine = create_engine(url)
+        try:
+            with engine.connect() as conn:
+                return current_revision(conn)
+        finally:
+            engine.dispose()
+    except InputError:
+        raise
+    except Exception as err:
+        raise InputError(f"registry {url}: cannot open ({_first_line(err)})") from err
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
 def _check_known(url: object, tables: set[str], revision: str | None) -> None:
     """Refuse a database that is not a php-run registry, or one written by a newer php-run."""
     if revision is None and tables - {ALEMBIC_VERSION_TABLE}:
@@ -320,7 +348,7 @@ def _check_sqlite_file(url: str) -> None:
 
 
 def _make_engine(url: str) -> Engine:
-    engine = create_engine(url)
+    engine = create_engine(url, json_deserializer=_load_json)
     if engine.dialect.name == "sqlite":
         # WAL lets readers (status, table) work while a worker writes; the busy timeout makes writers
         # queue instead of failing. pysqlite's own transaction handling is switched off so that every
@@ -401,7 +429,38 @@ class AuditRecord:
     created_at: float
 
 
-def _run_record(row: Run) -> RunRecord:
+class _BadJSON(ValueError):
+    """A stored JSON value that does not parse; the registry then finds its row (see ``_session``)."""
+
+
+def _load_json(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except ValueError as err:
+        raise _BadJSON(str(err)) from None
+
+
+def _damaged(url: object, table: str, row_id: int, problem: str) -> InputError:
+    return InputError(f"registry {url}: table {table}, row {row_id}: {problem}; the database is damaged")
+
+
+def _checked_metrics(url: object, table: str, row_id: int, value: Any) -> dict[str, float]:
+    """Stored R1..mINP values: a mapping of names to finite numbers."""
+    if not isinstance(value, dict):
+        raise _damaged(url, table, row_id, f"metrics is {type(value).__name__}, not a mapping of names to numbers")
+    for name, number in value.items():
+        if isinstance(number, bool) or not isinstance(number, int | float) or not math.isfinite(number):
+            raise _damaged(url, table, row_id, f"metric {name} is {number!r}, not a finite number")
+    return {name: float(number) for name, number in value.items()}
+
+
+def _run_record(row: Run, url: object) -> RunRecord:
+    if row.status not in RUN_STATUSES:
+        raise _damaged(url, "runs", row.id, f"status {row.status!r} is not one of {', '.join(RUN_STATUSES)}")
+    if row.kind not in RUN_KINDS:
+        raise _damaged(url, "runs", row.id, f"kind {row.kind!r} is not one of {', '.join(RUN_KINDS)}")
+    if not isinstance(row.config, dict):
+        raise _damaged(url, "runs", row.id, f"config is {type(row.config).__name__}, not a mapping")
     return RunRecord(
         id=row.id, config_hash=row.config_hash, config=row.config, kind=row.kind, dataset=row.dataset,
         spec_name=row.spec_name, table=row.table_name, row_label=row.row_label, seed=row.seed,
@@ -468,15 +527,31 @@ class Registry:
         except InputError:
             raise
         except Exception as err:  # a bad URL or an unreadable file is bad input, named by its URL
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise InputError(f"registry {self.url}: cannot open ({first_line})") from err
+            raise InputError(f"registry {self.url}: cannot open ({_first_line(err)})") from err
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def close(self) -> None:
         self.engine.dispose()
 
-    def _session(self) -> Session:
-        return self._sessions.begin()  # type: ignore[return-value]
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[Session]:
+        try:
+            with self._sessions.begin() as session:
+                yield session
+        except _BadJSON:
+            raise self._locate_bad_json() from None
+
+    def _locate_bad_json(self) -> InputError:
+        """The first stored JSON value that does not parse, named by table, row and column."""
+        with self.engine.connect() as conn:
+            for table in Base.metadata.sorted_tables:
+                for column in (c for c in table.columns if isinstance(c.type, JSON)):
+                    for row_id, value in conn.execute(select(table.c.id, column.cast(Text))):
+                        try:
+                            json.loads(value)
+                        except (TypeError, ValueError):
+                            return _damaged(self.url, table.name, row_id, f"{column.name} is not valid JSON")
+        return InputError(f"registry {self.url}: a stored JSON value does not parse; the database is damaged")
 
     # ---- runs -------------------------------------------------------------------------------
 
@@ -512,7 +587,7 @@ class Registry:
                 if s.scalars(label).first() is None:
                     s.add(RunLabel(run_id=row.id, spec_name=planned.spec_name, table_name=planned.table,
                                    row_label=planned.row_label))
-                return _run_record(row)
+                return _run_record(row, self.url)
         except IntegrityError:  # another process inserted the same hash between our select and insert
             return self.get_run(planned.config_hash)
 
@@ -567,7 +642,7 @@ class Registry:
             if candidate is not None:
                 s.execute(update(Run).where(Run.id == candidate).values(**_claim_values(worker, now))
                           .execution_options(synchronize_session=False))
-                return _run_record(s.get(Run, candidate))
+                return _run_record(s.get(Run, candidate), self.url)
             orphans = s.execute(
                 select(Run.id, Run.worker).where(*scope, Run.status == "running").order_by(Run.id)
             ).all()
@@ -645,7 +720,7 @@ class Registry:
             if key.isdigit():
                 row = s.get(Run, int(key))
                 if row is not None:
-                    return _run_record(row)
+                    return _run_record(row, self.url)
             if not key:
                 raise InputError("run: empty run reference")
             rows = s.scalars(select(Run).where(Run.config_hash.startswith(key.lower())).limit(2)).all()
@@ -653,7 +728,7 @@ class Registry:
                 raise InputError(f"run {key!r}: no run with this id or config-hash prefix in {self.url}")
             if len(rows) > 1:
                 raise InputError(f"run {key!r}: the hash prefix matches several runs; give more characters")
-            return _run_record(rows[0])
+            return _run_record(rows[0], self.url)
 
     def list_runs(
         self,
@@ -680,7 +755,7 @@ class Registry:
         if config_hashes is not None:
             query = query.where(Run.config_hash.in_(list(config_hashes)))
         with self._session() as s:
-            return [_run_record(row) for row in s.scalars(query)]
+            return [_run_record(row, self.url) for row in s.scalars(query)]
 
     # ---- metrics and results ----------------------------------------------------------------
 
@@ -722,7 +797,8 @@ class Registry:
         """``{rule: {"epoch": e, "split": s, "metrics": {R1, R5, R10, mAP, mINP}}}``."""
         with self._session() as s:
             rows = s.scalars(select(Result).where(Result.run_id == run_id).order_by(Result.id))
-            return {r.rule: {"epoch": r.epoch, "split": r.split, "metrics": dict(r.metrics)} for r in rows}
+            return {r.rule: {"epoch": r.epoch, "split": r.split,
+                             "metrics": _checked_metrics(self.url, "results", r.id, r.metrics)} for r in rows}
 
     def record_checkpoint(self, run_id: int, path: str, sha256: str, epoch: int | None, role: str) -> None:
         with self._session() as s:
@@ -747,6 +823,8 @@ class Registry:
             row = s.scalars(select(Provenance).where(Provenance.run_id == run_id)).one_or_none()
             if row is None:
                 return None
+            if not isinstance(row.extra, dict):
+                raise _damaged(self.url, "provenance", row.id, "extra is not a mapping")
             return {**{k: getattr(row, k) for k in PROVENANCE_FIELDS}, "recorded_at": row.recorded_at, **row.extra}
 
     def record_audit(self, run_id: int, report: dict) -> AuditRecord:
@@ -795,12 +873,15 @@ class Registry:
                     select(Audit).where(Audit.run_id.in_(run_ids)).order_by(Audit.created_at, Audit.id)
                 ):
                     audits[audit.run_id] = audit.report  # ascending order: the latest wins
+            records = {run.id: _run_record(run, self.url) for run, _, _ in triples}
             return [
                 ResultRow(
                     table=label.table_name, spec_name=label.spec_name, row_label=label.row_label,
-                    dataset=run.dataset, seed=run.seed, rule=result.rule, metrics=dict(result.metrics),
+                    dataset=run.dataset, seed=run.seed, rule=result.rule,
+                    metrics=_checked_metrics(self.url, "results", result.id, result.metrics),
                     kind=run.kind, audit=audits.get(run.id),
-                    forced_test=run.kind == "trial" and run.config.get("train", {}).get("selection") == "test",
+                    forced_test=run.kind == "trial"
+                    and records[run.id].config.get("train", {}).get("selection") == "test",
                 )
                 for run, label, result in triples
             ]
