@@ -18,7 +18,6 @@ import json
 import math
 import os
 import socket
-import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -51,7 +50,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from php_runner.errors import InputError
@@ -201,7 +200,9 @@ MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 # Before Alembic, the registry counted its schema versions in a table of its own; version N is
 # revision 000N (the revisions replay exactly those steps), so such a database is stamped and carries on.
 LEGACY_VERSION_TABLE = "schema_version"
-ALEMBIC_VERSION_TABLE = "alembic_version"
+# Not Alembic's default name: Optuna keeps its own Alembic revision in ``alembic_version`` of the same
+# database (tuning studies live in the registry database).
+VERSION_TABLE = "php_run_schema_revision"
 # Serialises concurrent first openers of one PostgreSQL database (SQLite's BEGIN IMMEDIATE does that there).
 PG_MIGRATION_LOCK = 0x7068_7072_756E  # "phprun"
 
@@ -232,8 +233,8 @@ def revision_history() -> list[tuple[str, str]]:
 def current_revision(conn: Connection) -> str | None:
     """The revision recorded in the database (a legacy version table counts); None when empty."""
     tables = set(inspect(conn).get_table_names())
-    if ALEMBIC_VERSION_TABLE in tables:
-        return MigrationContext.configure(conn).get_current_revision()
+    if VERSION_TABLE in tables:
+        return MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_revision()
     if LEGACY_VERSION_TABLE in tables:
         version = conn.execute(text(f"SELECT MAX(version) FROM {LEGACY_VERSION_TABLE}")).scalar() or 0
         return f"{version:04d}" if version else None
@@ -290,7 +291,7 @@ def _first_line(err: Exception) -> str:
 
 def _check_known(url: object, tables: set[str], revision: str | None) -> None:
     """Refuse a database that is not a php-run registry, or one written by a newer php-run."""
-    if revision is None and tables - {ALEMBIC_VERSION_TABLE}:
+    if revision is None and tables - {VERSION_TABLE}:
         raise InputError(
             f"registry {url}: not a php-run registry (it holds the tables {', '.join(sorted(tables))}); "
             "give an empty or new file with --db"
@@ -328,23 +329,16 @@ def _check_sqlite_file(url: str) -> None:
     path = Path(parsed.database)
     if not path.is_file() or path.stat().st_size == 0:
         return
+    engine = create_engine(f"sqlite:///{path.resolve().as_uri()}?mode=ro&uri=true")
     try:
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
-        try:
-            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            if ALEMBIC_VERSION_TABLE in tables:
-                revision = conn.execute(f"SELECT version_num FROM {ALEMBIC_VERSION_TABLE}").fetchone()
-                revision = revision[0] if revision else None
-            elif LEGACY_VERSION_TABLE in tables:
-                version = conn.execute(f"SELECT MAX(version) FROM {LEGACY_VERSION_TABLE}").fetchone()[0]
-                revision = f"{version:04d}" if version else None
-            else:
-                revision = None
-        finally:
-            conn.close()
-    except sqlite3.Error as err:
-        raise InputError(f"registry {url}: cannot open ({err})") from err
-    _check_known(url, tables - {"sqlite_sequence"}, revision)
+        with engine.connect() as conn:
+            tables = set(inspect(conn).get_table_names())
+            revision = current_revision(conn)
+    except DBAPIError as err:
+        raise InputError(f"registry {url}: cannot open ({_first_line(err.orig)})") from err
+    finally:
+        engine.dispose()
+    _check_known(url, tables, revision)
 
 
 def _make_engine(url: str) -> Engine:

@@ -8,7 +8,7 @@ Alembic rewrites tables for SQLite's limited ``ALTER TABLE``.
 
 from alembic import context
 
-from php_runner.registry import Base
+from php_runner.registry import VERSION_TABLE, Base
 
 connection = context.config.attributes["connection"]
 context.configure(
@@ -16,6 +16,7 @@ context.configure(
     target_metadata=Base.metadata,
     render_as_batch=connection.dialect.name == "sqlite",
     compare_type=True,
+    version_table=VERSION_TABLE,
 )
 with context.begin_transaction():
     context.run_migrations()

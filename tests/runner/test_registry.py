@@ -37,6 +37,7 @@ from sqlalchemy import (
 
 from php_runner.errors import InputError
 from php_runner.registry import (
+    VERSION_TABLE,
     Base,
     Registry,
     current_revision,
@@ -517,6 +518,22 @@ def test_a_database_of_an_earlier_schema_version_upgrades_in_place_keeping_every
     registry.close()
 
 
+def test_optuna_studies_in_the_registry_database_survive_the_upgrade(registry_url):
+    """Optuna keeps its own Alembic revision (in ``alembic_version``) in the same database."""
+    import optuna
+
+    engine = create_engine(registry_url)
+    with engine.begin() as conn:
+        legacy_tables(3).create_all(conn)
+        conn.execute(text("INSERT INTO schema_version (version) VALUES (1), (2), (3)"))
+    engine.dispose()
+    optuna.create_study(study_name="s", storage=registry_url).optimize(lambda trial: trial.suggest_float("x", 0, 1),
+                                                                       n_trials=1)
+    Registry(registry_url).close()
+    Registry(registry_url).close()
+    assert len(optuna.load_study(study_name="s", storage=registry_url).trials) == 1
+
+
 def test_an_alembic_database_at_an_older_revision_upgrades(registry_url):
     engine = create_engine(registry_url)
     assert upgrade(engine, target="0002") == "0002"
@@ -534,7 +551,7 @@ def test_the_models_and_the_migration_head_do_not_differ(registry_url):
     engine = create_engine(registry_url)
     upgrade(engine)
     with engine.connect() as conn:
-        context = MigrationContext.configure(conn, opts={"compare_type": True, "compare_server_default": False})
+        context = MigrationContext.configure(conn, opts={"compare_type": True, "version_table": VERSION_TABLE})
         assert compare_metadata(context, Base.metadata) == []
     engine.dispose()
     assert [revision for revision, _ in revision_history()][-1] == head_revision()
@@ -544,7 +561,7 @@ def test_a_newer_schema_or_a_bad_url_is_bad_input(registry_url, tmp_path):
     Registry(registry_url).close()
     engine = create_engine(registry_url)
     with engine.begin() as conn:
-        conn.execute(text("UPDATE alembic_version SET version_num = 'ffff9999'"))
+        conn.execute(text("UPDATE php_run_schema_revision SET version_num = 'ffff9999'"))
     engine.dispose()
     with pytest.raises(InputError, match="schema revision ffff9999 is newer than this php-run"):
         Registry(registry_url)
