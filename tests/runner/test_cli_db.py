@@ -132,3 +132,14 @@ def test_a_damaged_registry_gives_one_line_naming_the_table_and_row(cli, tmp_pat
         code, _, err = cli(*command, "--db", db)
         assert code == 2, (command, err)
         one_line_error(err, str(path), message, "damaged")
+
+
+@pytest.mark.pg
+def test_the_commands_work_on_a_postgresql_registry(cli, pg_url):
+    assert cli("db", "current", "--db", pg_url)[1].count("none (empty or absent)") == 1
+    code, out, _ = cli("db", "upgrade", "--db", pg_url)
+    assert code == 0 and f"upgraded from an empty database to revision {head_revision()}" in out
+    code, out, _ = cli("status", "--json", "--db", pg_url)
+    assert code == 0 and out.strip() == "[]"
+    code, _, err = cli("show", "1", "--db", pg_url)
+    assert code == 2 and "no run with this id" in err
