@@ -4,33 +4,40 @@ SQLAlchemy 2 ORM over any SQLAlchemy URL; the default is ``sqlite:///registry.db
 directory, ``$PHP_RUN_DB`` overrides it. Every public method returns plain dataclass snapshots,
 never live ORM objects, so callers can keep them after the session closes.
 
-Schema changes go through ``MIGRATIONS``, an ordered list of functions applied on open; each one is
-frozen history (it defines the tables as they were), so a database of any earlier version upgrades
-to the current one.
+The ORM models below are the current schema; every change to them comes with an Alembic revision in
+``php_runner/migrations/versions`` (frozen history: each defines the step as it was), applied on
+open, so a database of any earlier version upgrades in place. A test compares the models with the
+migrated schema, so a model change without its revision fails.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import json
+import math
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util.exc import CommandError as AlembicError
 from sqlalchemy import (
     JSON,
     Boolean,
-    Column,
     Connection,
     Engine,
     Float,
     ForeignKey,
     Integer,
-    MetaData,
     String,
-    Table,
     Text,
     UniqueConstraint,
     create_engine,
@@ -42,7 +49,8 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from php_runner.errors import InputError
@@ -54,6 +62,7 @@ if TYPE_CHECKING:
 DEFAULT_URL = "sqlite:///registry.db"
 URL_ENV = "PHP_RUN_DB"
 RUN_KINDS = ("trained", "imported", "trial")
+RUN_STATUSES = ("queued", "running", "done", "failed")
 # final-test: test metrics of the selected checkpoint computed once after training (tuning trials,
 # which never evaluate test while they train).
 RULES = ("best-on-test", "best-on-val", "last", "final-test")
@@ -79,11 +88,6 @@ def this_worker() -> str:
 
 class Base(DeclarativeBase):
     pass
-
-
-class SchemaVersion(Base):
-    __tablename__ = "schema_version"
-    version: Mapped[int] = mapped_column(Integer, primary_key=True)
 
 
 class Run(Base):
@@ -189,151 +193,156 @@ PROVENANCE_FIELDS = (
 )
 
 # --------------------------------------------------------------------------------------------
-# Migrations: frozen history, one function per version step
+# Migrations: Alembic revisions in php_runner/migrations/versions, applied on open
 # --------------------------------------------------------------------------------------------
 
-
-def _migrate_to_v1(conn: Connection) -> None:
-    """Version 1: runs, per-epoch metrics, selected results, checkpoints, provenance."""
-    md = MetaData()
-    Table("schema_version", md, Column("version", Integer, primary_key=True))
-    Table(
-        "runs", md,
-        Column("id", Integer, primary_key=True),
-        Column("config_hash", String(64), unique=True, nullable=False),
-        Column("config", JSON, nullable=False),
-        Column("dataset", String(64), nullable=False, index=True),
-        Column("spec_name", String(128), nullable=False),
-        Column("table_name", String(128), index=True),
-        Column("row_label", String(256), nullable=False),
-        Column("seed", Integer, nullable=False),
-        Column("preset", String(64), nullable=False),
-        Column("status", String(16), nullable=False, index=True),
-        Column("error", Text),
-        Column("created_at", Float, nullable=False),
-        Column("started_at", Float),
-        Column("finished_at", Float),
-        Column("worker", String(256)),
-        Column("heartbeat_at", Float),
-        Column("attempts", Integer, nullable=False),
-        Column("run_dir", Text),
-    )
-    Table(
-        "epoch_metrics", md,
-        Column("id", Integer, primary_key=True),
-        Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False, index=True),
-        Column("epoch", Integer, nullable=False),
-        Column("split", String(16), nullable=False),
-        Column("name", String(64), nullable=False),
-        Column("value", Float, nullable=False),
-        UniqueConstraint("run_id", "epoch", "split", "name"),
-    )
-    Table(
-        "results", md,
-        Column("id", Integer, primary_key=True),
-        Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False, index=True),
-        Column("rule", String(16), nullable=False),
-        Column("epoch", Integer, nullable=False),
-        Column("split", String(16), nullable=False),
-        Column("metrics", JSON, nullable=False),
-        UniqueConstraint("run_id", "rule"),
-    )
-    Table(
-        "checkpoints", md,
-        Column("id", Integer, primary_key=True),
-        Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False, index=True),
-        Column("role", String(32), nullable=False),
-        Column("path", Text, nullable=False),
-        Column("sha256", String(64), nullable=False),
-        Column("epoch", Integer),
-        UniqueConstraint("run_id", "role"),
-    )
-    Table(
-        "provenance", md,
-        Column("id", Integer, primary_key=True),
-        Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False, unique=True),
-        *(Column(name, String(64)) for name in ("git_commit", "python", "torch", "torchvision", "php_run")),
-        Column("git_dirty", Boolean),
-        Column("device", String(256)),
-        Column("host", String(256)),
-        Column("command", Text),
-        Column("recorded_at", Float, nullable=False),
-        Column("extra", JSON, nullable=False),
-    )
-    md.create_all(conn)
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+# Before Alembic, the registry counted its schema versions in a table of its own; version N is
+# revision 000N (the revisions replay exactly those steps), so such a database is stamped and carries on.
+LEGACY_VERSION_TABLE = "schema_version"
+# Not Alembic's default name: Optuna keeps its own Alembic revision in ``alembic_version`` of the same
+# database (tuning studies live in the registry database).
+VERSION_TABLE = "php_run_schema_revision"
+# Serialises concurrent first openers of one PostgreSQL database (SQLite's BEGIN IMMEDIATE does that there).
+PG_MIGRATION_LOCK = 0x7068_7072_756E  # "phprun"
 
 
-def _migrate_to_v2(conn: Connection) -> None:
-    """Version 2: run kinds (imported checkpoints and tuning trials next to trained runs) and audits."""
-    conn.execute(text("ALTER TABLE runs ADD COLUMN kind VARCHAR(16) NOT NULL DEFAULT 'trained'"))
-    md = MetaData()
-    Table("runs", md, Column("id", Integer, primary_key=True))
-    Table(
-        "audits", md,
-        Column("id", Integer, primary_key=True),
-        Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False, index=True),
-        Column("report", JSON, nullable=False),
-        Column("created_at", Float, nullable=False),
-    )
-    md.tables["audits"].create(conn)
+def _alembic_config(conn: Connection | None = None) -> AlembicConfig:
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.attributes["connection"] = conn
+    return config
 
 
-def _migrate_to_v3(conn: Connection) -> None:
-    """Version 3: run labels, so that one run can fill cells of several tables; existing runs keep theirs."""
-    md = MetaData()
-    Table("runs", md, Column("id", Integer, primary_key=True))
-    Table(
-        "run_labels", md,
-        Column("id", Integer, primary_key=True),
-        Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False, index=True),
-        Column("spec_name", String(128), nullable=False),
-        Column("table_name", String(128), index=True),
-        Column("row_label", String(256), nullable=False),
-        UniqueConstraint("run_id", "spec_name", "row_label"),
-    )
-    md.tables["run_labels"].create(conn)
-    conn.execute(text(
-        "INSERT INTO run_labels (run_id, spec_name, table_name, row_label) "
-        "SELECT id, spec_name, table_name, row_label FROM runs"
-    ))
+@functools.cache
+def _scripts() -> ScriptDirectory:
+    return ScriptDirectory.from_config(_alembic_config())
 
 
-def _migrate_to_v4(conn: Connection) -> None:
-    """Version 4: the executor and job id of the worker a queued run was dispatched to."""
-    conn.execute(text("ALTER TABLE runs ADD COLUMN executor VARCHAR(32)"))
-    conn.execute(text("ALTER TABLE runs ADD COLUMN job_id VARCHAR(128)"))
+def head_revision() -> str:
+    """The newest schema revision this php-run knows."""
+    return _scripts().get_current_head()
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_migrate_to_v1, _migrate_to_v2, _migrate_to_v3, _migrate_to_v4]
-SCHEMA_VERSION = len(MIGRATIONS)
+def revision_history() -> list[tuple[str, str]]:
+    """``(revision, first line of its description)`` for every revision, oldest first."""
+    revisions = reversed(list(_scripts().walk_revisions()))
+    return [(r.revision, (r.doc or "").strip().splitlines()[0] if r.doc else "") for r in revisions]
 
 
-def schema_version(conn: Connection) -> int:
-    """The version recorded in the database; 0 for an empty database."""
-    if not inspect(conn).has_table("schema_version"):
-        return 0
-    return conn.execute(text("SELECT MAX(version) FROM schema_version")).scalar() or 0
+def current_revision(conn: Connection) -> str | None:
+    """The revision recorded in the database (a legacy version table counts); None when empty."""
+    tables = set(inspect(conn).get_table_names())
+    if VERSION_TABLE in tables:
+        return MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_revision()
+    if LEGACY_VERSION_TABLE in tables:
+        version = conn.execute(text(f"SELECT MAX(version) FROM {LEGACY_VERSION_TABLE}")).scalar() or 0
+        return f"{version:04d}" if version else None
+    return None
 
 
-def upgrade(engine: Engine, target: int = SCHEMA_VERSION) -> int:
-    """Apply the migrations from the database's version up to ``target``; returns the new version.
+def upgrade(engine: Engine, target: str = "head") -> str:
+    """Bring the database to ``target`` (the head revision by default); returns the revision reached.
 
-    Runs in one write transaction, so concurrent openers serialise and the second sees the work done.
+    One write transaction (BEGIN IMMEDIATE on SQLite, an advisory lock on PostgreSQL), so concurrent
+    openers serialise and the later ones find the work done. A database from a newer php-run, or
+    one holding tables that are not a registry's, is refused untouched.
     """
     with engine.begin() as conn:
-        current = schema_version(conn)
-        if current > SCHEMA_VERSION:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_MIGRATION_LOCK})
+        tables = set(inspect(conn).get_table_names())
+        current = current_revision(conn)
+        _check_known(engine.url, tables, current)
+        if LEGACY_VERSION_TABLE in tables:
+            command.stamp(_alembic_config(conn), current)
+            conn.execute(text(f"DROP TABLE {LEGACY_VERSION_TABLE}"))
+        if current != head_revision() or target != "head":
+            command.upgrade(_alembic_config(conn), target)
+        reached = current_revision(conn)
+        if target == "head":
+            _check_tables(engine.url, conn, reached)
+    return reached
+
+
+def stored_revision(url: str | None = None) -> str | None:
+    """The revision of the database at ``url`` without changing it; None when it is absent or empty."""
+    url = resolve_url(url)
+    try:
+        _check_sqlite_file(url)
+        parsed = make_url(url)
+        if parsed.get_backend_name() == "sqlite" and parsed.database and not Path(parsed.database).is_file():
+            return None
+        engine = create_engine(url)
+        try:
+            with engine.connect() as conn:
+                return current_revision(conn)
+        finally:
+            engine.dispose()
+    except InputError:
+        raise
+    except Exception as err:
+        raise InputError(f"registry {url}: cannot open ({_first_line(err)})") from err
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _check_known(url: object, tables: set[str], revision: str | None) -> None:
+    """Refuse a database that is not a php-run registry, or one written by a newer php-run."""
+    if revision is None and tables - {VERSION_TABLE}:
+        raise InputError(
+            f"registry {url}: not a php-run registry (it holds the tables {', '.join(sorted(tables))}); "
+            "give an empty or new file with --db"
+        )
+    if revision is not None:
+        try:
+            _scripts().get_revision(revision)
+        except AlembicError:
             raise InputError(
-                f"registry {engine.url}: schema version {current} is newer than this php-run ({SCHEMA_VERSION})"
-            )
-        for version in range(current + 1, target + 1):
-            MIGRATIONS[version - 1](conn)
-            conn.execute(text("INSERT INTO schema_version (version) VALUES (:v)"), {"v": version})
-        return max(current, target)
+                f"registry {url}: schema revision {revision} is newer than this php-run "
+                f"(it knows up to {head_revision()}); upgrade php-run"
+            ) from None
+
+
+def _check_tables(url: object, conn: Connection, revision: str | None) -> None:
+    """Every table and column of the models exists: a damaged database is named, not a traceback later."""
+    inspector = inspect(conn)
+    present = set(inspector.get_table_names())
+    for table in Base.metadata.sorted_tables:
+        if table.name not in present:
+            raise InputError(f"registry {url}: table {table.name} is missing (schema revision {revision}); "
+                             "the database is damaged")
+        missing = set(table.columns.keys()) - {c["name"] for c in inspector.get_columns(table.name)}
+        if missing:
+            raise InputError(f"registry {url}: table {table.name} lacks the columns {', '.join(sorted(missing))} "
+                             f"(schema revision {revision}); the database is damaged")
+
+
+def _check_sqlite_file(url: str) -> None:
+    """Look at an existing SQLite registry read-only, before the engine switches it to WAL: a foreign
+    or newer database must be refused with its bytes unchanged."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return
+    path = Path(parsed.database)
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    engine = create_engine(f"sqlite:///{path.resolve().as_uri()}?mode=ro&uri=true")
+    try:
+        with engine.connect() as conn:
+            tables = set(inspect(conn).get_table_names())
+            revision = current_revision(conn)
+    except DBAPIError as err:
+        raise InputError(f"registry {url}: cannot open ({_first_line(err.orig)})") from err
+    finally:
+        engine.dispose()
+    _check_known(url, tables, revision)
 
 
 def _make_engine(url: str) -> Engine:
-    engine = create_engine(url)
+    engine = create_engine(url, json_deserializer=_load_json)
     if engine.dialect.name == "sqlite":
         # WAL lets readers (status, table) work while a worker writes; the busy timeout makes writers
         # queue instead of failing. pysqlite's own transaction handling is switched off so that every
@@ -414,7 +423,38 @@ class AuditRecord:
     created_at: float
 
 
-def _run_record(row: Run) -> RunRecord:
+class _BadJSON(ValueError):
+    """A stored JSON value that does not parse; the registry then finds its row (see ``_session``)."""
+
+
+def _load_json(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except ValueError as err:
+        raise _BadJSON(str(err)) from None
+
+
+def _damaged(url: object, table: str, row_id: int, problem: str) -> InputError:
+    return InputError(f"registry {url}: table {table}, row {row_id}: {problem}; the database is damaged")
+
+
+def _checked_metrics(url: object, table: str, row_id: int, value: Any) -> dict[str, float]:
+    """Stored R1..mINP values: a mapping of names to finite numbers."""
+    if not isinstance(value, dict):
+        raise _damaged(url, table, row_id, f"metrics is {type(value).__name__}, not a mapping of names to numbers")
+    for name, number in value.items():
+        if isinstance(number, bool) or not isinstance(number, int | float) or not math.isfinite(number):
+            raise _damaged(url, table, row_id, f"metric {name} is {number!r}, not a finite number")
+    return {name: float(number) for name, number in value.items()}
+
+
+def _run_record(row: Run, url: object) -> RunRecord:
+    if row.status not in RUN_STATUSES:
+        raise _damaged(url, "runs", row.id, f"status {row.status!r} is not one of {', '.join(RUN_STATUSES)}")
+    if row.kind not in RUN_KINDS:
+        raise _damaged(url, "runs", row.id, f"kind {row.kind!r} is not one of {', '.join(RUN_KINDS)}")
+    if not isinstance(row.config, dict):
+        raise _damaged(url, "runs", row.id, f"config is {type(row.config).__name__}, not a mapping")
     return RunRecord(
         id=row.id, config_hash=row.config_hash, config=row.config, kind=row.kind, dataset=row.dataset,
         spec_name=row.spec_name, table=row.table_name, row_label=row.row_label, seed=row.seed,
@@ -475,20 +515,37 @@ class Registry:
         self.url = resolve_url(url)
         self.stale_after = stale_after
         try:
+            _check_sqlite_file(self.url)
             self.engine = _make_engine(self.url)
             upgrade(self.engine)
         except InputError:
             raise
         except Exception as err:  # a bad URL or an unreadable file is bad input, named by its URL
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise InputError(f"registry {self.url}: cannot open ({first_line})") from err
+            raise InputError(f"registry {self.url}: cannot open ({_first_line(err)})") from err
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def close(self) -> None:
         self.engine.dispose()
 
-    def _session(self) -> Session:
-        return self._sessions.begin()  # type: ignore[return-value]
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[Session]:
+        try:
+            with self._sessions.begin() as session:
+                yield session
+        except _BadJSON:
+            raise self._locate_bad_json() from None
+
+    def _locate_bad_json(self) -> InputError:
+        """The first stored JSON value that does not parse, named by table, row and column."""
+        with self.engine.connect() as conn:
+            for table in Base.metadata.sorted_tables:
+                for column in (c for c in table.columns if isinstance(c.type, JSON)):
+                    for row_id, value in conn.execute(select(table.c.id, column.cast(Text))):
+                        try:
+                            json.loads(value)
+                        except (TypeError, ValueError):
+                            return _damaged(self.url, table.name, row_id, f"{column.name} is not valid JSON")
+        return InputError(f"registry {self.url}: a stored JSON value does not parse; the database is damaged")
 
     # ---- runs -------------------------------------------------------------------------------
 
@@ -524,7 +581,7 @@ class Registry:
                 if s.scalars(label).first() is None:
                     s.add(RunLabel(run_id=row.id, spec_name=planned.spec_name, table_name=planned.table,
                                    row_label=planned.row_label))
-                return _run_record(row)
+                return _run_record(row, self.url)
         except IntegrityError:  # another process inserted the same hash between our select and insert
             return self.get_run(planned.config_hash)
 
@@ -579,7 +636,7 @@ class Registry:
             if candidate is not None:
                 s.execute(update(Run).where(Run.id == candidate).values(**_claim_values(worker, now))
                           .execution_options(synchronize_session=False))
-                return _run_record(s.get(Run, candidate))
+                return _run_record(s.get(Run, candidate), self.url)
             orphans = s.execute(
                 select(Run.id, Run.worker).where(*scope, Run.status == "running").order_by(Run.id)
             ).all()
@@ -657,7 +714,7 @@ class Registry:
             if key.isdigit():
                 row = s.get(Run, int(key))
                 if row is not None:
-                    return _run_record(row)
+                    return _run_record(row, self.url)
             if not key:
                 raise InputError("run: empty run reference")
             rows = s.scalars(select(Run).where(Run.config_hash.startswith(key.lower())).limit(2)).all()
@@ -665,7 +722,7 @@ class Registry:
                 raise InputError(f"run {key!r}: no run with this id or config-hash prefix in {self.url}")
             if len(rows) > 1:
                 raise InputError(f"run {key!r}: the hash prefix matches several runs; give more characters")
-            return _run_record(rows[0])
+            return _run_record(rows[0], self.url)
 
     def list_runs(
         self,
@@ -692,7 +749,7 @@ class Registry:
         if config_hashes is not None:
             query = query.where(Run.config_hash.in_(list(config_hashes)))
         with self._session() as s:
-            return [_run_record(row) for row in s.scalars(query)]
+            return [_run_record(row, self.url) for row in s.scalars(query)]
 
     # ---- metrics and results ----------------------------------------------------------------
 
@@ -734,7 +791,8 @@ class Registry:
         """``{rule: {"epoch": e, "split": s, "metrics": {R1, R5, R10, mAP, mINP}}}``."""
         with self._session() as s:
             rows = s.scalars(select(Result).where(Result.run_id == run_id).order_by(Result.id))
-            return {r.rule: {"epoch": r.epoch, "split": r.split, "metrics": dict(r.metrics)} for r in rows}
+            return {r.rule: {"epoch": r.epoch, "split": r.split,
+                             "metrics": _checked_metrics(self.url, "results", r.id, r.metrics)} for r in rows}
 
     def record_checkpoint(self, run_id: int, path: str, sha256: str, epoch: int | None, role: str) -> None:
         with self._session() as s:
@@ -759,6 +817,8 @@ class Registry:
             row = s.scalars(select(Provenance).where(Provenance.run_id == run_id)).one_or_none()
             if row is None:
                 return None
+            if not isinstance(row.extra, dict):
+                raise _damaged(self.url, "provenance", row.id, "extra is not a mapping")
             return {**{k: getattr(row, k) for k in PROVENANCE_FIELDS}, "recorded_at": row.recorded_at, **row.extra}
 
     def record_audit(self, run_id: int, report: dict) -> AuditRecord:
@@ -807,12 +867,15 @@ class Registry:
                     select(Audit).where(Audit.run_id.in_(run_ids)).order_by(Audit.created_at, Audit.id)
                 ):
                     audits[audit.run_id] = audit.report  # ascending order: the latest wins
+            records = {run.id: _run_record(run, self.url) for run, _, _ in triples}
             return [
                 ResultRow(
                     table=label.table_name, spec_name=label.spec_name, row_label=label.row_label,
-                    dataset=run.dataset, seed=run.seed, rule=result.rule, metrics=dict(result.metrics),
+                    dataset=run.dataset, seed=run.seed, rule=result.rule,
+                    metrics=_checked_metrics(self.url, "results", result.id, result.metrics),
                     kind=run.kind, audit=audits.get(run.id),
-                    forced_test=run.kind == "trial" and run.config.get("train", {}).get("selection") == "test",
+                    forced_test=run.kind == "trial"
+                    and records[run.id].config.get("train", {}).get("selection") == "test",
                 )
                 for run, label, result in triples
             ]

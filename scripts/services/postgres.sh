@@ -4,7 +4,7 @@
 # One cluster per machine, in $PHP_RUN_PG_DIR (default /var/tmp/php-run-postgres), owned by the
 # postgres user and listening on 127.0.0.1 only, on a free port chosen at initdb time. `start` reuses
 # a running cluster (so several checkouts share one) and records in .services/ that this checkout
-# started it; `stop` stops it only when this checkout started it. Durability is switched off
+# started it; `stop` stops it only when this checkout started it. Both write .services/postgres.env. Durability is switched off
 # (fsync, synchronous_commit, full_page_writes): this cluster holds throw-away test databases.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -71,14 +71,14 @@ start() {
         [[ -f $DATA/PG_VERSION ]] || init_cluster
         as_postgres "$(pg_bin)/pg_ctl" -D "$DATA" -l "$PG_DIR/server.log" -w -t 60 start >/dev/null
         mkdir -p "$STATE"
-        touch "$STATE/postgres.started"
+        echo "$PG_DIR" > "$STATE/postgres.started"
         echo "postgres: started the cluster in $DATA" >&2
     fi
     write_env
 }
 
 stop() {
-    if [[ -f $STATE/postgres.started ]] && running; then
+    if [[ -f $STATE/postgres.started && $(cat "$STATE/postgres.started") == "$PG_DIR" ]] && running; then
         as_postgres "$(pg_bin)/pg_ctl" -D "$DATA" -m fast -w stop >/dev/null
         echo "postgres: stopped" >&2
     fi

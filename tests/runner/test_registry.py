@@ -15,15 +15,35 @@ import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, inspect, text
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    Float,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    inspect,
+    select,
+    text,
+)
 
 from php_runner.errors import InputError
 from php_runner.registry import (
-    SCHEMA_VERSION,
+    VERSION_TABLE,
     Base,
     Registry,
+    current_revision,
+    head_revision,
     resolve_url,
-    schema_version,
+    revision_history,
     upgrade,
 )
 from php_runner.specs import PlannedRun
@@ -370,47 +390,208 @@ def test_sqlite_uses_wal_and_a_busy_timeout(registry):
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() > 0
 
 
-def test_a_version_1_database_upgrades_to_the_current_schema(registry_url):
+# The registry's layouts before Alembic, as the hand-written migrations of schema versions 1-3 made
+# them (with their own version table): fixtures, frozen here so the revisions are checked against them.
+def legacy_tables(version: int) -> MetaData:
+    md = MetaData()
+    Table("schema_version", md, Column("version", Integer, primary_key=True))
+    Table(
+        "runs", md,
+        Column("id", Integer, primary_key=True),
+        Column("config_hash", String(64), unique=True, nullable=False),
+        Column("config", JSON, nullable=False),
+        Column("dataset", String(64), nullable=False, index=True),
+        Column("spec_name", String(128), nullable=False),
+        Column("table_name", String(128), index=True),
+        Column("row_label", String(256), nullable=False),
+        Column("seed", Integer, nullable=False),
+        Column("preset", String(64), nullable=False),
+        Column("status", String(16), nullable=False, index=True),
+        Column("error", Text),
+        Column("created_at", Float, nullable=False),
+        Column("started_at", Float),
+        Column("finished_at", Float),
+        Column("worker", String(256)),
+        Column("heartbeat_at", Float),
+        Column("attempts", Integer, nullable=False),
+        Column("run_dir", Text),
+        *([Column("kind", String(16), nullable=False, server_default="trained")] if version >= 2 else []),
+    )
+
+    def child(name, *columns, unique=(), run_id_unique=False):
+        Table(name, md, Column("id", Integer, primary_key=True),
+              Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False,
+                     index=not run_id_unique, unique=run_id_unique),
+              *columns, *([UniqueConstraint(*unique)] if unique else []))
+
+    child("epoch_metrics", Column("epoch", Integer, nullable=False), Column("split", String(16), nullable=False),
+          Column("name", String(64), nullable=False), Column("value", Float, nullable=False),
+          unique=("run_id", "epoch", "split", "name"))
+    child("results", Column("rule", String(16), nullable=False), Column("epoch", Integer, nullable=False),
+          Column("split", String(16), nullable=False), Column("metrics", JSON, nullable=False),
+          unique=("run_id", "rule"))
+    child("checkpoints", Column("role", String(32), nullable=False), Column("path", Text, nullable=False),
+          Column("sha256", String(64), nullable=False), Column("epoch", Integer), unique=("run_id", "role"))
+    child("provenance", *(Column(n, String(64)) for n in ("git_commit", "python", "torch", "torchvision", "php_run")),
+          Column("git_dirty", Boolean), Column("device", String(256)), Column("host", String(256)),
+          Column("command", Text), Column("recorded_at", Float, nullable=False), Column("extra", JSON, nullable=False),
+          run_id_unique=True)
+    if version >= 2:
+        child("audits", Column("report", JSON, nullable=False), Column("created_at", Float, nullable=False))
+    if version >= 3:
+        Table("run_labels", md, Column("id", Integer, primary_key=True),
+              Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False, index=True),
+              Column("spec_name", String(128), nullable=False), Column("table_name", String(128), index=True),
+              Column("row_label", String(256), nullable=False), UniqueConstraint("run_id", "spec_name", "row_label"))
+    return md
+
+
+def legacy_rows(version: int) -> dict[str, list[dict]]:
+    """Two runs with a row in every table of ``version``'s layout."""
+    rows: dict[str, list[dict]] = {"schema_version": [{"version": v} for v in range(1, version + 1)]}
+    rows["runs"] = [
+        dict(id=i, config_hash=f"{i:064x}", config={"model": {"cnum": i}}, dataset="RSTPReid", spec_name="module",
+             table_name="module" if i == 1 else None, row_label=f"row{i}", seed=i, preset="paper",
+             status=("done", "running")[i - 1], error=None, created_at=float(i), started_at=2.0 * i,
+             finished_at=None, worker=f"host:{i}", heartbeat_at=3.0 * i, attempts=i, run_dir=f"/runs/{i}",
+             **({"kind": ("trained", "imported")[i - 1]} if version >= 2 else {}))
+        for i in (1, 2)
+    ]
+    rows["epoch_metrics"] = [dict(id=i, run_id=1, epoch=1, split="test", name=n, value=v)
+                             for i, (n, v) in enumerate(METRICS.items(), 1)]
+    rows["results"] = [dict(id=1, run_id=1, rule="best-on-test", epoch=1, split="test", metrics=METRICS)]
+    rows["checkpoints"] = [dict(id=1, run_id=1, role="best", path="/runs/1/best.pth", sha256="f" * 64, epoch=1)]
+    rows["provenance"] = [dict(id=1, run_id=1, git_commit="abc", python="3.11", torch="2.x", torchvision="0.x",
+                               php_run="0.1", git_dirty=False, device="cpu", host="h", command="php-run run",
+                               recorded_at=5.0, extra={"cuda_visible_devices": "0"})]
+    if version >= 2:
+        rows["audits"] = [dict(id=1, run_id=1, report={"verdict": "ok"}, created_at=6.0)]
+    if version >= 3:
+        rows["run_labels"] = [dict(id=1, run_id=1, spec_name="module", table_name="module", row_label="row1"),
+                              dict(id=2, run_id=1, spec_name="headline", table_name="headline", row_label="PHP"),
+                              dict(id=3, run_id=2, spec_name="module", table_name=None, row_label="row2")]
+    return rows
+
+
+def all_rows(url: str, md: MetaData) -> dict[str, list[dict]]:
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        rows = {name: [dict(r._mapping) for r in conn.execute(select(table).order_by(table.c.id))]
+                for name, table in md.tables.items() if name != "schema_version"}
+    engine.dispose()
+    return rows
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
+def test_a_database_of_an_earlier_schema_version_upgrades_in_place_keeping_every_row(registry_url, version):
+    md, rows = legacy_tables(version), legacy_rows(version)
     engine = create_engine(registry_url)
-    assert upgrade(engine, target=1) == 1
     with engine.begin() as conn:
-        conn.execute(text(
-            "INSERT INTO runs (config_hash, config, dataset, spec_name, table_name, row_label, seed, preset, status,"
-            " created_at, attempts) VALUES ('c0ffee', '{\"model\": {}}', 'RSTPReid', 'module', 'module', 'full', 1,"
-            " 'paper', 'done', 0.0, 1)"
-        ))
-        assert schema_version(conn) == 1
-        assert "kind" not in {c["name"] for c in inspect(conn).get_columns("runs")}
+        md.create_all(conn)
+        for name, table_rows in rows.items():
+            conn.execute(md.tables[name].insert(), table_rows)
+            if conn.dialect.name == "postgresql" and name != "schema_version":  # explicit ids: move the sequence on
+                conn.execute(text(f"SELECT setval(pg_get_serial_sequence('{name}', 'id'), (SELECT MAX(id) FROM {name}))"))
     engine.dispose()
 
     registry = Registry(registry_url)
     with registry.engine.connect() as conn:
-        assert schema_version(conn) == SCHEMA_VERSION
-        inspector = inspect(conn)
-        for table in Base.metadata.sorted_tables:
-            assert {c["name"] for c in inspector.get_columns(table.name)} == set(table.columns.keys()), table.name
-    old = registry.get_run("c0ffee")
-    assert (old.kind, old.dataset, old.config) == ("trained", "RSTPReid", {"model": {}})
-    registry.record_result(old.id, "best-on-test", 1, "test", METRICS)
-    assert [(r.table, r.row_label) for r in registry.result_rows("module")] == [("module", "full")]  # label backfilled
-    registry.record_audit(old.id, {"ok": True})
-    assert registry.latest_audit(old.id).report == {"ok": True}
+        assert current_revision(conn) == head_revision()
+        assert "schema_version" not in inspect(conn).get_table_names()  # the old version table is gone
     registry.close()
-    assert Registry(registry_url).get_run(old.id).kind == "trained"  # reopening applies nothing twice
+    after = all_rows(registry_url, Base.metadata)
+    for name, before in rows.items():
+        if name != "schema_version":
+            assert [{k: row[k] for k in before[0]} for row in after[name]] == before, name
+    assert [(r["kind"], r["executor"], r["job_id"]) for r in after["runs"]] == (
+        [("trained", None, None), ("imported", None, None)] if version >= 2 else [("trained", None, None)] * 2)
+    if version < 3:  # every run keeps its label
+        assert [(r["run_id"], r["spec_name"], r["table_name"], r["row_label"]) for r in after["run_labels"]] == [
+            (1, "module", "module", "row1"), (2, "module", None, "row2")]
+    if version < 2:
+        assert after["audits"] == []
+
+    registry = Registry(registry_url)  # reopening applies nothing twice; the upgraded registry works
+    assert [(r.table, r.row_label) for r in registry.result_rows("module")] == [("module", "row1")]
+    run = registry.plan_run(planned(3))
+    assert registry.claim_next("w", run_ids=[run.id]).id == run.id
+    registry.close()
+
+
+def test_optuna_studies_in_the_registry_database_survive_the_upgrade(registry_url):
+    """Optuna keeps its own Alembic revision (in ``alembic_version``) in the same database."""
+    import optuna
+
+    engine = create_engine(registry_url)
+    with engine.begin() as conn:
+        legacy_tables(3).create_all(conn)
+        conn.execute(text("INSERT INTO schema_version (version) VALUES (1), (2), (3)"))
+    engine.dispose()
+    optuna.create_study(study_name="s", storage=registry_url).optimize(lambda trial: trial.suggest_float("x", 0, 1),
+                                                                       n_trials=1)
+    Registry(registry_url).close()
+    Registry(registry_url).close()
+    assert len(optuna.load_study(study_name="s", storage=registry_url).trials) == 1
+
+
+def test_an_alembic_database_at_an_older_revision_upgrades(registry_url):
+    engine = create_engine(registry_url)
+    assert upgrade(engine, target="0002") == "0002"
+    with engine.connect() as conn:
+        assert "run_labels" not in inspect(conn).get_table_names()
+    engine.dispose()
+    registry = Registry(registry_url)
+    registry.plan_run(planned())
+    assert [r.row_label for r in registry.list_runs(table="cnum")] == ["9"]
+    registry.close()
+
+
+def test_the_models_and_the_migration_head_do_not_differ(registry_url):
+    """A model change without its Alembic revision fails here (autogenerate's comparison)."""
+    engine = create_engine(registry_url)
+    upgrade(engine)
+    with engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"compare_type": True, "version_table": VERSION_TABLE})
+        assert compare_metadata(context, Base.metadata) == []
+    engine.dispose()
+    assert [revision for revision, _ in revision_history()][-1] == head_revision()
 
 
 def test_a_newer_schema_or_a_bad_url_is_bad_input(registry_url, tmp_path):
     Registry(registry_url).close()
     engine = create_engine(registry_url)
     with engine.begin() as conn:
-        conn.execute(text("INSERT INTO schema_version (version) VALUES (:v)"), {"v": SCHEMA_VERSION + 1})
+        conn.execute(text("UPDATE php_run_schema_revision SET version_num = 'ffff9999'"))
     engine.dispose()
-    with pytest.raises(InputError, match="newer"):
+    with pytest.raises(InputError, match="schema revision ffff9999 is newer than this php-run"):
         Registry(registry_url)
     with pytest.raises(InputError, match="cannot open"):
         Registry(f"sqlite:///{tmp_path}/missing-folder/registry.db")
     with pytest.raises(InputError):
         Registry("nosuchdialect://x")
+
+
+def test_a_legacy_version_newer_than_any_revision_is_refused(registry_url):
+    engine = create_engine(registry_url)
+    with engine.begin() as conn:
+        legacy_tables(3).create_all(conn)
+        conn.execute(text("INSERT INTO schema_version (version) VALUES (99)"))
+    engine.dispose()
+    with pytest.raises(InputError, match="schema revision 0099 is newer"):
+        Registry(registry_url)
+
+
+def test_a_database_of_other_tables_is_refused(registry_url):
+    engine = create_engine(registry_url)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)"))
+    engine.dispose()
+    with pytest.raises(InputError, match="not a php-run registry .*users"):
+        Registry(registry_url)
+    engine = create_engine(registry_url)
+    with engine.connect() as conn:
+        assert inspect(conn).get_table_names() == ["users"]
+    engine.dispose()
 
 
 def test_url_resolution(monkeypatch):
