@@ -26,6 +26,7 @@ from php_runner.cli.common import (
     JsonOption,
     PresetOption,
     SeedsOption,
+    check_run_ref,
     console,
     err_console,
     parse_gpus,
@@ -394,7 +395,7 @@ def _run_details(registry: Registry, run: RunRecord) -> dict:
 
 @app.command()
 def show(
-    run: Annotated[str, typer.Argument(help="Run id or a prefix of its config hash.")],
+    run: Annotated[str, typer.Argument(help="Run id or a prefix of its config hash.", callback=check_run_ref)],
     as_json: JsonOption = False,
     db: DbOption = None,
 ) -> None:
