@@ -142,6 +142,13 @@ def check_run_ref(value: str | None) -> str | None:
     return value
 
 
+def check_run_refs(values: list[str] | None) -> list[str] | None:
+    """``check_run_ref`` for each value of a repeatable RUN option."""
+    for value in values or ():
+        check_run_ref(value)
+    return values
+
+
 # Common options, as reusable annotated types (defaults are given where each command declares them).
 PresetOption = Annotated[
     str, typer.Option("--preset", help="Scale of the runs: 'paper' (ViT-B/16, real data) or 'tiny' (CPU, synthetic).")
