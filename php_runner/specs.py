@@ -37,10 +37,12 @@ from pydantic import (
     NonNegativeFloat,
     PositiveFloat,
     ValidationError,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 
-from php_runner.data.datasets import DATASET_NAMES
+from php_runner.data.datasets import DATASET_NAMES, LAYOUTS
 from php_runner.engine.optim import OPTIMIZERS, SOLVERS
 from php_runner.engine.train import SELECTIONS
 from php_runner.errors import InputError
@@ -149,6 +151,15 @@ class DataSection(_Strict):
     source: Literal[DATA_SOURCES]
     val_from_train: Annotated[float, Field(ge=0, lt=1)]
     val_seed: Seed
+
+    @field_validator("val_from_train")
+    @classmethod
+    def _only_without_val_split(cls, value: float, info: ValidationInfo) -> float:
+        dataset = info.data.get("dataset")
+        if value and dataset in LAYOUTS and LAYOUTS[dataset].has_val:
+            raise ValueError(f"{dataset} has a val split of its own; hold out training identities only where "
+                             f"there is none (ICFG-PEDES)")
+        return value
 
 
 class RuntimeSection(_Strict):

@@ -110,6 +110,8 @@ SPEC_CASES = {
     "huge-seed-option": (b'extends = "base"\n', ["--seeds", "99999999999999999999"], "--seeds"),
     "huge-cnum": (b'extends = "base"\n[model]\ncnum = 99999999999999999999\n', [], "huge-cnum.toml: model.cnum"),
     "huge-epochs": (b'extends = "base"\n[train]\nepochs = 3000000000\n', [], "huge-epochs.toml: train.epochs"),
+    "held-out-val-beside-a-val-split": (b'extends = "base"\ndatasets = ["RSTPReid"]\n[data]\nval_from_train = 0.25\n',
+                                        [], "held-out-val-beside-a-val-split.toml: data.val_from_train"),
     "device": (b'extends = "base"\n', ["--device", "banana"], "--device"),
     "gpus-arabic-digits": (b'extends = "base"\n', ["--gpus", "\u0661"], "--gpus"),
     "seeds-arabic-digits": (b'extends = "base"\n', ["--seeds", "\u0661,\u0662"], "--seeds"),
@@ -295,7 +297,7 @@ FIELDS = {
 }
 # Changes a valid spec may make, so that some generated specs pass validation and reach the worker.
 VALID_SECTIONS = [{"train": {"lr": 1e-4}}, {"model": {"coupling": "per-sample"}}, {"loss": {"names": ["sdm", "itc"]}},
-                  {"train": {"selection": "val", "betas": [0.5, 0.9]}}, {"data": {"val_from_train": 0.25}},
+                  {"train": {"selection": "val", "betas": [0.5, 0.9]}}, {"data": {"val_seed": 3}},
                   {"loss": {"temperature": 0.05}, "train": {"warmup_factor": 1.0}}]
 scalars = st.one_of(
     st.integers(min_value=-2**70, max_value=2**70), st.integers(min_value=0, max_value=12),
