@@ -300,6 +300,7 @@ VALID_SECTIONS = [{"train": {"lr": 1e-4}}, {"model": {"coupling": "per-sample"}}
                   {"train": {"selection": "val", "betas": [0.5, 0.9]}}, {"data": {"val_seed": 3}},
                   {"loss": {"temperature": 0.05}, "train": {"warmup_factor": 1.0}}]
 scalars = st.one_of(
+    st.sampled_from([math.inf, -math.inf, math.nan, 2**64, -1, 0]),  # the edges, drawn often
     st.integers(min_value=-2**70, max_value=2**70), st.integers(min_value=0, max_value=12),
     st.floats(allow_nan=True, allow_infinity=True), st.booleans(),
     st.sampled_from(["official", "per-sample", "full", "sdm", "itc", "test", "val", "amp", "tiny", "RSTPReid", ""]),
