@@ -51,6 +51,10 @@ class PhpRunGroup(TyperGroup):
 
     def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
                      **extra: Any) -> click.Context:
+        for token in args:
+            value = token.split("=", 1)[-1] if token.startswith("--") else token
+            if value.isdecimal() and not value.isascii():  # int() would read them; 3 in any script is a typo here
+                raise fail_input(f"{info_name}: {token!r}: write numbers with the digits 0-9")
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
         except CLICK_ERRORS as err:

@@ -145,7 +145,9 @@ def test_usage_errors_of_every_kind_are_one_line(workspace):
                            (["no-such-command"], "no-such-command"),
                            (["data", "check", "--bogus"], "--bogus"),
                            (["show", "999999999999999999999999", "--db", workspace.db], "999999999999999999999999"),
-                           (["show", "\u0663", "--db", workspace.db], "run id")):
+                           (["show", "\u0663", "--db", workspace.db], "0-9"),
+                           (["synth", "--root", "out", "--ids", "\u0663"], "0-9"),
+                           (["evaluate", "--checkpoint", "x.pth", "--test-batch-size=\u0663"], "0-9")):
         code, _, err = invoke(*args)
         assert_refused(code, err, expected, [], {})
 
