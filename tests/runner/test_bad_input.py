@@ -113,7 +113,7 @@ SPEC_CASES = {
     "held-out-val-beside-a-val-split": (b'extends = "base"\ndatasets = ["RSTPReid"]\n[data]\nval_from_train = 0.25\n',
                                         [], "held-out-val-beside-a-val-split.toml: data.val_from_train"),
     "device": (b'extends = "base"\n', ["--device", "banana"], "--device"),
-    "gpus-arabic-digits": (b'extends = "base"\n', ["--gpus", "\u0661"], "--gpus"),
+    "gpus-arabic-digits": (b'extends = "base"\n', ["--gpus", "\u0661,\u0660"], "--gpus"),
     "seeds-arabic-digits": (b'extends = "base"\n', ["--seeds", "\u0661,\u0662"], "--seeds"),
     "empty-db": (b'extends = "base"\n', ["--db", ""], "--db"),
     "extra-argument": (b'extends = "base"\n', ["surplus"], "unexpected extra argument"),
