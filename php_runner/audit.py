@@ -40,7 +40,7 @@ from php_runner.errors import InputError
 from php_runner.model.checkpoint import extract_state_dict, load_checkpoint_file, load_model, load_state_dict_checked
 from php_runner.model.php import PHPModel
 from php_runner.model.precision import apply_precision, autocast_context
-from php_runner.runner import build_php_config
+from php_runner.runner import build_php_config, verified_checkpoint
 
 METRIC_NAMES = ("R1", "R5", "R10", "mAP", "mINP")
 
@@ -513,7 +513,7 @@ def _checkpoint_of(registry, run) -> str:
         raise InputError(f"run {run.id}: no checkpoint recorded (status {run.status}); train it first")
     if not Path(path).is_file():
         raise InputError(f"run {run.id}: checkpoint {path} not found")
-    return path
+    return verified_checkpoint(registry, run, path)
 
 
 def audit_run(

@@ -110,16 +110,32 @@ def ensure_data(config: dict) -> None:
         raise InputError(f"--data-root {root}: no {data['dataset']} folder there (give the folder that holds it)")
 
 
-def preflight(config: dict) -> None:
-    """Cheap checks of bad input before any worker starts: data folders and weight files."""
+def preflight(config: dict, local: bool = True) -> None:
+    """Cheap checks of bad input before any worker starts: data folders, weight files and, for runs
+    that execute on this machine (``local``), the device; queued runs may run on other nodes."""
     ensure_data(config)
     runtime = config.get("runtime", {})
+    if local:
+        check_device(runtime.get("device", "auto"))
     weights = runtime.get("clip_weights")
     if config["model"].get("clip") == "ViT-B/16":
         if not weights:
             raise InputError("--clip-weights: the ViT-B/16 preset needs the OpenAI weights file (ViT-B-16.pt)")
         if not Path(weights).is_file():
             raise InputError(f"--clip-weights {weights}: file not found")
+
+
+def check_device(device: str) -> None:
+    """A CUDA device must exist here (the workers run on this machine); ``auto`` falls back to the CPU."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise InputError(f"--device {device}: CUDA is not available on this machine (use --device cpu or auto)")
+    index = torch.device(device).index
+    if index is not None and index >= torch.cuda.device_count():
+        raise InputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def load_training_data(config: dict):
@@ -158,6 +174,57 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def checkpoint_problem(path: str | Path, sha256: str) -> str | None:
+    """None when the checkpoint file still has its recorded sha256, else what is wrong with it."""
+    if not Path(path).is_file():
+        return "file missing"
+    if file_sha256(path) != sha256:
+        return "file changed since it was recorded (sha256 differs)"
+    return None
+
+
+def verified_checkpoint(registry: Registry, run: RunRecord, path: str) -> str:
+    """``path``, a checkpoint recorded for ``run``, after checking it still has its recorded sha256."""
+    for record in registry.checkpoints(run.id):
+        if record.path == path:
+            problem = checkpoint_problem(path, record.sha256)
+            if problem is not None:
+                raise InputError(f"run {run.id}: checkpoint {path}: {problem}; {restart_hint(run)}")
+    return path
+
+
+def restart_hint(run: RunRecord) -> str:
+    return (f"to train it again from scratch: php-run run SPEC --restart {run.id} "
+            f"(SPEC: the spec file of '{run.spec_name}')")
+
+
+def restart_runs(registry: Registry, planned: Sequence["PlannedRun"], refs: Sequence[str]) -> None:
+    """Make the runs ``refs`` (ids or hash prefixes, each one of ``planned``) start again from scratch.
+
+    Their resume state and best checkpoint are deleted and the run is marked failed (so claimable)
+    with the reason; epochs, results and checkpoint records are overwritten by the new training.
+    A run that a live worker holds is refused.
+    """
+    from php_runner.engine.train import BEST_CHECKPOINT, LAST_CHECKPOINT
+
+    hashes = {p.config_hash for p in planned}
+    runs = [registry.get_run(ref) for ref in refs]
+    for ref, run in zip(refs, runs):
+        if run.config_hash not in hashes:
+            raise InputError(f"--restart {ref}: run {run.id} is not one of this command's planned runs")
+        if run.status == "running" and not registry.is_claimable(run):
+            raise InputError(f"--restart {ref}: run {run.id} is running (worker {run.worker}); stop it first")
+    for run in runs:
+        for name in (LAST_CHECKPOINT, BEST_CHECKPOINT):
+            (run_dir_of(run) / name).unlink(missing_ok=True)
+        registry.mark_failed(run.id, "restarted from scratch (--restart): its checkpoints were removed")
+
+
+def run_dir_of(run: RunRecord) -> Path:
+    """Where a run's checkpoints live (recorded on first training, else the default under checkpoints/)."""
+    return Path(run.run_dir) if run.run_dir else (CHECKPOINT_ROOT / run.short_hash).resolve()
 
 
 def _git_state() -> tuple[str | None, bool | None]:
@@ -280,6 +347,10 @@ def _claim_and_train(registry: Registry, run_id: int, command: str | None,
         if not isinstance(err, InputError):
             traceback.print_exc()
         message = str(err).strip().splitlines()[-1] if str(err).strip() else ""
+        from php_runner.engine.train import LAST_CHECKPOINT
+
+        if str(run_dir_of(run) / LAST_CHECKPOINT) in message:  # its resume state is unusable
+            message += f"; {restart_hint(run)}"
         registry.mark_failed(run_id, f"{type(err).__name__}: {message}", worker=worker)
         print(f"run {run_id} failed: {type(err).__name__}: {message}", file=sys.stderr)
         return 1
@@ -298,7 +369,7 @@ def _train_claimed(registry: Registry, run: RunRecord, heartbeat: _Heartbeat, co
     dataset = load_training_data(config)
     seed_everything(settings.seed)  # the initial weights are a function of the run's seed, as officially
     model = build_model(config, dataset.num_classes)
-    run_dir = Path(run.run_dir) if run.run_dir else (CHECKPOINT_ROOT / run.short_hash).resolve()
+    run_dir = run_dir_of(run)
     run_dir.mkdir(parents=True, exist_ok=True)
     registry.set_run_dir(run.id, str(run_dir))
 
@@ -450,21 +521,23 @@ def _finish(registry: Registry, active: _Active) -> RunOutcome:
     return _outcome(run, "failed", run.error or f"worker exited with code {code}")
 
 
+def preflight_all(registry: Registry, planned: Sequence["PlannedRun"], local: bool = True) -> None:
+    """``preflight`` each planned run that is not done yet (once per distinct data/weights/device); reads only."""
+    done = {run.config_hash for run in registry.list_runs(status="done",
+                                                          config_hashes=[p.config_hash for p in planned])}
+    checked: set[str] = set()
+    for plan in planned:
+        runtime = plan.config.get("runtime", {})
+        key = repr((runtime.get("data_root"), plan.config["data"], plan.config["model"].get("clip"),
+                    runtime.get("clip_weights"), runtime.get("device")))
+        if plan.config_hash not in done and key not in checked:
+            checked.add(key)
+            preflight(plan.config, local=local)
+
+
 def plan_all(registry: Registry, planned: Sequence["PlannedRun"], kind: str = "trained") -> list[RunRecord]:
     """Record every planned run (new hashes become queued runs); the same order as ``planned``."""
     return [registry.plan_run(p, kind=kind) for p in planned]
-
-
-def preflight_runs(runs: Sequence[RunRecord]) -> None:
-    """``preflight`` once per distinct data and weights setting of ``runs``."""
-    checked: set[str] = set()
-    for run in runs:
-        runtime = run.config.get("runtime", {})
-        key = repr((runtime.get("data_root"), run.config["data"], run.config["model"].get("clip"),
-                    runtime.get("clip_weights")))
-        if key not in checked:
-            checked.add(key)
-            preflight(run.config)
 
 
 def execute_planned(
@@ -473,15 +546,23 @@ def execute_planned(
     gpus: Sequence[str] | None = None,
     command: str | None = None,
     on_outcome: Callable[[RunOutcome], None] | None = None,
+    restart: Sequence[str] = (),
 ) -> ExecutionSummary:
     """Plan every run, then execute the runs that are not done, each in its own worker process.
 
     With ``gpus`` (e.g. ``["0", "1"]``) up to one worker per GPU runs at a time, each seeing only its
     GPU through ``CUDA_VISIBLE_DEVICES``; otherwise runs execute one after another. A failed run is
     recorded and the others go on. Bad input found before any training raises ``InputError``.
+    ``restart`` names runs (ids or hash prefixes) to start again from scratch (``restart_runs``).
     """
     db_url = resolve_url(db_url)
     registry = Registry(db_url)
+    try:
+        preflight_all(registry, planned)  # every check before anything is recorded
+        restart_runs(registry, planned, restart)
+    except BaseException:
+        registry.close()
+        raise
     runs = plan_all(registry, planned)
     summary = ExecutionSummary()
 
@@ -496,7 +577,6 @@ def execute_planned(
             report(_outcome(run, "skipped"))
         else:
             pending.append(run)
-    preflight_runs(pending)
 
     slots: list[str | None] = list(gpus) if gpus else [None]
     parallel = len(slots) > 1

@@ -35,14 +35,14 @@ from pydantic import (
     ConfigDict,
     Field,
     NonNegativeFloat,
-    NonNegativeInt,
     PositiveFloat,
-    PositiveInt,
     ValidationError,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 
-from php_runner.data.datasets import DATASET_NAMES
+from php_runner.data.datasets import DATASET_NAMES, LAYOUTS
 from php_runner.engine.optim import OPTIMIZERS, SOLVERS
 from php_runner.engine.train import SELECTIONS
 from php_runner.errors import InputError
@@ -59,10 +59,19 @@ DEFAULT_SEEDS = (1,)  # the official code seeds with 1 + rank
 # Set per run from the spec's datasets/seeds (or the command line), never inside a section.
 PER_RUN_FIELDS = ("data.dataset", "train.seed")
 RUNTIME_OPTIONS = ("data_root", "clip_weights")
+# Every integer of a config becomes a tensor dimension, a loop count or a registry column: 32 bits
+# bound them all. Seeds follow numpy's seed range.
+MAX_INT = 2**31 - 1
+MAX_SEED = 2**32 - 1
+DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:[0-9]+)?)$"
+PositiveInt = Annotated[int, Field(gt=0, le=MAX_INT)]
+NonNegativeInt = Annotated[int, Field(ge=0, le=MAX_INT)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # allow_inf_nan=False: inf and nan are refused in every float field (the config hash is JSON).
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 # ---- the resolved run config ----------------------------------------------------------------------
@@ -133,7 +142,7 @@ class TrainSection(_Strict):
     evaluate_test: bool
     eval_period: PositiveInt
     test_batch_size: PositiveInt
-    seed: int
+    seed: Seed
     deterministic: bool
 
 
@@ -141,7 +150,16 @@ class DataSection(_Strict):
     dataset: Literal[DATASET_NAMES]
     source: Literal[DATA_SOURCES]
     val_from_train: Annotated[float, Field(ge=0, lt=1)]
-    val_seed: int
+    val_seed: Seed
+
+    @field_validator("val_from_train")
+    @classmethod
+    def _only_without_val_split(cls, value: float, info: ValidationInfo) -> float:
+        dataset = info.data.get("dataset")
+        if value and dataset in LAYOUTS and LAYOUTS[dataset].has_val:
+            raise ValueError(f"{dataset} has a val split of its own; hold out training identities only where "
+                             f"there is none (ICFG-PEDES)")
+        return value
 
 
 class RuntimeSection(_Strict):
@@ -149,7 +167,7 @@ class RuntimeSection(_Strict):
 
     data_root: str = Field(min_length=1)
     clip_weights: str | None = None
-    device: str = "auto"
+    device: str = Field(default="auto", pattern=DEVICE_PATTERN)
     num_workers: NonNegativeInt = 8
 
 
@@ -232,7 +250,7 @@ class _SpecFile(_Strict):
     table: str | None = None
     row_label: str | None = None
     datasets: list[Literal[DATASET_NAMES]] | None = Field(default=None, min_length=1)
-    seeds: list[int] | None = Field(default=None, min_length=1)
+    seeds: list[Seed] | None = Field(default=None, min_length=1)
     model: dict[str, Any] = Field(default_factory=dict)
     loss: dict[str, Any] = Field(default_factory=dict)
     train: dict[str, Any] = Field(default_factory=dict)
@@ -492,12 +510,16 @@ def _validate_model(model: type[BaseModel], layers: list[_Layer]) -> Any:
 
 
 def _layer_of(layers: list[_Layer], loc: tuple) -> _Layer:
-    """The last layer that sets the failing path (or its nearest enclosing table)."""
+    """The last layer that sets the failing path (or its nearest enclosing table).
+
+    A path no layer sets (a required section missing) is blamed on the first layer: the root of
+    the spec chain, which must define every section (or extend a spec that does).
+    """
     for depth in range(len(loc), 0, -1):
         for layer in reversed(layers):
             if _contains(layer.values, loc[:depth]):
                 return layer
-    return layers[-1]
+    return layers[0]
 
 
 def _culprit(files: list[tuple[Path, dict]], loc: tuple) -> str:
@@ -573,6 +595,8 @@ def _read_toml(path: Path) -> dict:
         raise InputError(f"{path}: cannot read ({err.strerror})") from None
     except tomllib.TOMLDecodeError as err:
         raise InputError(f"{path}: not valid TOML ({err})") from None
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
 
 
 def _unique(items: Iterable) -> list:

@@ -35,7 +35,14 @@ from php_runner.errors import InputError
 from php_runner.model.checkpoint import load_model
 from php_runner.model.precision import apply_precision
 from php_runner.registry import Registry, RunRecord
-from php_runner.runner import EXIT_INTERRUPTED, EXIT_NOT_CLAIMED, execute_run, load_training_data, preflight
+from php_runner.runner import (
+    EXIT_INTERRUPTED,
+    EXIT_NOT_CLAIMED,
+    execute_run,
+    load_training_data,
+    preflight,
+    verified_checkpoint,
+)
 from php_runner.specs import (
     CategoricalParam,
     FloatParam,
@@ -446,7 +453,7 @@ def final_test_result(registry: Registry, run_id: int, objective: Objective) -> 
             return results[rule]
     run = registry.get_run(run_id)
     best = next(c for c in registry.checkpoints(run_id) if c.role == "best")
-    model, info = load_model(best.path)
+    model, info = load_model(verified_checkpoint(registry, run, best.path))
     train = run.config["train"]
     apply_precision(model, train["precision"])
     settings = EvalSettings(batch_size=train["test_batch_size"], device=str(resolve_device(run.config["runtime"].get(

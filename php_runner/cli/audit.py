@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from php_runner.cli import app
-from php_runner.cli.common import DataRootOption, DbOption, DeviceOption, JsonOption, console, print_json
+from php_runner.cli.common import DataRootOption, DbOption, DeviceOption, JsonOption, check_run_ref, console, print_json
 from php_runner.errors import InputError
 
 COUPLING_CHOICES = ("official", "per-sample")
@@ -19,7 +19,8 @@ METRICS = ("R1", "R5", "R10", "mAP", "mINP")
 
 @app.command()
 def audit(
-    run: Annotated[str | None, typer.Argument(help="Registry run id or config-hash prefix (uses its checkpoint and config).")] = None,
+    run: Annotated[str | None, typer.Argument(help="Registry run id or config-hash prefix (uses its checkpoint and config).",
+                                              callback=check_run_ref)] = None,
     checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="A checkpoint file (ours or an official best.pth) instead of a run.")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="The official configs.yaml beside --checkpoint.")] = None,
     data_root: DataRootOption = None,

@@ -26,6 +26,8 @@ from php_runner.cli.common import (
     JsonOption,
     PresetOption,
     SeedsOption,
+    check_run_ref,
+    check_run_refs,
     console,
     err_console,
     parse_gpus,
@@ -65,18 +67,19 @@ def _runtime(data_root: Path | None, clip_weights: Path | None, device: str | No
 
 
 def _run_spec(spec: "Spec", preset: str, datasets: list[str] | None, seeds: str | None, data_root: Path | None,
-              clip_weights: Path | None, device: str | None, db: str | None, gpus: str | None) -> int:
+              clip_weights: Path | None, device: str | None, db: str | None, gpus: str | None,
+              restart: list[str] | None = None) -> int:
     """Plan a spec's runs and execute them (auditing them when the spec asks); returns the exit code."""
     from php_runner.specs import expand
 
     planned = expand(spec, preset, datasets, parse_seeds(seeds), _runtime(data_root, clip_weights, device))
     if not planned:
         raise InputError(f"spec {spec.name}: no runs for preset {preset!r} and the given datasets/seeds")
-    return _execute(planned, db, gpus, audit=spec.audit, device=device)
+    return _execute(planned, db, gpus, audit=spec.audit, device=device, restart=restart)
 
 
 def _execute(planned: list["PlannedRun"], db: str | None, gpus: str | None, audit: bool = False,
-             device: str | None = None) -> int:
+             device: str | None = None, restart: list[str] | None = None) -> int:
     """Execute ``planned`` and print a summary; returns the exit code (1 when a run failed).
 
     With ``audit`` (a spec field), every done run without an audit report is audited afterwards.
@@ -95,7 +98,8 @@ def _execute(planned: list["PlannedRun"], db: str | None, gpus: str | None, audi
         console.print(f"[{style}]{outcome.status:>7}[/{style}] run {outcome.run_id} {outcome.config_hash[:12]} "
                       f"{outcome.dataset} {outcome.row_label} seed {outcome.seed}  {note}")
 
-    summary = execute_planned(planned, db, gpu_ids, command=command_line(), on_outcome=on_outcome)
+    summary = execute_planned(planned, db, gpu_ids, command=command_line(), on_outcome=on_outcome,
+                              restart=restart or ())
     counts = ", ".join(f"{summary.count(s)} {s}" for s in ("done", "skipped", "busy", "failed") if summary.count(s))
     console.print(f"[bold]runs:[/bold] {counts}")
     if audit:
@@ -142,6 +146,19 @@ def _datasets_option(dataset: str) -> list[str] | None:
     return [dataset]
 
 
+def _damaged_checkpoints(registry: Registry, run_ids: list[int]) -> list[str]:
+    """One line per recorded checkpoint of these runs whose file is missing or no longer has its sha256."""
+    from php_runner.runner import checkpoint_problem
+
+    lines = []
+    for run_id in run_ids:
+        for record in registry.checkpoints(run_id):
+            problem = checkpoint_problem(record.path, record.sha256)
+            if problem is not None:
+                lines.append(f"run {run_id}: checkpoint {record.role} {record.path}: {problem}")
+    return lines
+
+
 def _print_tables(names: list[str], db: str | None, include_empty: bool, as_json: bool, preset: str) -> None:
     """Render tables from the registry to the terminal and to reports/ (markdown, CSV, module chart).
 
@@ -150,12 +167,17 @@ def _print_tables(names: list[str], db: str | None, include_empty: bool, as_json
     from php_runner import reports
 
     registry = Registry(db)
-    views = []
+    views, run_ids = [], set()
     for name in names:
         rows = registry.result_rows(name, preset=preset)
+        run_ids.update(run.id for run in registry.list_runs(status="done", table=name)
+                       if run.preset == preset or run.kind == "imported")
         if rows or include_empty:
             views.append(reports.build_table(name, rows, preset=preset))
+    damaged = _damaged_checkpoints(registry, sorted(run_ids))
     registry.close()
+    for line in damaged:
+        err_console.print(f"[yellow]warning:[/yellow] {line}", highlight=False, soft_wrap=True)
     written = [path for view in views for path in reports.write_reports(view, REPORTS_DIR)]
     if as_json:
         print_json([dataclasses.asdict(view) for view in views])
@@ -255,15 +277,18 @@ def run_spec(
     db: DbOption = None,
     device: DeviceOption = None,
     gpus: GpusOption = None,
+    restart: Annotated[list[str] | None, typer.Option(
+        "--restart", help="Train this run (id or hash prefix, one of the spec's) again from scratch, deleting its "
+        "checkpoints: the way on when its last.pth is damaged. Repeatable.", callback=check_run_refs)] = None,
 ) -> None:
     """Execute every run a spec file expands to (done runs are skipped, interrupted ones resume).
 
-    Example: php-run run experiments/cnum.toml --preset tiny --seeds 1,2
+    Example: php-run run experiments/cnum.toml --preset tiny --seeds 1,2   (--restart 7 retrains run 7)
     """
     from php_runner.specs import load_spec
 
     raise typer.Exit(_run_spec(load_spec(spec_path), preset, _datasets_option(dataset), seeds, data_root,
-                               clip_weights, device, db, gpus))
+                               clip_weights, device, db, gpus, restart))
 
 
 # --------------------------------------------------------------------------------------------
@@ -389,12 +414,15 @@ def status(
 
 
 def _run_details(registry: Registry, run: RunRecord) -> dict:
+    from php_runner.runner import checkpoint_problem
+
     audit = registry.latest_audit(run.id)
     return {
         "run": dataclasses.asdict(run),
         "epochs": [dataclasses.asdict(e) for e in registry.epochs(run.id)],
         "results": registry.results(run.id),
-        "checkpoints": [dataclasses.asdict(c) for c in registry.checkpoints(run.id)],
+        "checkpoints": [{**dataclasses.asdict(c), "problem": checkpoint_problem(c.path, c.sha256)}
+                        for c in registry.checkpoints(run.id)],
         "provenance": registry.provenance(run.id),
         "audit": None if audit is None else dataclasses.asdict(audit),
     }
@@ -402,7 +430,7 @@ def _run_details(registry: Registry, run: RunRecord) -> dict:
 
 @app.command()
 def show(
-    run: Annotated[str, typer.Argument(help="Run id or a prefix of its config hash.")],
+    run: Annotated[str, typer.Argument(help="Run id or a prefix of its config hash.", callback=check_run_ref)],
     as_json: JsonOption = False,
     db: DbOption = None,
 ) -> None:
@@ -447,7 +475,9 @@ def show(
 
     for checkpoint in details["checkpoints"]:
         console.print(f"[bold]checkpoint {checkpoint['role']}[/bold] (epoch {checkpoint['epoch']}): "
-                      f"{checkpoint['path']}  sha256 {checkpoint['sha256']}")
+                      f"{checkpoint['path']}  sha256 {checkpoint['sha256']}", soft_wrap=True)
+        if checkpoint["problem"]:
+            console.print(f"  [red]{checkpoint['problem']}[/red]", highlight=False)
     if details["provenance"]:
         console.print("[bold]provenance[/bold]: " + ", ".join(f"{k}={v}" for k, v in details["provenance"].items()))
     if details["audit"]:

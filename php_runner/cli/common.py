@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -23,6 +24,10 @@ EXIT_OK = 0
 EXIT_RUN_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+MAX_RUN_ID = 2**63 - 1  # the registry's integer ids (SQLite and PostgreSQL BIGINT)
+# click's ClickException: recent Typer raises its vendored copy (typer._click), older Typer click's own.
+CLICK_ERRORS = tuple({click.ClickException, *(cls for cls in typer.BadParameter.__mro__
+                                               if cls.__name__ == "ClickException")})
 
 # Redirected output (logs, CI) has no terminal to wrap at: give the wide tables room instead of
 # rich's 80-column default, unless COLUMNS says otherwise.
@@ -44,14 +49,37 @@ class PhpRunGroup(TyperGroup):
     this group's ``invoke``, so they all get the same handling.
     """
 
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        for token in args:
+            value = token.split("=", 1)[-1] if token.startswith("--") else token
+            if value.isdecimal() and not value.isascii():  # int() would read them; 3 in any script is a typo here
+                raise fail_input(f"{info_name}: {token!r}: write numbers with the digits 0-9")
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except CLICK_ERRORS as err:
+            raise _usage_error(err, info_name) from None
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except InputError as err:
             raise fail_input(" ".join(str(err).split())) from None
+        except CLICK_ERRORS as err:  # a sub-command's own option checks (Typer/click)
+            raise _usage_error(err, ctx.info_name) from None
         except KeyboardInterrupt:
             print("interrupted; run the same command again to resume", file=sys.stderr)
             raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+def _usage_error(err: Exception, program: str | None) -> typer.Exit:
+    """click's usage errors as one ``error:`` line (not Typer's boxed panel), with click's exit code."""
+    if type(err).__name__ == "NoArgsIsHelpError":  # its message is the help text: shown as usual
+        raise err
+    context = getattr(err, "ctx", None)
+    command = context.command_path if context is not None else program
+    print(f"error: {command}: {' '.join(err.format_message().split())}", file=sys.stderr)
+    return typer.Exit(err.exit_code)
 
 
 def specs_folder() -> Path:
@@ -69,12 +97,16 @@ def parse_seeds(text: str | None) -> list[int] | None:
     """``"1,2,3"`` -> ``[1, 2, 3]``; None keeps the spec's seeds."""
     if text is None:
         return None
-    try:
-        seeds = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise InputError(f"--seeds: expected comma-separated integers, got {text!r}") from None
+    from php_runner.specs import MAX_SEED
+
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not all(re.fullmatch(r"[0-9]+", part) for part in parts):  # ASCII digits only: int() takes any script's
+        raise InputError(f"--seeds: expected comma-separated integers, got {text!r}")
+    seeds = [int(part) for part in parts]
     if not seeds:
         raise InputError("--seeds: no seed given")
+    if max(seeds) > MAX_SEED:
+        raise InputError(f"--seeds: a seed must be at most {MAX_SEED}, got {max(seeds)}")
     return seeds
 
 
@@ -83,9 +115,42 @@ def parse_gpus(text: str | None) -> list[str] | None:
     if text is None:
         return None
     gpus = [part.strip() for part in text.split(",") if part.strip()]
-    if not gpus or not all(g.isdigit() for g in gpus) or len(set(gpus)) != len(gpus):
+    if not gpus or not all(re.fullmatch(r"[0-9]+", g) for g in gpus) or len(set(gpus)) != len(gpus):
         raise InputError(f"--gpus: expected distinct comma-separated GPU indices such as 0,1, got {text!r}")
     return gpus
+
+
+def _check_db(value: str | None) -> str | None:
+    if value is not None and not value.strip():
+        raise typer.BadParameter("empty URL; give an SQLAlchemy URL such as sqlite:///registry.db")
+    return value
+
+
+def _check_device(value: str | None) -> str | None:
+    from php_runner.specs import DEVICE_PATTERN
+
+    if value is not None and not re.fullmatch(DEVICE_PATTERN, value):
+        raise typer.BadParameter(f"expected auto, cpu, mps, cuda or cuda:N, got {value!r}")
+    return value
+
+
+def check_run_ref(value: str | None) -> str | None:
+    """A RUN argument: an id (ASCII digits, within the registry's 64-bit ids) or a config-hash prefix."""
+    if value is None:
+        return value
+    key = value.strip()
+    if not key.isascii():
+        raise typer.BadParameter(f"expected a run id or a config-hash prefix, got {value!r}")
+    if key.isdigit() and int(key) > MAX_RUN_ID:
+        raise typer.BadParameter(f"no run has id {key} (ids are at most {MAX_RUN_ID})")
+    return value
+
+
+def check_run_refs(values: list[str] | None) -> list[str] | None:
+    """``check_run_ref`` for each value of a repeatable RUN option."""
+    for value in values or ():
+        check_run_ref(value)
+    return values
 
 
 # Common options, as reusable annotated types (defaults are given where each command declares them).
@@ -102,10 +167,11 @@ SeedsOption = Annotated[str | None, typer.Option("--seeds", help="Comma-separate
 DbOption = Annotated[
     str | None,
     typer.Option("--db", envvar="PHP_RUN_DB", help="Registry SQLAlchemy URL (default: sqlite:///registry.db).",
-                 show_envvar=True),
+                 show_envvar=True, callback=_check_db),
 ]
 DeviceOption = Annotated[
-    str | None, typer.Option("--device", help="Torch device: auto, cpu, cuda, cuda:1, ... (default: the preset's).")
+    str | None, typer.Option("--device", help="Torch device: auto, cpu, cuda, cuda:1, ... (default: the preset's).",
+                             callback=_check_device)
 ]
 GpusOption = Annotated[
     str | None, typer.Option("--gpus", help="Run up to one worker per listed GPU in parallel, e.g. 0,1.")

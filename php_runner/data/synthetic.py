@@ -110,8 +110,20 @@ def write_synthetic(root: str | Path, name: str = "all", num_ids: int | None = N
     train_ids = DEFAULT_TRAIN_IDS if num_ids is None else num_ids
     if isinstance(train_ids, bool) or not isinstance(train_ids, int) or train_ids < 1:
         raise DatasetError(f"num_ids: expected a positive integer, got {num_ids!r}")
+    _check_writable_folder(Path(root))
     names = DATASET_NAMES if name == "all" else (name,)
     return [_write_one(Path(root), dataset, train_ids, seed) for dataset in names]
+
+
+def _check_writable_folder(root: Path) -> None:
+    """``root`` is (or can be created as) a folder we may write: its nearest existing path is a folder."""
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DatasetError(f"{root}: not a folder ({existing} is a file)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DatasetError(f"{root}: cannot write there ({existing} is not writable)")
 
 
 def split_sizes(train_ids: int, name: str) -> dict[str, int]:

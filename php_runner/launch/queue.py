@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from php_runner.errors import InputError
 from php_runner.registry import Registry, RunRecord, resolve_url
-from php_runner.runner import plan_all, preflight_runs
+from php_runner.runner import plan_all, preflight_all
 
 if TYPE_CHECKING:
     from php_runner.specs import PlannedRun
@@ -34,11 +34,11 @@ def check_registry_for(executor: str, db_url: str | None, allow_sqlite: bool) ->
 
 def enqueue(planned: Sequence["PlannedRun"], db_url: str | None = None) -> list[RunRecord]:
     """Record ``planned`` as queued runs (existing hashes keep their state) after the pre-flight
-    checks of their data and weights; returns the records in the order of ``planned``."""
+    checks of their data and weights (not the device: workers run elsewhere); returns the records
+    in the order of ``planned``."""
     registry = Registry(db_url)
     try:
-        runs = plan_all(registry, planned)
-        preflight_runs([run for run in runs if run.status != "done"])
-        return runs
+        preflight_all(registry, planned, local=False)  # every check before anything is recorded
+        return plan_all(registry, planned)
     finally:
         registry.close()

@@ -9,6 +9,7 @@ YAML through a SafeLoader that additionally builds tuples (the official files ta
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tempfile
@@ -23,6 +24,7 @@ from php_runner.errors import InputError
 from php_runner.model.clip import clip_config_from_state_dict
 from php_runner.model.config import ClipConfig, PHPConfig
 from php_runner.model.php import PHPModel
+from php_runner.model.precision import PRECISIONS
 
 COUNTER_SUFFIXES = ("feed_forward.expert_count_accum", "feed_forward.token_count_accum")  # R1 builds only
 CONFIG_KEY = "config"  # where our own checkpoints store ``config_to_dict(model.config)``
@@ -32,6 +34,7 @@ DEFAULT_TOPK = 2
 DEFAULT_EFP_HEADS = 8
 _CLIP_FIELDS = {f.name for f in dataclasses.fields(ClipConfig)}
 _PHP_FIELDS = {f.name for f in dataclasses.fields(PHPConfig)} - {"clip"}
+MAX_DIMENSION = 2**31 - 1
 
 
 class CheckpointError(InputError):
@@ -89,7 +92,34 @@ def read_official_yaml(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: cannot read ({_first_line(error)})") from None
     if not isinstance(values, dict):
         raise CheckpointError(f"{path}: expected a mapping at the top level")
+    _check_yaml_fields(path, values)
     return values
+
+
+# The configs.yaml options php-run reads, by kind (the official file holds more, left unread).
+_YAML_COUNTS = ("topk", "moe_heads", "cnum", "num_experts", "moe_layers", "stride_size", "batch_size",
+                "test_batch_size", "num_epoch", "eval_period")
+_YAML_NUMBERS = ("lr", "alpha", "beta", "momentum", "temperature", "aux_factor", "weight_decay", "weight_decay_bias",
+                 "bias_lr_factor", "lr_factor", "transformer_lr_factor", "moe_lr_factor", "warmup_factor",
+                 "warmup_epochs")
+_YAML_STRINGS = ("dataset_name", "root_dir", "loss_names", "optimizer", "val_dataset")
+
+
+def _check_yaml_fields(path: Path, values: dict) -> None:
+    """Each option php-run reads has the type it is read as; one line naming the file and the option."""
+    for key in _YAML_COUNTS:
+        if key in values and not _is_count(values[key]):
+            raise CheckpointError(f"{path}: {key}: expected a positive integer, got {values[key]!r}")
+    for key in _YAML_NUMBERS:
+        value = values.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise CheckpointError(f"{path}: {key}: expected a finite number, got {value!r}")
+    for key in _YAML_STRINGS:
+        if key in values and not isinstance(values[key], str):
+            raise CheckpointError(f"{path}: {key}: expected a string, got {values[key]!r}")
+    size = values.get("img_size", DEFAULT_IMAGE_SIZE)
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(_is_count(v) for v in size)):
+        raise CheckpointError(f"{path}: img_size: expected two positive integers (height, width), got {size!r}")
 
 
 def extract_state_dict(payload: dict) -> dict[str, Tensor]:
@@ -98,6 +128,9 @@ def extract_state_dict(payload: dict) -> dict[str, Tensor]:
     state_dict = payload.get("model", payload) if isinstance(payload, dict) else payload
     if not isinstance(state_dict, dict) or not state_dict:
         raise CheckpointError("checkpoint: no state dict (expected a non-empty 'model' mapping)")
+    not_strings = [key for key in state_dict if not isinstance(key, str)]
+    if not_strings:
+        raise CheckpointError(f"checkpoint: state dict keys are not strings: {_preview(sorted(map(repr, not_strings)))}")
     not_tensors = [key for key, value in state_dict.items() if not isinstance(value, Tensor)]
     if not_tensors:
         raise CheckpointError(f"checkpoint: state dict entries are not tensors: {_preview(sorted(map(str, not_tensors)))}")
@@ -128,6 +161,52 @@ def _flatten_stored_config(stored: dict) -> dict[str, Any]:
     flat = {key: value for key, value in stored.items() if key in _PHP_FIELDS}
     flat.update({key: value for key, value in (stored.get("clip") or {}).items() if key in _CLIP_FIELDS})
     return flat
+
+
+def _stored_config(path: Path, payload: dict) -> dict[str, Any]:
+    """The architecture fields a php-run checkpoint stores under ``config``, each type-checked."""
+    if CONFIG_KEY not in payload:
+        return {}
+    stored = payload[CONFIG_KEY]
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"{path}: {CONFIG_KEY}: expected a mapping of model fields, found {type(stored).__name__}")
+    if not isinstance(stored.get("clip", {}), dict):
+        raise CheckpointError(f"{path}: {CONFIG_KEY}.clip: expected a mapping of CLIP fields, "
+                              f"found {type(stored['clip']).__name__}")
+    flat = _flatten_stored_config(stored)
+    for key, value in flat.items():
+        field = f"{CONFIG_KEY}.{'clip.' if key in _CLIP_FIELDS else ''}{key}"
+        if key == "image_size":
+            if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_count(v) for v in value)):
+                raise CheckpointError(f"{path}: {field}: expected two positive integers, got {value!r}")
+        elif key in ("variant", "sharing", "coupling"):
+            if not isinstance(value, str):
+                raise CheckpointError(f"{path}: {field}: expected a string, got {value!r}")
+        elif not _is_count(value, minimum=0 if key == "num_classes" else 1):
+            raise CheckpointError(f"{path}: {field}: expected a {'non-negative' if key == 'num_classes' else 'positive'} "
+                                  f"integer, got {value!r}")
+    return flat
+
+
+def _stored_settings(path: Path, payload: dict) -> dict[str, Any]:
+    """The training recipe a php-run checkpoint stores under ``settings``; the fields evaluation reads checked."""
+    settings = payload.get("settings")
+    if settings is None:
+        return {}
+    if not isinstance(settings, dict):
+        raise CheckpointError(f"{path}: settings: expected a mapping, found {type(settings).__name__}")
+    if "precision" in settings and settings["precision"] not in PRECISIONS:
+        raise CheckpointError(f"{path}: settings.precision: expected one of {', '.join(PRECISIONS)}, "
+                              f"got {settings['precision']!r}")
+    if "test_batch_size" in settings and not _is_count(settings["test_batch_size"]):
+        raise CheckpointError(f"{path}: settings.test_batch_size: expected a positive integer, "
+                              f"got {settings['test_batch_size']!r}")
+    return dict(settings)
+
+
+def _is_count(value: Any, minimum: int = 1) -> bool:
+    """An int (not a bool) in ``[minimum, 2**31 - 1]``: every such field becomes a tensor dimension."""
+    return isinstance(value, int) and not isinstance(value, bool) and minimum <= value <= MAX_DIMENSION
 
 
 def _block_count(state_dict: dict[str, Tensor], prefix: str) -> int:
@@ -197,6 +276,11 @@ def load_state_dict_checked(model: torch.nn.Module, state_dict: dict[str, Tensor
     any model key left unmatched or checkpoint key left unused is an error naming them. Values are cast to
     the model's dtypes. R1 counter buffers are ignored."""
     weights, _ = split_counters(state_dict)
+    not_finite = sorted(key for key, value in weights.items()
+                        if value.is_floating_point() and not bool(torch.isfinite(value).all()))
+    if not_finite:
+        raise CheckpointError(f"{source}: weights are not finite (NaN or inf in {_preview(not_finite)}); the file is damaged "
+                              "or the run diverged")
     own = model.state_dict()
     chosen: dict[str, str] = {}
     for key in own:
@@ -232,12 +316,16 @@ def load_model(path: str | Path, yaml_path: str | Path | None = None, **override
     defaults. Returns ``(model, info)`` with the epoch, R1 counters, scheduler base lrs, the config and
     the training settings stored by php-run (``info["settings"]``).
     """
+    path = Path(path)
     payload = load_checkpoint_file(path)
-    weights, counters = split_counters(extract_state_dict(payload))
     yaml_values = read_official_yaml(yaml_path) if yaml_path is not None else None
-    stored = payload.get(CONFIG_KEY)
-    settings = {**(_flatten_stored_config(stored) if isinstance(stored, dict) else {}), **overrides}
-    config = infer_config(weights, yaml_values, **settings)
+    settings = {**_stored_config(path, payload), **overrides}
+    recipe = _stored_settings(path, payload)
+    try:
+        weights, counters = split_counters(extract_state_dict(payload))
+        config = infer_config(weights, yaml_values, **settings)
+    except CheckpointError as error:  # their messages name the field, not the file
+        raise CheckpointError(f"{path}: {error}") from None
     with torch.device("meta"):
         model = PHPModel(config)
     model = model.to_empty(device="cpu")  # every tensor is then written by the strict load below
@@ -253,7 +341,7 @@ def load_model(path: str | Path, yaml_path: str | Path | None = None, **override
         "has_optimizer": "optimizer" in payload,
         "yaml": yaml_values,
         # The training recipe our own checkpoints carry (precision, test batch size, ...); empty for official files.
-        "settings": dict(payload.get("settings") or {}),
+        "settings": recipe,
     }
     return model, info
 

@@ -241,3 +241,62 @@ def test_save_atomic_replaces_and_leaves_no_temporary_files(tmp_path):
         save_atomic({"a": lambda: None}, path)  # unpicklable: the old file must survive
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.zeros(2))
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]
+
+
+def _own_payload(tiny_model) -> dict:
+    model = tiny_model()
+    return {"model": model.state_dict(), "config": config_to_dict(model.config), "epoch": 1,
+            "settings": {"precision": "amp", "test_batch_size": 8}}
+
+
+def _fill_first_float(value: float):
+    def change(payload):
+        next(t for t in payload["model"].values() if t.is_floating_point()).view(-1)[0] = value
+    return change
+
+
+@pytest.mark.parametrize("change, field", [
+    (lambda p: p["config"].update(cnum=-5), "config.cnum"),
+    (lambda p: p["config"].update(cnum=True), "config.cnum"),
+    (lambda p: p["config"].update(variant=3), "config.variant"),
+    (lambda p: p["config"]["clip"].update(vision_heads="2"), "config.clip.vision_heads"),
+    (lambda p: p["config"].update(clip=[1]), "config.clip"),
+    (lambda p: p.update(config="garbage"), "config"),
+    (lambda p: p.update(settings={"precision": "zzz"}), "settings.precision"),
+    (lambda p: p.update(settings=["x"]), "settings"),
+    (lambda p: p.update(settings={"test_batch_size": 0}), "settings.test_batch_size"),
+    (lambda p: p["model"].update({5: torch.zeros(1)}), "keys are not strings"),
+    (_fill_first_float(float("nan")), "not finite"),
+    (_fill_first_float(float("-inf")), "not finite"),
+])
+def test_damaged_own_checkpoint_names_the_file_and_the_field(change, field, tiny_model, tmp_path):
+    payload = _own_payload(tiny_model)
+    path = tmp_path / "best.pth"
+    save_atomic(payload, path)
+    assert load_model(path)[1]["settings"]["test_batch_size"] == 8  # the undamaged file loads
+    change(payload)
+    save_atomic(payload, path)
+    with pytest.raises(CheckpointError) as error:
+        load_model(path)
+    assert _one_line(error) and str(error.value).startswith(f"{path}: ") and field in str(error.value)
+
+
+def test_inference_errors_name_the_file(tiny_model, tmp_path):
+    payload = _own_payload(tiny_model)
+    del payload["config"]  # a tiny model's heads cannot be read from its weights
+    path = tmp_path / "best.pth"
+    save_atomic(payload, path)
+    with pytest.raises(CheckpointError) as error:
+        load_model(path)
+    assert str(error.value).startswith(f"{path}: ")
+
+
+@pytest.mark.parametrize("line, field", [("topk: abc", "topk"), ("cnum: [1, 2]", "cnum"), ("moe_heads: 0", "moe_heads"),
+                                         ("img_size: [48]", "img_size"), ("lr: .nan", "lr"), ("lr: fast", "lr"),
+                                         ("dataset_name: 3", "dataset_name"), ("test_batch_size: true", "test_batch_size")])
+def test_official_yaml_option_types_are_checked(line, field, tmp_path):
+    path = tmp_path / "configs.yaml"
+    path.write_text(OFFICIAL_YAML + line + "\n")
+    with pytest.raises(CheckpointError) as error:
+        read_official_yaml(path)
+    assert _one_line(error) and str(error.value).startswith(f"{path}: {field}: ")

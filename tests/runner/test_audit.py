@@ -319,6 +319,7 @@ def test_cli_audits_a_registry_run_and_stores_the_report(tmp_path, icfg, tiny_mo
     from types import SimpleNamespace
 
     from php_runner.registry import Registry
+    from php_runner.runner import file_sha256
 
     url = f"sqlite:///{tmp_path / 'registry.db'}"
     registry = Registry(url)
@@ -326,7 +327,7 @@ def test_cli_audits_a_registry_run_and_stores_the_report(tmp_path, icfg, tiny_mo
     planned = SimpleNamespace(config=config, config_hash="ab" * 32, spec_name="coupling", table="coupling",
                               row_label="official", dataset="ICFG-PEDES", seed=1, preset="tiny")
     run = registry.plan_run(planned)
-    registry.record_checkpoint(run.id, str(run_checkpoint), "0" * 64, 2, "best")
+    registry.record_checkpoint(run.id, str(run_checkpoint), file_sha256(run_checkpoint), 2, "best")
     for epoch, r1 in ((1, 20.0), (2, 50.0), (3, 40.0)):
         registry.record_epoch(run.id, epoch, "test", dict.fromkeys(audit.METRIC_NAMES, r1))
     registry.close()
