@@ -246,7 +246,7 @@ def ablate(
 
 @app.command("run")
 def run_spec(
-    spec_path: Annotated[Path, typer.Argument(help="A spec file (TOML), e.g. experiments/cnum.toml.")],
+    spec_path: Annotated[Path, typer.Argument(help="A spec file (TOML), or a shipped spec's name (php-run ls), e.g. cnum.")],
     dataset: Annotated[str, typer.Option("--dataset", help="CUHK-PEDES, ICFG-PEDES, RSTPReid or all.")] = "all",
     preset: PresetOption = "paper",
     data_root: DataRootOption = None,
@@ -258,11 +258,11 @@ def run_spec(
 ) -> None:
     """Execute every run a spec file expands to (done runs are skipped, interrupted ones resume).
 
-    Example: php-run run experiments/cnum.toml --preset tiny --seeds 1,2
+    Example: php-run run cnum --preset tiny --seeds 1,2   (or a file: php-run run my_specs/cnum6.toml)
     """
-    from php_runner.specs import load_spec
+    from php_runner.specs import find_spec, load_spec
 
-    raise typer.Exit(_run_spec(load_spec(spec_path), preset, _datasets_option(dataset), seeds, data_root,
+    raise typer.Exit(_run_spec(load_spec(find_spec(spec_path)), preset, _datasets_option(dataset), seeds, data_root,
                                clip_weights, device, db, gpus))
 
 

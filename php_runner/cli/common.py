@@ -55,9 +55,10 @@ class PhpRunGroup(TyperGroup):
 
 
 def specs_folder() -> Path:
-    """The shipped ``experiments/`` folder of the php-run checkout, else ``./experiments``."""
-    shipped = Path(__file__).resolve().parents[2] / "experiments"
-    return shipped if shipped.is_dir() else Path("experiments")
+    """The specs shipped inside the package (``php_runner/experiments``), from any working directory."""
+    from php_runner.specs import shipped_folder
+
+    return shipped_folder()
 
 
 def print_json(value: Any) -> None:
