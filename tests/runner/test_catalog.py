@@ -125,3 +125,18 @@ def test_the_built_wheel_installed_in_a_fresh_venv_runs_the_demo_from_an_empty_f
     out = run(php_run, "demo", "--data-root", data_root, cwd=empty)
     assert "3 planned run(s)" in out and "runs: 3 done" in out, out[-3000:]
     assert (empty / "registry.db").is_file() and (empty / "reports" / "headline_tiny.md").is_file()
+
+
+@pytest.mark.parametrize("args, named", [
+    (("cat", "cnumm"), "cnumm: no such spec file"),
+    (("cat", "cnum", "--preset", "huge"), "--preset: unknown preset 'huge'"),
+    (("run", "cnumm"), "cnumm: no such spec file"),
+    (("table", "cnum", "--format", "word"), "--format"),
+    (("plot", "999"), "999"),
+])
+def test_bad_names_give_one_line_and_exit_code_2(tmp_path, monkeypatch, args, named):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, [*args, "--db", f"sqlite:///{tmp_path / 'r.db'}"] if args[0] in ("table", "plot")
+                                else list(args), catch_exceptions=False)
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: ") and named in result.stderr and result.stderr.count("\n") == 1
