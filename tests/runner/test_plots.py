@@ -98,3 +98,18 @@ def test_the_module_table_embeds_its_chart_and_others_embed_nothing(cli, registr
     assert "](module_tiny.png)" in Path("reports/module_tiny.md").read_text()
     cli("table", "loss", "--preset", "tiny", "--db", registry_url)
     assert "![" not in Path("reports/loss_tiny.md").read_text() and not Path("reports/loss_tiny.png").exists()
+
+
+def test_table_all_regenerates_the_index_and_a_single_table_leaves_it(cli, registry_url, tiny_data_root):
+    cli("table", "cnum", "--preset", "tiny", "--db", registry_url)
+    assert not Path("reports/index_tiny.md").exists()
+    cli("table", "--all", "--preset", "tiny", "--db", registry_url)
+    before = Path("reports/index_tiny.md").read_text()
+    assert "[cnum_tiny.png](cnum_tiny.png)" in before and "| 0 / 24 |" in before
+    (planned, *_) = expand(load_spec(find_spec("cnum")), "tiny", ["CUHK-PEDES"], [1],
+                           runtime={"data_root": str(tiny_data_root)})
+    registry = Registry(registry_url)
+    record_done(registry, planned, 30.0)
+    registry.close()
+    cli("table", "--all", "--preset", "tiny", "--db", registry_url)
+    assert "| 2 / 24 |" in Path("reports/index_tiny.md").read_text()   # R1 and mAP of one line
