@@ -1,4 +1,4 @@
-"""Paper tables rebuilt from recorded runs, and their renderings (terminal, markdown, CSV, PNG).
+"""Paper tables rebuilt from recorded runs, and their renderings (terminal, markdown, CSV, LaTeX, PNG).
 
 ``build_table`` puts, for every row and dataset of a table of ``paper_results.toml``, the paper's
 value beside ours (mean and sample standard deviation over seeds, with n), their difference and the
@@ -28,6 +28,7 @@ RULE_PREFERENCE = ("best-on-test", "best-on-val", "last")  # best-on-test is the
 KIND_ORDER = ("trained", "imported", "trial")
 REFERENCE = "reference"  # a published competitor: paper value only
 CHART_TABLES = ("module",)
+SENSITIVITY_TABLES = ("cnum", "beta")  # a swept number: drawn as lines of R1 and mAP against the value
 FORCED_TEST_NOTE = "Tuned on the test split (forced): the test labels chose its settings, so it is not a held-out result."
 IMPORTED_NOTE = "imported: a released checkpoint evaluated by php-run, not retrained."
 PAPER_PRESET = "paper"
@@ -220,10 +221,12 @@ def render_rich(view: TableView) -> Table:
     return table
 
 
-def render_markdown(view: TableView) -> str:
+def render_markdown(view: TableView, figures: Sequence[str] = ()) -> str:
+    """The table as markdown; ``figures`` (file names beside the markdown file) are embedded below the title."""
     headers = _headers(view)
-    out = [f"## {_title(view)}", "", f"Source: {view.source}.", "",
-           "| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out = [f"## {_title(view)}", "", f"Source: {view.source}.", ""]
+    out += [item for name in figures for item in (f"![{view.title}]({name})", "")]
+    out += ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     for line in view.lines:
         cells = [cell.replace("|", "\\|") for cell in _line_cells(line, view, separator="<br>")]
         out.append("| " + " | ".join(cells) + " |")
@@ -253,6 +256,104 @@ def render_csv(view: TableView) -> str:
                 line.fill_command or "", " ".join(view.footnotes[number - 1] for number in sorted(set(notes))),
             ])
     return buffer.getvalue()
+
+
+_LATEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                   "±": r"$\pm$", "Δ": r"$\Delta$", "—": "---", "–": "--", "×": r"$\times$", "≈": r"$\approx$",
+                   "→": r"$\rightarrow$", "≥": r"$\geq$", "≤": r"$\leq$", "’": "'", "“": "``", "”": "''"}
+
+
+def latex_escape(text: str) -> str:
+    """Text safe inside a LaTeX document (pdflatex): specials escaped, the few non-ASCII signs we print mapped."""
+    return "".join(_LATEX_SPECIALS.get(char, char) for char in text)
+
+
+def render_latex(view: TableView) -> str:
+    """A booktabs table: per metric ours (mean ± std over seeds), the paper's value and the delta; footnotes
+    kept as numbered notes below it. Needs ``\\usepackage{booktabs}``."""
+    metric_columns = 3 * len(view.metrics)
+    audit = view.has_audit
+    spec = "lll" + "r" * metric_columns + ("l" if audit else "")
+    marks = lambda numbers: "".join(rf"\textsuperscript{{{n}}}" for n in sorted(set(numbers)))
+    out = [f"% php-run table {view.name}" + (f" --preset {view.preset}" if view.preset else "")
+           + ": generated from the registry; needs \\usepackage{booktabs}",
+           r"\begin{table*}[t]", r"\centering", r"\small",
+           rf"\caption{{{latex_escape(view.title)}{marks(view.notes)}}}",
+           rf"\label{{tab:php-run-{view.file_stem}}}",
+           rf"\begin{{tabular}}{{{spec}}}", r"\toprule",
+           " & & & " + " & ".join(rf"\multicolumn{{3}}{{c}}{{{latex_escape(m)}}}" for m in view.metrics)
+           + (" & " if audit else "") + r" \\",
+           " ".join(rf"\cmidrule(lr){{{4 + 3 * i}-{6 + 3 * i}}}" for i in range(len(view.metrics))),
+           " & ".join([latex_escape(view.row_header), "Dataset", "Source"]
+                      + ["Ours", "Paper", r"$\Delta$"] * len(view.metrics) + (["Audit"] if audit else [])) + r" \\",
+           r"\midrule"]
+    for line in view.lines:
+        cells = [latex_escape(line.row_display) + marks(line.notes), latex_escape(line.dataset), latex_escape(line.source)]
+        for cell in line.metrics:
+            if cell.mean is None:
+                ours = "--"
+            elif cell.std is None:
+                ours = f"{cell.mean:.2f}"
+            else:
+                ours = rf"${cell.mean:.2f} \pm {cell.std:.2f}$"
+            paper = "--" if cell.paper is None else f"{cell.paper:.2f}{marks(cell.notes)}"
+            delta = "--" if cell.delta is None else f"${cell.delta:+.2f}$"
+            cells += [ours, paper, delta]
+        if audit:
+            cells.append(latex_escape(line.audit.text()) if line.audit else "")
+        out.append(" & ".join(cells) + r" \\")
+    out += [r"\bottomrule", r"\end{tabular}", "", r"\smallskip", r"\footnotesize",
+            r"Ours: mean $\pm$ sample standard deviation over seeds (a single seed shows no $\pm$); "
+            r"$\Delta$ = ours $-$ paper.\\"]
+    out += [rf"\textsuperscript{{{number}}}{latex_escape(text)}\\" for number, text in enumerate(view.footnotes, 1)]
+    out.append(r"\end{table*}")
+    return "\n".join(out) + "\n"
+
+
+RENDERERS = {"markdown": render_markdown, "csv": render_csv, "latex": render_latex}
+
+
+def filled_cells(view: TableView) -> tuple[int, int]:
+    """(cells with a result, cells to fill) over the trained lines: what a reproduction still lacks."""
+    cells = [cell for line in view.lines if line.kind == "trained" for cell in line.metrics]
+    return sum(cell.mean is not None for cell in cells), len(cells)
+
+
+def render_index(views: Sequence[TableView], preset: str | None = None) -> str:
+    """One page for the whole reproduction: every table, its files and figures, cells filled, audit verdicts."""
+    scale = f" (preset {preset})" if preset else ""
+    out = [f"# Reproduction index{scale}", "",
+           "Regenerated from the registry by `php-run table --all`; each table links to its markdown, CSV and "
+           "LaTeX files.", "",
+           "| table | source | cells filled | figures | audited lines |", "|---|---|---|---|---|"]
+    for view in views:
+        filled, total = filled_cells(view)
+        figures = ", ".join(f"[{name}]({name})" for name in figure_names(view)) or "—"
+        audited = [line for line in view.lines if line.audit is not None]
+        dependent = sum(bool(line.audit.batch_dependent) for line in audited)
+        audit_text = f"{len(audited)} ({dependent} batch-dependent)" if audited else "—"
+        stem = view.file_stem
+        links = f"[{view.title}]({stem}.md) ([csv]({stem}.csv), [tex]({stem}.tex))"
+        out.append(f"| {links} | {view.source} | {filled} / {total} | {figures} | {audit_text} |".replace("\n", " "))
+    for view in views:
+        figures = figure_names(view)
+        audited = [line for line in view.lines if line.audit is not None]
+        if not figures and not audited:
+            continue
+        out += ["", f"## {view.title}", ""]
+        out += [item for name in figures for item in (f"![{view.title}]({name})", "")]
+        for line in audited:
+            out.append(f"- {line.row_display}, {line.dataset} ({line.source}): {line.audit.text()}")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def write_index(views: Sequence[TableView], folder: str | Path = "reports", preset: str | None = None) -> Path:
+    """Write ``index.md`` (``index_PRESET.md`` for a preset other than the paper's) atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    name = "index.md" if preset in (None, PAPER_PRESET) else f"index_{preset}.md"
+    return write_atomic(folder / name, render_index(views, preset).encode("utf-8"))
 
 
 def plot_module_chart(view: TableView, path: str | Path) -> Path:
@@ -287,23 +388,36 @@ def plot_module_chart(view: TableView, path: str | Path) -> Path:
     figure.suptitle(view.title, fontsize=11)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
-    return _write_atomic(Path(path), buffer.getvalue())
+    return write_atomic(Path(path), buffer.getvalue())
 
 
 def write_reports(view: TableView, folder: str | Path = "reports") -> list[Path]:
-    """Write ``STEM.md`` and ``STEM.csv`` (and ``STEM.png`` for the module ablation), each atomically.
+    """Write ``STEM.md``, ``STEM.csv`` and ``STEM.tex`` (and ``STEM.png`` for the module chart and the
+    cnum/beta sensitivity figures, embedded in the markdown), each atomically.
 
     ``STEM`` is ``view.file_stem``, so a tiny-preset table never overwrites the paper-scale one.
     """
+    from php_runner.plots import plot_sensitivity
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    written = [
-        _write_atomic(folder / f"{view.file_stem}.md", render_markdown(view).encode("utf-8")),
-        _write_atomic(folder / f"{view.file_stem}.csv", render_csv(view).encode("utf-8")),
-    ]
+    figures = []
     if view.name in CHART_TABLES:
-        written.append(plot_module_chart(view, folder / f"{view.file_stem}.png"))
-    return written
+        figures.append(plot_module_chart(view, folder / f"{view.file_stem}.png"))
+    if view.name in SENSITIVITY_TABLES:
+        figures.append(write_atomic(folder / f"{view.file_stem}.png", plot_sensitivity(view)))
+    return [
+        write_atomic(folder / f"{view.file_stem}.md",
+                     render_markdown(view, [path.name for path in figures]).encode("utf-8")),
+        write_atomic(folder / f"{view.file_stem}.csv", render_csv(view).encode("utf-8")),
+        write_atomic(folder / f"{view.file_stem}.tex", render_latex(view).encode("utf-8")),
+        *figures,
+    ]
+
+
+def figure_names(view: TableView) -> list[str]:
+    """The figure files ``write_reports`` writes for ``view``."""
+    return [f"{view.file_stem}.png"] if view.name in CHART_TABLES + SENSITIVITY_TABLES else []
 
 
 BENCHMARK_LOG = "benchmarks.jsonl"
@@ -328,8 +442,8 @@ def record_benchmark(record: dict, folder: str | Path = "reports") -> list[Path]
         lines.append("| " + " | ".join("" if c is None else f"{c:.1f}" if isinstance(c, float) else str(c)
                                         for c in cells) + " |")
     return [
-        _write_atomic(log, "".join(json.dumps(entry, sort_keys=True) + "\n" for entry in records).encode("utf-8")),
-        _write_atomic(folder / "benchmarks.md", ("\n".join(lines) + "\n").encode("utf-8")),
+        write_atomic(log, "".join(json.dumps(entry, sort_keys=True) + "\n" for entry in records).encode("utf-8")),
+        write_atomic(folder / "benchmarks.md", ("\n".join(lines) + "\n").encode("utf-8")),
     ]
 
 
@@ -436,7 +550,8 @@ def _unique(items: Iterable) -> list:
     return list(dict.fromkeys(items))
 
 
-def _write_atomic(path: Path, data: bytes) -> Path:
+def write_atomic(path: Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as out:

@@ -360,7 +360,9 @@ def _claim_and_train(registry: Registry, run_id: int, command: str | None,
 
 def _train_claimed(registry: Registry, run: RunRecord, heartbeat: _Heartbeat, command: str | None,
                    then: Callable[[Any], None] | None) -> None:
+    from php_runner.data.datasets import dataset_statistics
     from php_runner.engine.train import resolve_device, seed_everything, train
+    from php_runner.run_log import TrainLog
 
     config = run.config
     settings = build_train_settings(config)
@@ -372,6 +374,8 @@ def _train_claimed(registry: Registry, run: RunRecord, heartbeat: _Heartbeat, co
     run_dir = run_dir_of(run)
     run_dir.mkdir(parents=True, exist_ok=True)
     registry.set_run_dir(run.id, str(run_dir))
+    log = TrainLog(run_dir)  # the official-format train_log.txt beside the checkpoints
+    log.dataset_statistics(config["data"]["dataset"], dataset_statistics(dataset))
 
     def on_epoch(record) -> None:
         if heartbeat.lost.is_set():
@@ -381,11 +385,18 @@ def _train_claimed(registry: Registry, run: RunRecord, heartbeat: _Heartbeat, co
         registry.record_epoch(run.id, record.epoch, "train", train_values)
         for split, metrics in record.metrics.items():
             registry.record_epoch(run.id, record.epoch, split, {k: float(v) for k, v in metrics.items()})
+        log.epoch(record.epoch, record.losses, record.lr, record.metrics)
         heartbeat.beat()
         if then is not None:
             then(record)
 
-    result = train(model, dataset, settings, run_dir, on_epoch=on_epoch)
+    try:
+        result = train(model, dataset, settings, run_dir, on_epoch=on_epoch)
+        if "best-on-test" in result.selected:
+            epoch, _split, metrics = result.selected["best-on-test"]
+            log.best(metrics["R1"], epoch)
+    finally:
+        log.close()
     if heartbeat.lost.is_set():
         raise LostClaim()
     _record_training(registry, run.id, settings, result)

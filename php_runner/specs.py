@@ -1,9 +1,13 @@
-"""Experiment specs: the TOML files of ``experiments/``, validated, inherited, expanded into runs.
+"""Experiment specs: TOML files, validated, inherited, expanded into runs.
+
+The shipped specs and presets are package data (``php_runner/experiments/``), found by name from
+an editable install, a wheel or any working directory (``shipped_folder``, ``find_spec``).
 
 A spec file holds ``[model]``, ``[loss]``, ``[train]`` and ``[data]`` sections whose keys are the
 fields of the resolved run config (docs/architecture.md, "Runner contract"), plus:
 
-* ``extends = "NAME"``: start from ``NAME.toml`` in the same folder (deep merge, chains allowed);
+* ``extends = "NAME"``: start from ``NAME.toml`` in the same folder, else from the shipped spec
+  ``NAME`` (deep merge, chains allowed); see ``parent_spec``;
 * ``table``: the table of ``paper_results.toml`` the spec fills, ``row_label`` for a spec without
   a grid, ``datasets`` and ``seeds`` (defaults for the command line), ``description``;
 * ``[grid]``: dotted paths (``"model.cnum" = [3, 6, 9, 12]``); the cartesian product of the lists
@@ -11,7 +15,7 @@ fields of the resolved run config (docs/architecture.md, "Runner contract"), plu
   keys of the paper table;
 * ``[tune]``: an Optuna search space, objective, direction, trial budget and pruner.
 
-``presets.toml`` beside the specs holds the presets (``paper``, ``tiny``): section overrides,
+``presets.toml`` beside the specs (else the shipped one) holds the presets (``paper``, ``tiny``): section overrides,
 runtime defaults and the command-line options a preset requires. A run's config is built from, in
 increasing priority: the spec chain, the preset, the grid point, then its dataset and seed. Its
 ``runtime`` part (preset defaults overridden by the command line) says where it runs and is left
@@ -25,6 +29,7 @@ import itertools
 import json
 import re
 import tomllib
+from importlib import resources
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -375,9 +380,9 @@ def load_spec(path: str | Path) -> Spec:
     return spec
 
 
-def load_presets(folder: str | Path = "experiments") -> dict[str, Preset]:
-    """The presets of ``folder/presets.toml``, each checked for unknown fields."""
-    path = Path(folder) / PRESETS_FILE
+def load_presets(folder: str | Path | None = None) -> dict[str, Preset]:
+    """The presets of ``folder/presets.toml`` (default: the shipped ones), each checked for unknown fields."""
+    path = Path(folder if folder is not None else shipped_folder()) / PRESETS_FILE
     raw = _read_toml(path)
     presets: dict[str, Preset] = {}
     for name, values in raw.items():
@@ -392,9 +397,10 @@ def load_presets(folder: str | Path = "experiments") -> dict[str, Preset]:
     return presets
 
 
-def load_all_specs(folder: str | Path = "experiments") -> dict[str, Spec]:
-    """Every spec of ``folder`` by name; each grid point is also checked under every preset."""
-    folder = Path(folder)
+def load_all_specs(folder: str | Path | None = None) -> dict[str, Spec]:
+    """Every spec of ``folder`` (default: the shipped ones) by name; each grid point is also checked
+    under every preset."""
+    folder = Path(folder if folder is not None else shipped_folder())
     if not folder.is_dir():
         raise InputError(f"{folder}: spec folder not found")
     presets = load_presets(folder)
@@ -408,6 +414,52 @@ def load_all_specs(folder: str | Path = "experiments") -> dict[str, Spec]:
     return specs
 
 
+# ---- shipped specs and lookup by name ------------------------------------------------------------
+
+def shipped_folder() -> Path:
+    """The specs and presets shipped inside the package, wherever and however it is installed."""
+    return Path(str(resources.files("php_runner") / "experiments"))
+
+
+def shipped_spec_names() -> list[str]:
+    """The names of the shipped specs (presets.toml is not a spec), sorted."""
+    return sorted(path.stem for path in shipped_folder().glob("*.toml") if path.name != PRESETS_FILE)
+
+
+def find_spec(name_or_path: str | Path) -> Path:
+    """A spec file given as a path, or the shipped spec of that name (``cnum`` -> .../experiments/cnum.toml).
+
+    An existing file always wins, so a user's ``./cnum.toml`` is run when asked for by path.
+    """
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    name = str(name_or_path)
+    if name in shipped_spec_names():
+        return shipped_folder() / f"{name}.toml"
+    raise InputError(f"{name}: no such spec file and no shipped spec of that name; "
+                     f"shipped specs: {', '.join(shipped_spec_names())}")
+
+
+def parent_spec(child: Path, name: str) -> Path | None:
+    """The file ``extends = name`` in ``child`` refers to: the sibling ``name.toml``, else the shipped spec.
+
+    The sibling wins so that a folder holding its own edited copy of ``base.toml`` keeps using it
+    (what the user sees beside their file is what they get); the shipped fallback lets a lone spec
+    file anywhere extend the paper recipe by name. None when neither exists.
+    """
+    sibling = child.parent / f"{name}.toml"
+    if sibling.is_file():
+        return sibling
+    shipped = shipped_folder() / f"{name}.toml"
+    return shipped if name != Path(PRESETS_FILE).stem and shipped.is_file() else None
+
+
+def presets_folder(spec_folder: Path) -> Path:
+    """Where a spec's presets come from: its own folder when it holds presets.toml, else the shipped folder."""
+    return spec_folder if (spec_folder / PRESETS_FILE).is_file() else shipped_folder()
+
+
 def expand(spec: Spec, preset: str, datasets: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
            runtime: Mapping[str, Any] | None = None) -> list[PlannedRun]:
     """The runs of ``spec`` under ``preset``: dataset x grid point x seed, in that nesting order.
@@ -416,7 +468,7 @@ def expand(spec: Spec, preset: str, datasets: Sequence[str] | None = None, seeds
     (``data_root``, ``clip_weights``, ``device``, ``num_workers``); None entries fall back to the
     preset's runtime defaults.
     """
-    presets = load_presets(spec.folder)
+    presets = load_presets(presets_folder(spec.folder))
     if preset not in presets:
         raise InputError(f"--preset: unknown preset {preset!r}; known presets: {', '.join(presets)}")
     for dataset in datasets or ():
@@ -443,7 +495,7 @@ def override(config: Mapping[str, Any], values: Mapping[str, Any]) -> dict:
 
 def _plan(spec: Spec, preset_name: str, preset: Preset, datasets: Iterable[str], seeds: Iterable[int],
           runtime: Mapping[str, Any]) -> list[PlannedRun]:
-    presets_path = str(spec.folder / PRESETS_FILE)
+    presets_path = str(presets_folder(spec.folder) / PRESETS_FILE)
     layers = [_Layer(str(spec.path), "", spec.sections),
               _Layer(presets_path, f"{preset_name}.", {name: getattr(preset, name) for name in SECTIONS})]
     runtime_layer = _Layer("command line", "", {"runtime": dict(runtime)})
@@ -573,10 +625,12 @@ def _read_chain(path: Path) -> list[tuple[Path, dict]]:
         if parent is None:
             break
         if not isinstance(parent, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", parent):
-            raise InputError(f"{current}: extends: expected the name of a spec in the same folder, got {parent!r}")
-        current = current.parent / f"{parent}.toml"
-        if not current.is_file():
-            raise InputError(f"{chain[-1][0]}: extends: no spec {parent!r} ({current} not found)")
+            raise InputError(f"{current}: extends: expected the name of a spec, got {parent!r}")
+        found = parent_spec(current, parent)
+        if found is None:
+            raise InputError(f"{current}: extends: no spec {parent!r} ({current.parent / f'{parent}.toml'} not "
+                             f"found, and no shipped spec of that name)")
+        current = found
     return chain[::-1]
 
 

@@ -204,7 +204,7 @@ def tune(
     """
     spec = load_spec(spec_path)
     if spec.tune is None:
-        raise InputError(f"{spec.path}: no [tune] section; add one (see experiments/tune_php.toml)")
+        raise InputError(f"{spec.path}: no [tune] section; add one (see the shipped tune_php spec: php-run cat tune_php)")
     objective = Objective.parse(spec.tune.objective)
     check_objective(objective, force_test, str(spec.path))
     on_test = objective.split == "test"

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from php_runner.specs import shipped_folder
+
 TINY_TRAIN_IDS = 4
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+EXPERIMENTS = shipped_folder()
 TEST_SPECS = {
     # One epoch, two seeds: two short runs.
     "two_seeds": 'extends = "base"\ndatasets = ["CUHK-PEDES"]\nseeds = [1, 2]\n[grid]\n"train.epochs" = [1]\n',

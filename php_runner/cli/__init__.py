@@ -18,4 +18,4 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 
-from php_runner.cli import audit, commands, db, import_cmd, launch, tune  # noqa: E402,F401  (they register commands)
+from php_runner.cli import audit, catalog, commands, db, import_cmd, launch, plot, tune  # noqa: E402,F401  (they register commands)

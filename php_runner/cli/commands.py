@@ -159,8 +159,10 @@ def _damaged_checkpoints(registry: Registry, run_ids: list[int]) -> list[str]:
     return lines
 
 
-def _print_tables(names: list[str], db: str | None, include_empty: bool, as_json: bool, preset: str) -> None:
-    """Render tables from the registry to the terminal and to reports/ (markdown, CSV, module chart).
+def _print_tables(names: list[str], db: str | None, include_empty: bool, as_json: bool, preset: str,
+                  fmt: str = "rich", index: bool = False) -> None:
+    """Render tables from the registry to the terminal (``fmt``: rich, markdown, csv or latex) and to
+    reports/ (markdown, CSV, LaTeX, figures; with ``index`` also reports/index.md).
 
     Only runs of ``preset`` fill the trained lines (imported checkpoints are always shown).
     """
@@ -179,11 +181,16 @@ def _print_tables(names: list[str], db: str | None, include_empty: bool, as_json
     for line in damaged:
         err_console.print(f"[yellow]warning:[/yellow] {line}", highlight=False, soft_wrap=True)
     written = [path for view in views for path in reports.write_reports(view, REPORTS_DIR)]
+    if index:
+        written.append(reports.write_index(views, REPORTS_DIR, preset))
     if as_json:
         print_json([dataclasses.asdict(view) for view in views])
         return
     for view in views:
-        console.print(reports.render_rich(view))
+        if fmt == "rich":
+            console.print(reports.render_rich(view))
+        else:
+            typer.echo(reports.RENDERERS[fmt](view))
     if not views:
         console.print("No results recorded yet. Start with: php-run demo   (php-run table --all lists what to run)")
     if written:
@@ -268,7 +275,7 @@ def ablate(
 
 @app.command("run")
 def run_spec(
-    spec_path: Annotated[Path, typer.Argument(help="A spec file (TOML), e.g. experiments/cnum.toml.")],
+    spec_path: Annotated[Path, typer.Argument(help="A spec file (TOML), or a shipped spec's name (php-run ls), e.g. cnum.")],
     dataset: Annotated[str, typer.Option("--dataset", help="CUHK-PEDES, ICFG-PEDES, RSTPReid or all.")] = "all",
     preset: PresetOption = "paper",
     data_root: DataRootOption = None,
@@ -283,11 +290,11 @@ def run_spec(
 ) -> None:
     """Execute every run a spec file expands to (done runs are skipped, interrupted ones resume).
 
-    Example: php-run run experiments/cnum.toml --preset tiny --seeds 1,2   (--restart 7 retrains run 7)
+    Example: php-run run cnum --preset tiny --seeds 1,2   (or a file: php-run run my_specs/cnum6.toml; --restart 7 retrains run 7)
     """
-    from php_runner.specs import load_spec
+    from php_runner.specs import find_spec, load_spec
 
-    raise typer.Exit(_run_spec(load_spec(spec_path), preset, _datasets_option(dataset), seeds, data_root,
+    raise typer.Exit(_run_spec(load_spec(find_spec(spec_path)), preset, _datasets_option(dataset), seeds, data_root,
                                clip_weights, device, db, gpus, restart))
 
 
@@ -304,12 +311,15 @@ def table(
     all_tables: Annotated[bool, typer.Option("--all", help="Every table, also those with no results yet "
                                              "(their cells say which command fills them).")] = False,
     preset: PresetOption = "paper",
+    fmt: Annotated[str, typer.Option("--format", help="What to print: rich (the terminal table), markdown, csv "
+                                     "or latex (booktabs).")] = "rich",
     as_json: JsonOption = False,
     db: DbOption = None,
 ) -> None:
     """Render paper tables from the registry (paper value, ours as mean +- std over seeds, delta).
 
-    Also writes each table to reports/ as markdown and CSV (NAME_PRESET.* for a preset other than paper).
+    Also writes each table to reports/ as markdown, CSV and LaTeX, with figures for module, cnum and
+    beta (NAME_PRESET.* for a preset other than paper); --all also writes reports/index.md.
 
     Example: php-run table cnum --preset tiny     (or: php-run table tune my-study)
     """
@@ -323,8 +333,13 @@ def table(
     known = list(table_names())
     if name is not None and name not in known:
         raise InputError(f"table {name!r}: expected one of {', '.join(known)}")
+    from php_runner.reports import RENDERERS
+
+    if fmt != "rich" and fmt not in RENDERERS:
+        raise InputError(f"--format: expected rich, {', '.join(RENDERERS)}, got {fmt!r}")
     names = [name] if name is not None else known
-    _print_tables(names, db, include_empty=all_tables or name is not None, as_json=as_json, preset=preset)
+    _print_tables(names, db, include_empty=all_tables or name is not None, as_json=as_json, preset=preset, fmt=fmt,
+                  index=all_tables)
 
 
 def _print_study(study: str | None, db: str | None, as_json: bool) -> None:

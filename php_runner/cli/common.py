@@ -83,9 +83,10 @@ def _usage_error(err: Exception, program: str | None) -> typer.Exit:
 
 
 def specs_folder() -> Path:
-    """The shipped ``experiments/`` folder of the php-run checkout, else ``./experiments``."""
-    shipped = Path(__file__).resolve().parents[2] / "experiments"
-    return shipped if shipped.is_dir() else Path("experiments")
+    """The specs shipped inside the package (``php_runner/experiments``), from any working directory."""
+    from php_runner.specs import shipped_folder
+
+    return shipped_folder()
 
 
 def print_json(value: Any) -> None:

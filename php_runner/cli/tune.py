@@ -29,7 +29,7 @@ from php_runner.cli.common import (
 
 @app.command("tune")
 def tune_command(
-    spec_path: Annotated[Path, typer.Argument(help="A spec file with a tune section, e.g. experiments/tune_php.toml.")],
+    spec_path: Annotated[Path, typer.Argument(help="A spec file with a tune section, or a shipped spec's name, e.g. tune_php.")],
     dataset: Annotated[str, typer.Option("--dataset", help="CUHK-PEDES, ICFG-PEDES or RSTPReid.")],
     trials: Annotated[int | None, typer.Option("--trials", help="Finished trials the study should reach "
                                                "(default: the spec's tune.trials).")] = None,
@@ -59,11 +59,12 @@ def tune_command(
     Running the same command again continues the study; several processes on one database share it,
     and --executor slurm --workers N runs N Slurm jobs on it (the database must be PostgreSQL).
 
-    Example: php-run tune experiments/tune_php.toml --dataset ICFG-PEDES --val-from-train 0.25 --preset tiny --trials 3
+    Example: php-run tune tune_php --dataset ICFG-PEDES --val-from-train 0.25 --preset tiny --trials 3
     """
     import optuna
 
     from php_runner.runner import command_line
+    from php_runner.specs import find_spec
     from php_runner.tune import TrialRunFailed, tune
 
     # Each trial's progress is printed by tune(); Optuna's own per-trial log lines would repeat it.
@@ -80,7 +81,7 @@ def tune_command(
                           force_test=force_test, runtime=runtime, command=command_line()))
         return
     try:
-        outcome = tune(spec_path, dataset, db_url=db, trials=trials, preset=preset, study_name=study,
+        outcome = tune(find_spec(spec_path), dataset, db_url=db, trials=trials, preset=preset, study_name=study,
                        val_from_train=val_from_train, force_test=force_test, runtime=runtime,
                        command=command_line(), echo=typer.echo)
     except TrialRunFailed as err:

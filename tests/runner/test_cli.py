@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 
 from php_runner.cli import app
 from php_runner.registry import Registry
-from php_runner.specs import expand, load_spec
+from php_runner.specs import expand, load_spec, shipped_folder
 
-EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
+EXPERIMENTS = shipped_folder()
 METRIC_NAMES = ["R1", "R5", "R10", "mAP", "mINP"]
 
 

@@ -6,9 +6,9 @@ import pytest
 
 from php_runner.model.config import PHPConfig
 from php_runner.paper import load_paper_results
-from php_runner.specs import expand, load_all_specs, load_presets
+from php_runner.specs import expand, load_all_specs, load_presets, shipped_folder
 
-EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
+EXPERIMENTS = shipped_folder()
 PAPER_RUNTIME = {"data_root": "/data", "clip_weights": "/weights/ViT-B-16.pt"}
 TABLE_SPECS = {"headline": "headline", "module": "module", "loss": "loss", "cnum": "cnum", "beta": "beta",
                "sharing": "sharing", "coupling": "coupling"}

@@ -2,7 +2,9 @@
 
 import csv
 import io
+import shutil
 import statistics
+import subprocess
 
 import pytest
 from rich.console import Console
@@ -153,16 +155,18 @@ def test_rich_rendering_shows_values_and_footnotes():
     assert "74.70 (n=1)" in text and "Δ +0.00" in text and "73.16" in text and "out of line" in text
 
 
-def test_write_reports_writes_markdown_csv_and_module_chart(tmp_path):
+def test_write_reports_writes_markdown_csv_latex_and_the_figures(tmp_path):
     module_rows = [row(table="module", label=variant, seed=seed, r1=60.0 + seed)
                    for variant in ("base", "full") for seed in (1, 2)]
     written = write_reports(build_table("module", module_rows), tmp_path / "reports")
-    assert sorted(p.name for p in written) == ["module.csv", "module.md", "module.png"]
+    assert sorted(p.name for p in written) == ["module.csv", "module.md", "module.png", "module.tex"]
     assert (tmp_path / "reports" / "module.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "reports" / "module.md").read_text().startswith("## Module ablation")
-    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == ["module.csv", "module.md", "module.png"]
+    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == sorted(p.name for p in written)
     others = write_reports(build_table("cnum", []), tmp_path / "reports")
-    assert sorted(p.name for p in others) == ["cnum.csv", "cnum.md"]
+    assert sorted(p.name for p in others) == ["cnum.csv", "cnum.md", "cnum.png", "cnum.tex"]
+    loss = write_reports(build_table("loss", []), tmp_path / "reports")
+    assert sorted(p.name for p in loss) == ["loss.csv", "loss.md", "loss.tex"]
 
 
 def test_a_table_of_another_preset_says_so_and_writes_its_own_files(tmp_path):
@@ -172,6 +176,77 @@ def test_a_table_of_another_preset_says_so_and_writes_its_own_files(tmp_path):
     assert note in tiny_view.footnotes and note not in paper_view.footnotes
     assert tiny_view.footnotes.index(note) + 1 in tiny_view.notes
     written = write_reports(tiny_view, tmp_path) + write_reports(paper_view, tmp_path)
-    assert sorted(p.name for p in written) == ["headline.csv", "headline.md", "headline_tiny.csv", "headline_tiny.md"]
+    assert sorted(p.name for p in written) == ["headline.csv", "headline.md", "headline.tex", "headline_tiny.csv",
+                                               "headline_tiny.md", "headline_tiny.tex"]
     assert "'tiny' preset" in (tmp_path / "headline_tiny.md").read_text()
 
+
+
+# ---- LaTeX ------------------------------------------------------------------------------------------
+
+def latex_rows(text: str) -> list[str]:
+    body = text.split("\\midrule\n", 1)[1].split("\\bottomrule", 1)[0]
+    return [line for line in body.splitlines() if line.strip()]
+
+
+def test_latex_is_a_booktabs_table_with_ours_paper_delta_and_footnotes():
+    view = build_table("cnum", seeds_rows(), preset="tiny")
+    text = reports.render_latex(view)
+    assert text.index("\\toprule") < text.index("\\midrule") < text.index("\\bottomrule") < text.index("\\end{tabular}")
+    assert "\\begin{tabular}{lll" + "r" * 3 * len(view.metrics) + "}" in text
+    rows = latex_rows(text)
+    assert len(rows) == len(view.lines)
+    assert all(row.count(" & ") == 3 + 3 * len(view.metrics) - 1 and row.endswith("\\\\") for row in rows)
+    mean, std = statistics.fmean(R1S.values()), statistics.stdev(R1S.values())
+    (filled,) = [row for row in rows if row.startswith("9 & CUHK-PEDES & trained")]
+    ours, paper, delta = filled.split(" & ")[3:6]
+    assert ours == f"${mean:.2f} \\pm {std:.2f}$" and paper == "82.80" and delta == f"${mean - 82.80:+.2f}$"
+    assert "6 & CUHK-PEDES & trained & -- & 82.31 & --" in text
+    note = NOT_PAPER_SCALE_NOTE.format(preset="tiny")
+    assert f"\\textsuperscript{{1}}{reports.latex_escape(note)}\\\\" in text
+    assert "\\caption{" + reports.latex_escape(view.title) + "\\textsuperscript{1}}" in text
+
+
+def test_latex_escape_leaves_no_bare_specials():
+    assert reports.latex_escape("a_b & 5% ± Δ #1 {x}") == "a\\_b \\& 5\\% $\\pm$ $\\Delta$ \\#1 \\{x\\}"
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="no LaTeX engine (pdflatex) installed")
+def test_latex_of_every_table_compiles_with_pdflatex(tmp_path):
+    rows = seeds_rows() + [row(table="coupling", label="official", dataset="ICFG-PEDES",
+                                  audit={"batch_dependent": True, "r1_gap": 1.5, "r1_ordered": 10.0,
+                                         "r1_shuffled": 8.5}),
+                          row(table="loss", label="sdm_itc 5% & #2 ± Δ")]  # specials must be escaped
+    inputs = []
+    for name in load_paper_results().tables:
+        (tmp_path / f"{name}.tex").write_text(reports.render_latex(build_table(name, rows, preset="tiny")))
+        inputs.append(f"\\input{{{name}.tex}}\\clearpage")
+    document = ("\\documentclass{article}\n\\usepackage[a3paper,landscape,margin=1cm]{geometry}\n"
+                "\\usepackage{booktabs}\n\\begin{document}\n" + "\n".join(inputs) + "\n\\end{document}\n")
+    (tmp_path / "all.tex").write_text(document)
+    done = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "all.tex"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert (tmp_path / "all.pdf").stat().st_size > 1000
+
+
+# ---- the report index -------------------------------------------------------------------------------
+
+def test_index_lists_every_table_its_figures_filled_cells_and_audit_verdicts(tmp_path):
+    audit = {"batch_dependent": True, "r1_gap": 1.5, "r1_ordered": 10.0, "r1_shuffled": 8.5}
+    rows = seeds_rows() + [row(table="coupling", label="official", dataset="ICFG-PEDES", audit=audit)]
+    views = [build_table(name, rows, preset="tiny") for name in load_paper_results().tables]
+    path = reports.write_index(views, tmp_path, "tiny")
+    assert path == tmp_path / "index_tiny.md"
+    text = path.read_text()
+    lines = {line.split("](", 1)[0].lstrip("| ["): line for line in text.splitlines() if line.startswith("| [")}
+    assert len(lines) == len(views)
+    for view in views:
+        trained = [line for line in view.lines if line.kind == "trained"]
+        filled = sum(cell.mean is not None for line in trained for cell in line.metrics)
+        assert f"| {filled} / {len(trained) * len(view.metrics)} |" in lines[view.title]
+        assert f"({view.file_stem}.md)" in lines[view.title]
+    assert "[cnum_tiny.png](cnum_tiny.png)" in lines[next(v.title for v in views if v.name == "cnum")]
+    assert "[module_tiny.png](module_tiny.png)" in lines[next(v.title for v in views if v.name == "module")]
+    assert "1 (1 batch-dependent)" in lines[next(v.title for v in views if v.name == "coupling")]
+    assert "- official (batch-mixing), ICFG-PEDES (trained): batch-dependent; R1 ordered 10.00 vs shuffled 8.50; gap +1.50 (n=1)" in text

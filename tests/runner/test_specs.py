@@ -19,10 +19,13 @@ from php_runner.specs import (
     expand,
     load_all_specs,
     load_spec,
+    find_spec,
     override,
+    shipped_folder,
+    shipped_spec_names,
 )
 
-EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
+EXPERIMENTS = shipped_folder()
 RUNTIME = {"data_root": "/data", "clip_weights": "/w/ViT-B-16.pt", "device": None, "num_workers": None}
 
 # A fixed resolved config and its hash: the hash must never change for the same experiment.
@@ -261,3 +264,38 @@ def test_audit_flag_defaults_off_is_inherited_and_must_be_a_bool(folder):
     assert load_spec(folder / "audited.toml").audit is True and load_spec(folder / "child.toml").audit is True
     write(folder, "bad", 'extends = "base"\naudit = "yes"\n')
     assert "audit" in error_of(lambda: load_spec(folder / "bad.toml"))
+
+
+# ---- shipped specs: found by name from anywhere ----------------------------------------------------
+
+def test_a_lone_spec_file_anywhere_extends_the_shipped_base_and_uses_the_shipped_presets(tmp_path, monkeypatch):
+    elsewhere = tmp_path / "my" / "specs"
+    elsewhere.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    path = write(elsewhere, "beta2", 'extends = "base"\n[loss]\naux_factor = 2.0\n')
+    spec = load_spec(path)
+    assert spec.chain == (EXPERIMENTS / "base.toml", path)
+    (run,) = expand(spec, "tiny", ["CUHK-PEDES"], [1], RUNTIME)
+    assert run.config["loss"]["aux_factor"] == 2.0     # the spec's own value
+    assert run.config["model"]["clip"] == "tiny"       # the shipped tiny preset
+    assert run.config["train"]["weight_decay"] == 4e-5  # the shipped base recipe
+
+
+def test_a_sibling_of_the_parent_name_wins_over_the_shipped_spec(folder):
+    base = (folder / "base.toml").read_text().replace("cnum = 9", "cnum = 7")
+    assert base != (folder / "base.toml").read_text()
+    (folder / "base.toml").write_text(base)
+    spec = load_spec(write(folder, "child", 'extends = "base"\n'))
+    assert spec.chain[0] == folder / "base.toml"
+    assert spec.sections["model"]["cnum"] == 7
+
+
+def test_find_spec_takes_an_existing_file_or_a_shipped_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert find_spec("cnum") == EXPERIMENTS / "cnum.toml"
+    mine = write(tmp_path, "mine", 'extends = "cnum"\n')
+    assert find_spec(mine) == mine and find_spec("mine.toml") == Path("mine.toml")
+    assert "presets" not in shipped_spec_names() and "base" in shipped_spec_names()
+    message = error_of(lambda: find_spec("cnumm"))
+    assert message.startswith("cnumm: no such spec file") and "cnum, coupling" in message
+    assert error_of(lambda: find_spec("presets")).startswith("presets: no such spec file")

@@ -16,7 +16,7 @@ from php_runner.data import write_synthetic
 from php_runner.engine.train import EpochRecord, StopTraining
 from php_runner.errors import InputError
 from php_runner.registry import Registry
-from php_runner.specs import expand, load_spec
+from php_runner.specs import expand, load_spec, shipped_folder
 from php_runner import tune as tune_module
 from php_runner.tune import (
     Objective,
@@ -31,7 +31,7 @@ from php_runner.tune import (
     tune_table,
 )
 
-EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
+EXPERIMENTS = shipped_folder()
 TEST_EPOCHS = 2
 
 SPACE = """

@@ -1,0 +1,142 @@
+"""php-run ls / cat against the shipped files, and the package installed from a wheel used from an empty folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from php_runner.cli import app
+from php_runner.cli.catalog import spec_header
+from php_runner.specs import expand, load_spec, shipped_folder
+
+CHECKOUT = Path(__file__).resolve().parents[2]
+SHIPPED = shipped_folder()
+SPEC_FILES = sorted(path for path in SHIPPED.glob("*.toml") if path.name != "presets.toml")
+
+
+def invoke(*args: str) -> str:
+    result = CliRunner().invoke(app, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def _header_entry(path: Path, key: str) -> str:
+    """The entry ``# KEY: ...`` and its indented continuation lines, read with plain string operations."""
+    lines = path.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"# {key}:"))
+    parts = [lines[start][len(f"# {key}:"):].strip()]
+    for line in lines[start + 1:]:
+        if not line.startswith("#  ") or not line[1:].strip():
+            break
+        parts.append(line[1:].strip())
+    return " ".join(parts)
+
+
+def test_spec_header_reads_the_runs_fills_and_cost_entries(tmp_path):
+    text = "# x: a title\n#\n# Runs:  php-run a\n#        --flag\n# Fills: table t\n# Cost:  3 hours\n#\n# other\nk = 1\n"
+    path = tmp_path / "x.toml"
+    path.write_text(text)
+    assert spec_header(path) == {"Runs": "php-run a --flag", "Fills": "table t", "Cost": "3 hours"}
+
+
+def test_ls_lists_every_shipped_spec_with_its_table_and_cost_line():
+    entries = json.loads(invoke("ls", "--json"))
+    assert [entry["spec"] for entry in entries] == [path.stem for path in SPEC_FILES]
+    for entry, path in zip(entries, SPEC_FILES):
+        raw = tomllib.loads(path.read_text())
+        assert entry["table"] == raw.get("table")
+        assert entry["description"] == raw["description"]
+        assert entry["cost"] == _header_entry(path, "Cost") and entry["cost"]
+        assert entry["fills"] == _header_entry(path, "Fills")
+    table_view = invoke("ls")
+    for path in SPEC_FILES:
+        assert re.search(rf"│ {path.stem} +│", table_view)
+
+
+def test_cat_prints_the_chain_and_preset_merged_by_hand():
+    shown = tomllib.loads(invoke("cat", "cnum", "--preset", "tiny"))
+    base = tomllib.loads((SHIPPED / "base.toml").read_text())
+    cnum = tomllib.loads((SHIPPED / "cnum.toml").read_text())
+    tiny = tomllib.loads((SHIPPED / "presets.toml").read_text())["tiny"]
+    for section in ("model", "loss", "train", "data"):
+        assert shown[section] == {**base.get(section, {}), **cnum.get(section, {}), **tiny.get(section, {})}
+    assert shown["grid"] == cnum["grid"]
+    assert shown["table"] == "cnum" and shown["datasets"] == base["datasets"] and "extends" not in shown
+
+
+@pytest.mark.parametrize("preset", [None, "tiny", "paper"])
+@pytest.mark.parametrize("path", SPEC_FILES, ids=lambda p: p.stem)
+def test_cat_output_is_a_spec_with_the_same_runs(tmp_path, path, preset):
+    args = ["cat", path.stem] + (["--preset", preset] if preset else [])
+    copy = tmp_path / f"{path.stem}.toml"
+    copy.write_text(invoke(*args))
+    runtime = {"data_root": "/data", "clip_weights": "/w.pt"}
+    for name in [preset] if preset else ["tiny", "paper"]:
+        original = [run.config_hash for run in expand(load_spec(path), name, runtime=runtime)]
+        assert [run.config_hash for run in expand(load_spec(copy), name, runtime=runtime)] == original
+
+
+@pytest.mark.slow
+def test_the_built_wheel_installed_in_a_fresh_venv_runs_the_demo_from_an_empty_folder(tmp_path):
+    source = tmp_path / "source"
+    source.mkdir()
+    shutil.copytree(CHECKOUT / "php_runner", source / "php_runner", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(CHECKOUT / name, source / name)
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PHP_RUN_DB")}
+
+    def run(*args, cwd=tmp_path):
+        done = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout
+
+    run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+        "-w", tmp_path / "dist", source)
+    (wheel,) = (tmp_path / "dist").glob("php_runner-*.whl")
+    run(sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", tmp_path / "venv")
+    python, php_run = tmp_path / "venv" / "bin" / "python", tmp_path / "venv" / "bin" / "php-run"
+    run(python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+        "--ignore-installed", wheel)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    # The venv's php-run imports the wheel's copy, not this checkout nor the editable install.
+    location = Path(run(python, "-c", "import php_runner; print(php_runner.__file__)", cwd=empty).strip())
+    assert location.is_relative_to(tmp_path / "venv"), location
+    assert "php_runner" in php_run.read_text() and php_run.read_text().startswith(f"#!{python}")
+
+    names = [entry["spec"] for entry in json.loads(run(php_run, "ls", "--json", cwd=empty))]
+    assert names == [path.stem for path in SPEC_FILES]
+    (empty / "mine.toml").write_text('extends = "base"\n[loss]\naux_factor = 2.0\n')
+    mine = tomllib.loads(run(php_run, "cat", "mine.toml", "--preset", "tiny", cwd=empty))
+    assert mine["loss"]["aux_factor"] == 2.0 and mine["model"]["clip"] == "tiny"
+    (empty / "mine.toml").unlink()
+
+    data_root = tmp_path / "data"
+    run(php_run, "synth", "--root", data_root, "--ids", "4", cwd=empty)
+    out = run(php_run, "demo", "--data-root", data_root, cwd=empty)
+    assert "3 planned run(s)" in out and "runs: 3 done" in out, out[-3000:]
+    assert (empty / "registry.db").is_file() and (empty / "reports" / "headline_tiny.md").is_file()
+
+
+@pytest.mark.parametrize("args, named", [
+    (("cat", "cnumm"), "cnumm: no such spec file"),
+    (("cat", "cnum", "--preset", "huge"), "--preset: unknown preset 'huge'"),
+    (("run", "cnumm"), "cnumm: no such spec file"),
+    (("table", "cnum", "--format", "word"), "--format"),
+    (("plot", "999"), "999"),
+])
+def test_bad_names_give_one_line_and_exit_code_2(tmp_path, monkeypatch, args, named):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, [*args, "--db", f"sqlite:///{tmp_path / 'r.db'}"] if args[0] in ("table", "plot")
+                                else list(args), catch_exceptions=False)
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: ") and named in result.stderr and result.stderr.count("\n") == 1
