@@ -90,6 +90,56 @@ def test_official_coupling_is_multihead_attention_fed_batch_first_false():
                                atol=ATOL, rtol=ATOL)
 
 
+def _attention_reference(attn, sequence, heads):
+    """One sequence ``(L, D)`` through multi-head attention, operation by operation."""
+    width = sequence.shape[-1]
+    q, k, v = (sequence @ attn.in_proj_weight.t() + attn.in_proj_bias).chunk(3, dim=-1)
+    outputs = []
+    for head in range(heads):
+        cols = slice(head * width // heads, (head + 1) * width // heads)
+        scores = q[:, cols] @ k[:, cols].t() / math.sqrt(width // heads)
+        outputs.append(scores.softmax(dim=-1) @ v[:, cols])
+    return torch.cat(outputs, dim=-1) @ attn.out_proj.weight.t() + attn.out_proj.bias
+
+
+def _efp_block_reference(block, x, coupling, heads):
+    """Spec 2.4 block: x2 = x + MHA(ln_1 x); out = x2 + mlp(ln_2 x2) + MoE(ln_3 x2, comb_param)."""
+    def norm(layer, t):
+        return torch.nn.functional.layer_norm(t, t.shape[-1:], layer.weight, layer.bias, eps=1e-5)
+
+    normed = norm(block.ln_1, x)
+    attended = torch.empty_like(x)
+    if coupling == "official":  # per slot, the batch is the sequence
+        for slot in range(x.shape[1]):
+            attended[:, slot] = _attention_reference(block.attn, normed[:, slot], heads)
+    else:
+        for sample in range(x.shape[0]):
+            attended[sample] = _attention_reference(block.attn, normed[sample], heads)
+    x2 = x + attended
+    hidden = norm(block.ln_2, x2) @ block.mlp.c_fc.weight.t() + block.mlp.c_fc.bias
+    mlp = (hidden * torch.sigmoid(1.702 * hidden)) @ block.mlp.c_proj.weight.t() + block.mlp.c_proj.bias
+    moe, aux = block.feed_forward(norm(block.ln_3, x2), block.comb_param)  # MoE itself: tests/model/test_moe.py
+    return x2 + mlp + moe, aux
+
+
+@pytest.mark.parametrize("coupling", ["official", "per-sample"])
+def test_efp_block_equals_per_operation_reference_with_random_layer_norms(coupling):
+    torch.manual_seed(4)
+    block = EFPBlock(16, heads=2, num_experts=4, topk=2, reduction=4).eval()
+    with torch.no_grad():
+        for name, param in block.named_parameters():
+            if name.startswith("ln_") and name.endswith("weight"):
+                param.copy_(1 + 0.5 * torch.randn_like(param))
+            elif param.dim() > 0:
+                param.copy_(0.3 * torch.randn_like(param))
+    x = torch.randn(5, 3, 16)
+    with torch.no_grad():
+        out, aux = block(x, coupling)
+        expected, expected_aux = _efp_block_reference(block, x, coupling, heads=2)
+    torch.testing.assert_close(out, expected, atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(aux, expected_aux)
+
+
 def _encode(model, modality, inputs, encoder):
     with torch.no_grad():
         if modality == "image":
