@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from php_runner.data import PedesDataset
@@ -37,8 +38,9 @@ from php_runner.model.precision import PRECISIONS, apply_precision, autocast_con
 
 LAST_CHECKPOINT = "last.pth"
 BEST_CHECKPOINT = "best.pth"
-# Settings that may differ between an interrupted run and its resumption: they only say where it runs.
-RUNTIME_FIELDS = ("device", "num_workers")
+# Settings that may differ between an interrupted run and its resumption: they say where and how fast
+# it runs, not what it computes (torch.compile changes only kernel fusion and rounding order).
+RUNTIME_FIELDS = ("device", "num_workers", "compile")
 
 
 @dataclass
@@ -72,6 +74,7 @@ class TrainSettings:
     loss: LossConfig = field(default_factory=LossConfig)
     device: str = "auto"
     num_workers: int = 8
+    compile: bool = False  # torch.compile the model's training forward
 
     def __post_init__(self) -> None:
         for name, allowed in (
@@ -196,8 +199,7 @@ def train(
     with deterministic_mode(settings.deterministic):
         seed_everything(settings.seed)
         loader_generator = torch.Generator().manual_seed(settings.seed)
-        apply_precision(model, settings.precision)
-        model.to(device)
+        model = prepare_training_model(model, settings, device)
         optimizer = build_training_optimizer(model, settings)
         scheduler = WarmupCosine(optimizer, settings.epochs, settings.warmup_epochs, settings.warmup_factor)
 
@@ -293,6 +295,22 @@ def train(
         best_checkpoint=best_path,
         stopped=stopped,
     )
+
+
+def prepare_training_model(model: nn.Module, settings: TrainSettings, device) -> nn.Module:
+    """``model`` laid out for training, in place: the precision's weight dtypes, on ``device``, compiled if asked.
+
+    ``amp`` on CUDA lets fp32 matmuls use TF32 (the bf16 autocast already rounds harder); every other
+    case asks for full fp32 matmuls, so the official regime keeps its numerics even after an ``amp``
+    model was prepared in the same process. Compiling in place keeps parameter names and state-dict keys.
+    """
+    device = torch.device(device)
+    apply_precision(model, settings.precision)
+    model.to(device)
+    torch.set_float32_matmul_precision("high" if settings.precision == "amp" and device.type == "cuda" else "highest")
+    if settings.compile:
+        model.compile()
+    return model
 
 
 def build_training_optimizer(model, settings: TrainSettings) -> torch.optim.Optimizer:
