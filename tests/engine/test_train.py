@@ -182,6 +182,19 @@ def test_in_training_evaluation_batches_with_the_training_batch_size(small_datas
     assert evaluate(model, small_dataset.test, _eval_settings(model, settings, settings.test_batch_size)) != recorded
 
 
+def test_two_shuffle_seeds_give_different_training_orders(small_dataset):
+    model = _model()
+
+    def order(seed):
+        settings = _small_settings(seed=seed)
+        generator = torch.Generator().manual_seed(settings.seed)  # as train() seeds its loader generator
+        return list(train_module._train_loader(model, small_dataset, settings, torch.device("cpu"), generator).sampler)
+
+    first = order(1)
+    assert sorted(first) == list(range(len(small_dataset.train))) and first != sorted(first)
+    assert order(1) == first and order(2) != first
+
+
 def test_val_selection_needs_a_val_split(small_dataset, tmp_path):
     without_val = dataclasses.replace(small_dataset, val=None)
     with pytest.raises(InputError, match="train.selection"):
