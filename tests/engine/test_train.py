@@ -111,8 +111,13 @@ def test_last_checkpoint_holds_the_resume_state_and_reads_weights_only(learning_
     assert "base_model.visual.conv1.weight" in payload["model"]
 
 
-def test_resume_after_an_interrupt_equals_an_uninterrupted_run(small_dataset, tmp_path, monkeypatch):
-    settings = _small_settings()
+@pytest.mark.parametrize(
+    "changes",
+    [{}, pytest.param({"epochs": 2, "num_workers": 2, "img_aug": True}, marks=pytest.mark.slow, id="workers-img_aug")],
+    ids=lambda changes: "in-process" if not changes else None,
+)
+def test_resume_after_an_interrupt_equals_an_uninterrupted_run(small_dataset, tmp_path, monkeypatch, changes):
+    settings = _small_settings(**changes)  # the paper's settings too: loader workers and img_aug draw random numbers
     reference_model = _model()
     reference = train(reference_model, small_dataset, settings, tmp_path / "reference")
 
