@@ -12,6 +12,7 @@ import pytest
 from php_runner.specs import shipped_folder
 
 TINY_TRAIN_IDS = 4
+BATCHING_TRAIN_IDS = 16  # test splits of 16 images / 32 captions (RSTPReid: 8 ids)
 EXPERIMENTS = shipped_folder()
 TEST_SPECS = {
     # One epoch, two seeds: two short runs.
@@ -70,6 +71,16 @@ def tiny_data_root(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("tiny_data")
     write_synthetic(root, "all", num_ids=TINY_TRAIN_IDS, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def batching_data_root(tmp_path_factory) -> Path:
+    """Synthetic sets whose test splits are large enough that the evaluation batch size changes the metrics."""
+    from php_runner.data import write_synthetic
+
+    root = tmp_path_factory.mktemp("batching_data")
+    write_synthetic(root, "all", num_ids=BATCHING_TRAIN_IDS, seed=1)
     return root
 
 

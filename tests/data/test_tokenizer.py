@@ -83,3 +83,23 @@ def test_tokenize_all_stacks_rows_equal_to_tokenize():
     for row, text in zip(stacked, texts):
         assert torch.equal(row, tokenize(text))
     assert tokenize_all([]).shape == (0, 77)
+
+
+def test_non_ascii_captions_are_byte_level_bpe():
+    # Non-ASCII characters are their UTF-8 bytes in CLIP's byte alphabet: e-acute is C3 A9 -> 'Ã©', i-diaeresis
+    # C3 AF -> 'Ã¯'. Merge lines: 3655 'Ã ©</w>' (id 4166), 14793 'caf Ã©</w>' (id 15304), 586 'n a' (1097),
+    # 35178 'Ã ¯' (35689), 52 'v e</w>' (563).
+    assert ids("é") == [49406, 4166, 49407]
+    assert ids("Café") == [49406, 15304, 49407]
+    assert ids("naïve") == [49406, 1097, 35689, 563, 49407]
+
+
+def test_official_cleaning_repairs_unescapes_twice_collapses_and_lowercases():
+    # ftfy repairs mojibake ('cafÃ©' is café read as Latin-1) and uncurls quotes (’ -> '), folds full-width
+    # letters and ligatures (ＲＥＤ -> RED, ﬁ -> fi; merge line 3286 'f ine</w>' is id 3797); HTML is unescaped
+    # twice (&amp;amp; -> &amp; -> &); every whitespace run, no-break space included, becomes one space.
+    assert ids("cafÃ©") == ids("café") == [49406, 15304, 49407]
+    assert ids("The manâ€™s shirt") == ids("The man’s shirt") == [49406, 518, 786, 568, 2523, 49407]
+    assert ids("jacket&amp;amp;jeans") == [49406, 6164, 261, 10157, 49407]
+    assert ids("ＲＥＤ\u00a0\u00a0shirt") == [49406, 736, 2523, 49407]
+    assert ids("a ﬁne bag") == [49406, 320, 3797, 3365, 49407]

@@ -106,6 +106,8 @@ def test_shuffled_order_is_seeded(model, split):
     first = extract_embeddings(model, split, _settings(model, order="shuffled", seed=5))
     again = extract_embeddings(model, split, _settings(model, order="shuffled", seed=5))
     assert torch.equal(first.text, again.text) and torch.equal(first.image, again.image)
+    other = extract_embeddings(model, split, _settings(model, order="shuffled", seed=6))
+    assert not torch.equal(first.text, other.text) and not torch.equal(first.image, other.image)
 
 
 def test_metrics_are_cosine_retrieval_of_captions_over_images_and_i2t_on_request():

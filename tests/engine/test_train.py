@@ -35,8 +35,9 @@ def _chance_r1(split):
     return 100 * sum(counts[pid] for pid in split.caption_pids) / (len(split.caption_pids) * len(split.image_pids))
 
 
-def _eval_settings(model, settings):
-    return EvalSettings(batch_size=settings.test_batch_size, precision=settings.precision,
+def _eval_settings(model, settings, batch_size=None):
+    """The in-training evaluation: batched by the training batch size, as the official trainer does."""
+    return EvalSettings(batch_size=batch_size or settings.batch_size, precision=settings.precision,
                         image_size=model.config.clip.image_size)
 
 
@@ -110,8 +111,13 @@ def test_last_checkpoint_holds_the_resume_state_and_reads_weights_only(learning_
     assert "base_model.visual.conv1.weight" in payload["model"]
 
 
-def test_resume_after_an_interrupt_equals_an_uninterrupted_run(small_dataset, tmp_path, monkeypatch):
-    settings = _small_settings()
+@pytest.mark.parametrize(
+    "changes",
+    [{}, pytest.param({"epochs": 2, "num_workers": 2, "img_aug": True}, marks=pytest.mark.slow, id="workers-img_aug")],
+    ids=lambda changes: "in-process" if not changes else None,
+)
+def test_resume_after_an_interrupt_equals_an_uninterrupted_run(small_dataset, tmp_path, monkeypatch, changes):
+    settings = _small_settings(**changes)  # the paper's settings too: loader workers and img_aug draw random numbers
     reference_model = _model()
     reference = train(reference_model, small_dataset, settings, tmp_path / "reference")
 
@@ -168,6 +174,30 @@ def test_official_precision_trains_fp16_weights_and_its_checkpoint_evaluates_the
     model, _ = load_model(result.best_checkpoint)
     apply_precision(model, "official")
     assert evaluate(model, small_dataset.test, _eval_settings(model, settings)) == result.selected["best-on-test"][2]
+
+
+def test_in_training_evaluation_batches_with_the_training_batch_size(small_dataset, tmp_path):
+    settings = _small_settings(epochs=1, selection="last")
+    assert settings.batch_size != settings.test_batch_size  # 16 and 64: the official rule decides
+    result = train(_model(), small_dataset, settings, tmp_path)
+    model, _ = load_model(result.last_checkpoint)
+    assert model.coupling == "official"  # the coupling under which the batch size changes the numbers
+    recorded = result.history[-1].metrics["test"]
+    assert evaluate(model, small_dataset.test, _eval_settings(model, settings)) == recorded
+    assert evaluate(model, small_dataset.test, _eval_settings(model, settings, settings.test_batch_size)) != recorded
+
+
+def test_two_shuffle_seeds_give_different_training_orders(small_dataset):
+    model = _model()
+
+    def order(seed):
+        settings = _small_settings(seed=seed)
+        generator = torch.Generator().manual_seed(settings.seed)  # as train() seeds its loader generator
+        return list(train_module._train_loader(model, small_dataset, settings, torch.device("cpu"), generator).sampler)
+
+    first = order(1)
+    assert sorted(first) == list(range(len(small_dataset.train))) and first != sorted(first)
+    assert order(1) == first and order(2) != first
 
 
 def test_val_selection_needs_a_val_split(small_dataset, tmp_path):

@@ -154,25 +154,111 @@ def tiny_checkpoint(tmp_path_factory):
     return path, model
 
 
-def test_evaluate_matches_the_engine_and_saves_embeddings(cli, tmp_path, tiny_checkpoint, tiny_data_root):
-    from php_runner.data import read_dataset
-    from php_runner.engine.evaluate import EvalSettings, evaluate
+def _engine_embeddings(model, split, batch_size, precision):
+    from php_runner.engine.evaluate import EvalSettings, extract_embeddings
     from php_runner.model.precision import apply_precision
 
+    settings = EvalSettings(batch_size=batch_size, precision=precision, image_size=model.config.clip.image_size)
+    return extract_embeddings(apply_precision(model, precision), split, settings)
+
+
+def test_evaluate_matches_the_engine_and_saves_embeddings(cli, tmp_path, tiny_checkpoint, batching_data_root):
+    import torch
+
+    from php_runner.data import read_dataset
+    from php_runner.engine.evaluate import score_embeddings
+
     path, model = tiny_checkpoint
-    split = read_dataset(tiny_data_root, "CUHK-PEDES").test
-    expected = evaluate(apply_precision(model, "amp"), split,
-                        EvalSettings(batch_size=3, precision="amp", image_size=model.config.clip.image_size))
+    split = read_dataset(batching_data_root, "CUHK-PEDES").test
+    expected = _engine_embeddings(model, split, 3, "amp")
+    other_batch = _engine_embeddings(model, split, 64, "amp")
+    assert (other_batch.text - expected.text).abs().max() > 1e-3  # the split is large enough to see batching
+    assert score_embeddings(other_batch) != score_embeddings(expected)
     npz = tmp_path / "emb.npz"
-    code, out, _ = cli("evaluate", "--checkpoint", path, "--data-root", tiny_data_root, "--dataset", "CUHK-PEDES",
+    code, out, _ = cli("evaluate", "--checkpoint", path, "--data-root", batching_data_root, "--dataset", "CUHK-PEDES",
                        "--precision", "amp", "--device", "cpu", "--test-batch-size", "3", "--json",
                        "--save-embeddings", npz)
     assert code == 0
-    assert json.loads(out) == {k: expected[k] for k in METRIC_NAMES}
+    metrics = score_embeddings(expected)
+    assert json.loads(out) == {k: metrics[k] for k in METRIC_NAMES}
     arrays = np.load(npz)
     assert set(arrays.files) == {"text", "image", "text_pids", "image_pids"}
-    assert arrays["text"].shape == (len(split.captions), model.config.clip.embed_dim)
+    assert torch.equal(torch.from_numpy(arrays["text"]), expected.text)
+    assert torch.equal(torch.from_numpy(arrays["image"]), expected.image)
     assert arrays["image_pids"].tolist() == list(split.image_pids)
+
+
+OFFICIAL_TEST_BATCH = 3
+
+
+@pytest.fixture(scope="module")
+def official_release(tmp_path_factory, batching_data_root):
+    """An official-format best.pth (fp16 layout, no php-run config) with its configs.yaml naming the data.
+
+    Tower widths are multiples of 64, so head counts follow OpenAI's width // 64 rule as for ViT-B/16.
+    """
+    import torch
+    import yaml
+
+    from php_runner.model.config import ClipConfig, PHPConfig
+    from php_runner.model.php import PHPModel
+    from php_runner.model.precision import apply_precision
+
+    clip = ClipConfig(embed_dim=64, vision_width=64, vision_layers=1, vision_heads=1, patch_size=8, stride=8,
+                      image_size=(48, 24), text_width=64, text_heads=1, text_layers=1)
+    config = PHPConfig(clip=clip, cnum=3, num_experts=4, topk=2, reduction=4, efp_layers=1, efp_heads=2)
+    torch.manual_seed(0)
+    model = apply_precision(PHPModel(config), "official")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "experts" in name and name.endswith("up.weight"):
+                param.normal_(0, 0.05)
+    folder = tmp_path_factory.mktemp("release")
+    torch.save({"model": model.state_dict(), "epoch": 5}, folder / "best.pth")
+    values = {"dataset_name": "RSTPReid", "root_dir": str(batching_data_root), "test_batch_size": OFFICIAL_TEST_BATCH,
+              "batch_size": 8, "img_size": (48, 24), "stride_size": 8, "cnum": 3, "num_experts": 4, "topk": 2,
+              "moe_heads": 2, "moe_layers": 1, "val_dataset": "test", "loss_names": "sdm+itc+aux"}
+    (folder / "configs.yaml").write_text(yaml.dump(values))
+    assert "!!python/tuple" in (folder / "configs.yaml").read_text()
+    return folder
+
+
+def _official_model(folder):
+    from php_runner.model.checkpoint import load_model
+
+    return load_model(folder / "best.pth", folder / "configs.yaml")[0]
+
+
+def test_evaluate_with_config_takes_dataset_root_and_batch_from_the_yaml_in_fp16(cli, tmp_path, official_release,
+                                                                                  batching_data_root):
+    import torch
+
+    from php_runner.data import read_dataset
+    from php_runner.engine.evaluate import score_embeddings
+
+    split = read_dataset(batching_data_root, "RSTPReid").test
+    fp16 = _engine_embeddings(_official_model(official_release), split, OFFICIAL_TEST_BATCH, "official")
+    fp32 = _engine_embeddings(_official_model(official_release), split, OFFICIAL_TEST_BATCH, "amp")
+    batch64 = _engine_embeddings(_official_model(official_release), split, 64, "official")
+    assert (fp32.text - fp16.text).abs().max() > 1e-4 and (batch64.text - fp16.text).abs().max() > 1e-3
+    npz = tmp_path / "emb.npz"
+    code, out, err = cli("evaluate", "--checkpoint", official_release / "best.pth", "--config",
+                         official_release / "configs.yaml", "--device", "cpu", "--json", "--save-embeddings", npz)
+    assert code == 0, err
+    arrays = np.load(npz)
+    assert torch.equal(torch.from_numpy(arrays["text"]), fp16.text)
+    assert torch.equal(torch.from_numpy(arrays["image"]), fp16.image)
+    metrics = score_embeddings(fp16)
+    assert json.loads(out) == {k: metrics[k] for k in METRIC_NAMES}
+
+    code, out, err = cli("audit", "--checkpoint", official_release / "best.pth", "--config",
+                         official_release / "configs.yaml", "--data-root", batching_data_root, "--device", "cpu",
+                         "--seeds", "1", "--sample", "4", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["dataset"] == "RSTPReid" and report["eval_batch_size"] == OFFICIAL_TEST_BATCH
+    assert report["batch_dependent"] is True
+    assert {k: report["ordered"][k] for k in METRIC_NAMES} == {k: metrics[k] for k in METRIC_NAMES}
 
 
 def one_line_error(code: int, err: str) -> str:
@@ -209,6 +295,17 @@ def test_bad_input_gives_one_line_and_exit_code_2(cli, tmp_path, registry_url, t
     for args, named in cases:
         code, _, err = cli(*args)
         assert named in one_line_error(code, err), args
+
+
+def test_evaluate_on_a_file_that_is_not_a_checkpoint_says_so(cli, tmp_path, tiny_data_root):
+    text_file = tmp_path / "passwd"
+    text_file.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    for path in (text_file, Path("/etc/passwd")):
+        if not path.is_file():
+            continue
+        code, _, err = cli("evaluate", "--checkpoint", path, "--data-root", tiny_data_root, "--dataset", "CUHK-PEDES")
+        assert one_line_error(code, err) == f"error: {path}: not a PyTorch checkpoint " \
+            "(neither a torch.save zip archive nor a legacy torch file)"
 
 
 @pytest.mark.slow

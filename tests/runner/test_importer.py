@@ -374,6 +374,42 @@ def test_metrics_are_the_official_batching_evaluation_of_the_checkpoint(imported
         assert outcomes[f"RSTPReid/{folder}"].metrics == pytest.approx(evaluate(model, split, settings))
 
 
+def test_imported_embeddings_are_the_fp16_models_at_the_yaml_batch(tmp_path, batching_data_root, monkeypatch):
+    from php_runner.data import read_dataset
+    from php_runner.engine.evaluate import EvalSettings, extract_embeddings, score_embeddings
+    from php_runner.model.checkpoint import load_model
+
+    folder = tmp_path / "logs" / "RSTPReid" / "sdm+itc+aux"
+    cnum9 = tiny(cnum=9)
+    write_released(folder, cnum9, official_yaml("RSTPReid", cnum9, "sdm+itc+aux"), solver="head")
+    seen = []
+    original = importer._evaluate
+
+    def spy(model, dataset, settings):
+        seen.append(extract_embeddings(model, dataset.test, settings))
+        return original(model, dataset, settings)
+
+    monkeypatch.setattr(importer, "_evaluate", spy)
+    registry = Registry(f"sqlite:///{tmp_path / 'registry.db'}")
+    options = ImportOptions(data_root=batching_data_root, audit=False, data_source="synthetic")
+    [outcome] = importer.import_logs(tmp_path / "logs", registry, options)
+    registry.close()
+    assert outcome.status == "imported" and len(seen) == 1, outcome.reason
+
+    split = read_dataset(batching_data_root, "RSTPReid").test
+    heads = {"vision_heads": tiny().clip.vision_heads, "text_heads": tiny().clip.text_heads}
+
+    def direct(precision, batch_size=TEST_BATCH_SIZE):
+        model, _ = load_model(folder / "best.pth", folder / "configs.yaml", **heads)
+        settings = EvalSettings(batch_size=batch_size, precision=precision, image_size=(48, 24))
+        return extract_embeddings(apply_precision(model, precision).eval(), split, settings)
+
+    fp16, fp32, batch64 = direct("official"), direct("amp"), direct("official", 64)
+    assert (fp32.text - fp16.text).abs().max() > 1e-4 and (batch64.text - fp16.text).abs().max() > 1e-3
+    assert torch.equal(seen[0].text, fp16.text) and torch.equal(seen[0].image, fp16.image)
+    assert outcome.metrics == score_embeddings(fp16)
+
+
 def test_reimporting_evaluates_nothing(imported, logs_dir, monkeypatch):
     registry, outcomes, options = imported
     before = [(run.id, run.config_hash, run.status, run.finished_at) for run in registry.list_runs()]
