@@ -106,6 +106,8 @@ _DISTRACTORS = (
 class TestSplitSize:
     """The test split's shape; ``None`` fields keep the default (ceil(train/2) ids, the format's captions)."""
 
+    __test__ = False  # not a pytest test class, despite the name
+
     identities: int | None = None
     images_per_identity: int = IMAGES_PER_ID["test"]
     captions_per_image: int | None = None
