@@ -316,14 +316,17 @@ def batch_size_sweep(
 
     Returns ``{"batch_sizes": [...], "ordered": {size: metrics}, "shuffled": {size: mean_and_std},
     "r1_gap": {size: ordered minus shuffled R1}}`` with sizes as strings (JSON keys). At batch size 1
-    each sample is encoded alone (no batch-mates), which is the model's batch-independent R1.
+    each sample is encoded alone (no batch-mates), which is the model's batch-independent R1, and the
+    shuffled entry is the ordered one.
     """
     evaluations = evaluations or Evaluations(model, split, replace(settings.eval, order="annotation"))
     ordered, shuffled, gaps = {}, {}, {}
     for size in batch_sizes:
         key = str(size)
         ordered[key] = evaluations.metrics(batch_size=size)
-        runs = [evaluations.metrics("shuffled", seed, size) for seed in range(settings.sweep_seeds)]
+        # A batch of one has no batch-mates, so every order gives the ordered embeddings: not evaluated again.
+        runs = [ordered[key]] if size == 1 else [
+            evaluations.metrics("shuffled", seed, size) for seed in range(settings.sweep_seeds)]
         shuffled[key] = {**mean_and_std(runs), "runs": runs}
         gaps[key] = ordered[key]["R1"] - shuffled[key]["R1"]
     return {

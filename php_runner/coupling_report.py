@@ -67,22 +67,23 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def collect(registry, dataset: str, preset: str) -> CouplingArtefact:
     """Gather the audited coupling runs of ``dataset`` and ``preset``; InputError when there are none."""
-    runs = [run for run in registry.list_runs()
-            if run.spec_name == SPEC_NAME and run.dataset == dataset and run.preset == preset and run.kind == "trained"]
+    runs = registry.list_runs(spec_name=SPEC_NAME, dataset=dataset, preset=preset, kind="trained")
     rows: dict[str, list[SeedRow]] = {coupling: [] for coupling in COUPLINGS}
     missing, commands, reports, started, ended = [], [], [], [], []
     device = None
-    for run in sorted(runs, key=lambda r: (r.row_label, r.seed)):
+    # The coupling is read from the config: a run planned by several specs carries several row labels.
+    for run in sorted(runs, key=lambda r: (r.config["model"]["coupling"], r.seed)):
+        coupling = run.config["model"]["coupling"]
         audit = registry.latest_audit(run.id)
         if run.status != "done" or audit is None or "batch_size_sweep" not in audit.report:
-            missing.append(f"run {run.id} ({run.row_label}, seed {run.seed}): status {run.status}, "
+            missing.append(f"run {run.id} ({coupling}, seed {run.seed}): status {run.status}, "
                            f"{'no audit' if audit is None else 'audit without the batch-size sweep'}")
             continue
         report = audit.report
         sweep = report["batch_size_sweep"]
         results = registry.results(run.id)
         trained = results.get("best-on-test", {}).get("metrics", {}).get("R1")
-        rows.setdefault(run.row_label, []).append(SeedRow(
+        rows.setdefault(coupling, []).append(SeedRow(
             run_id=run.id,
             seed=run.seed,
             trained_r1=trained,
