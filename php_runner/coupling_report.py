@@ -191,6 +191,13 @@ def render_markdown(report: CouplingArtefact, figure_name: str) -> str:
         for order, attribute in (("ordered", "sweep_ordered"), ("shuffled", "sweep_shuffled")):
             cells = [_pm([getattr(row, attribute)[size] for row in seeds]) for size in sizes]
             lines.append(f"| {coupling} | {order} | " + " | ".join(cells) + " |")
+    lines += ["", "Ordered − shuffled R1 per seed and batch size:", "",
+              "| coupling | seed | " + " | ".join(f"batch {size}" for size in sizes) + " |",
+              "|---|---|" + "---|" * len(sizes)]
+    for coupling, seeds in report.rows.items():
+        for row in seeds:
+            cells = [f"{row.sweep_ordered[size] - row.sweep_shuffled[size]:+.2f}" for size in sizes]
+            lines.append(f"| {coupling} | {row.seed} | " + " | ".join(cells) + " |")
     lines += ["", "## Reading", "", *_reading(report)]
     if report.missing:
         lines += ["", "Not shown (no audit with the batch-size sweep): " + "; ".join(report.missing) + "."]
