@@ -25,7 +25,10 @@ def _audit(ordered: float, shuffled: float, alone: float) -> dict:
     sweep_ordered = {"1": _metrics(alone), "8": _metrics(alone + 1), "64": _metrics(ordered), "256": _metrics(ordered - 1)}
     sweep_shuffled = {"1": _metrics(alone), "8": _metrics(alone + 1), "64": _metrics(shuffled),
                       "256": _metrics(shuffled - 1)}
+    shuffled_runs = [_metrics(shuffled), _metrics(shuffled)]
+    sweep_shuffled = {size: {**metrics, "runs": [metrics]} for size, metrics in sweep_shuffled.items()}
     return {
+        "ordered": _metrics(ordered), "shuffled": {**_metrics(shuffled), "runs": shuffled_runs},
         "eval_batch_size": 64, "r1_ordered": ordered, "r1_shuffled": shuffled, "r1_gap": ordered - shuffled,
         "batch_size_sweep": {"batch_sizes": [1, 8, 64, 256], "ordered": sweep_ordered, "shuffled": sweep_shuffled},
         "chance_r1": {"gallery": 1.0, "same_batch": 28.75, "batch_size": 64},
