@@ -233,10 +233,11 @@ def _reading(report: CouplingArtefact) -> list[str]:
         out.append("- Mean gap by evaluation batch size: " + ", ".join(
             f"{size}: {gap:+.2f}" for size, gap in mean_gaps.items()) + f"; widest at batch {widest}.")
         short = [row for row in official if row.gap < GOAL_GAP]
+        final_losses = ", ".join(f"seed {row.seed} {row.losses[-1]:.1f}" for row in official if row.losses)
         for row in short:
-            out.append(f"- Seed {row.seed} (gap {row.gap:+.2f}): in-training R1 {row.trained_r1}, alone R1 {row.alone:.2f}, "
-                       f"final training loss {row.losses[-1]:.1f} (seed losses: " + ", ".join(
-                           f"seed {other.seed} {other.losses[-1]:.1f}" for other in official if other.losses) + ").")
+            out.append(f"- Seed {row.seed} short of the goal (gap {row.gap:+.2f}): ordered R1 {row.ordered:.2f}, "
+                       f"alone R1 {row.alone:.2f}" + (f"; final training loss per seed: {final_losses}" if final_losses
+                                                       else "") + ".")
     if per_sample:
         exact = all(row.order_free for row in per_sample)
         largest = max(row.largest_change for row in per_sample)
