@@ -8,13 +8,16 @@ that for one model on one dataset and checks the data split and the checkpoint s
    their evaluation batch and with other batch-mates, per modality, with a verdict.
 2. ``order_sensitivity``: metrics in annotation order, with shuffled orders (several seeds) and
    with other test batch sizes; the headline is the ordered-minus-shuffled R1 gap.
+   ``batch_size_sweep``: ordered and shuffled metrics at each evaluation batch size of
+   ``SWEEP_BATCH_SIZES`` (1, 8, 64, 256), so a reader sees how the gap grows with the batch.
 3. ``split_audit``: train/val/test overlap of image paths, image content (sha256) and identities,
    captions shared across identities, captions per image.
 4. ``selection_audit``: which split chose the checkpoint and how far best-on-test, best-on-val and
    the last epoch lie apart on the test metrics.
 
-``run_audit`` composes the four into one JSON-able report; ``audit_summary`` extracts the few keys
-tables show.
+``run_audit`` composes them into one JSON-able report; ``audit_summary`` extracts the few keys
+tables show. The sections share one ``Evaluations`` memo, so an evaluation several of them need
+runs once.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import random
 import statistics
+import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -53,6 +57,8 @@ RELATIVE_THRESHOLD = 1e-4
 NOISE_MARGIN = 10.0
 
 SUMMARY_KEYS = ("batch_dependent", "r1_ordered", "r1_shuffled", "r1_shuffled_std", "r1_gap")
+# Evaluation batch sizes of the sweep: alone, the tiny training batch, the official test batch, and larger.
+SWEEP_BATCH_SIZES = (1, 8, 64, 256)
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,7 @@ class AuditSettings:
     eval: EvalSettings
     train_batch_size: int = 64
     seeds: int = 3  # shuffled evaluations, seeds 0..seeds-1
+    sweep_seeds: int = 1  # shuffled evaluations per batch size of the sweep (each costs a full evaluation)
     sample_size: int = 16  # queries and gallery images probed for batch independence
     sample_seed: int = 0
     max_examples: int = 5  # examples listed per split-audit finding
@@ -198,6 +205,26 @@ def _metrics(values: dict) -> dict:
     return {name: float(values[name]) for name in METRIC_NAMES}
 
 
+class Evaluations:
+    """Metrics of one model on one split per (order, shuffle seed, batch size), each evaluated once.
+
+    ``base`` gives everything else (device, precision, encoder, image size). The seed only matters
+    for the shuffled order, so ordered evaluations share one entry whatever the seed.
+    """
+
+    def __init__(self, model, split: EvalSplit, base: EvalSettings):
+        self.model, self.split, self.base = model, split, base
+        self._done: dict[tuple[str, int, int], dict] = {}
+
+    def metrics(self, order: str = "annotation", seed: int = 0, batch_size: int | None = None) -> dict:
+        size = self.base.batch_size if batch_size is None else batch_size
+        key = (order, seed if order == "shuffled" else 0, size)
+        if key not in self._done:
+            settings = replace(self.base, order=order, seed=key[1], batch_size=size)
+            self._done[key] = _metrics(evaluate(self.model, self.split, settings))
+        return self._done[key]
+
+
 def mean_and_std(runs: Sequence[dict]) -> dict:
     """Per-metric mean over runs, plus ``std`` (sample standard deviation; 0.0 for a single run)."""
     mean = {name: statistics.fmean(run[name] for run in runs) for name in METRIC_NAMES}
@@ -234,19 +261,34 @@ def batch_alignment(split: EvalSplit, batch_size: int) -> dict:
     }
 
 
-def order_sensitivity(model, split: EvalSplit, settings: AuditSettings) -> dict:
+def chance_r1(split: EvalSplit, batch_size: int) -> dict:
+    """R1 (percent) of a retriever that picks uniformly at random, from the whole gallery and from the image batch
+    with the query's batch index (annotation order): the second is what a pure batch shortcut would reach."""
+    image_pids = list(split.image_pids)
+    gallery = Counter(image_pids)
+    starts = range(0, len(image_pids), batch_size)
+    image_batches = [Counter(image_pids[start : start + batch_size]) for start in starts]
+    whole, in_batch = [], []
+    for position, pid in enumerate(split.caption_pids):
+        whole.append(gallery[pid] / max(len(image_pids), 1))
+        k = position // batch_size
+        batch = image_batches[k] if k < len(image_batches) else Counter()
+        in_batch.append(batch[pid] / max(sum(batch.values()), 1))
+    count = max(len(whole), 1)
+    return {"gallery": 100 * sum(whole) / count, "same_batch": 100 * sum(in_batch) / count, "batch_size": batch_size}
+
+
+def order_sensitivity(model, split: EvalSplit, settings: AuditSettings, evaluations: Evaluations | None = None) -> dict:
     """Metrics in annotation order, shuffled (mean and std over seeds) and at other batch sizes."""
     base = replace(settings.eval, order="annotation")
-    ordered = _metrics(evaluate(model, split, base))
-    shuffled_runs = [
-        _metrics(evaluate(model, split, replace(base, order="shuffled", seed=seed)))
-        for seed in range(settings.seeds)
-    ]
+    evaluations = evaluations or Evaluations(model, split, base)
+    ordered = evaluations.metrics()
+    shuffled_runs = [evaluations.metrics("shuffled", seed) for seed in range(settings.seeds)]
     shuffled = {**mean_and_std(shuffled_runs), "seeds": list(range(settings.seeds)), "runs": shuffled_runs}
     by_batch_size = {str(base.batch_size): ordered}
     for size in (1, settings.train_batch_size):
         if str(size) not in by_batch_size:
-            by_batch_size[str(size)] = _metrics(evaluate(model, split, replace(base, batch_size=size)))
+            by_batch_size[str(size)] = evaluations.metrics(batch_size=size)
     variants = [*shuffled_runs, *by_batch_size.values()]
     largest_change = max(abs(run[name] - ordered[name]) for run in variants for name in METRIC_NAMES)
     return {
@@ -259,6 +301,40 @@ def order_sensitivity(model, split: EvalSplit, settings: AuditSettings) -> dict:
         "order_sensitive": largest_change > 0.0,
         "max_metric_change": largest_change,
         "alignment": batch_alignment(split, base.batch_size),
+        "chance_r1": chance_r1(split, base.batch_size),
+    }
+
+
+def batch_size_sweep(
+    model,
+    split: EvalSplit,
+    settings: AuditSettings,
+    batch_sizes: Sequence[int] = SWEEP_BATCH_SIZES,
+    evaluations: Evaluations | None = None,
+) -> dict:
+    """Ordered and shuffled metrics (mean and std over ``settings.sweep_seeds``) at each evaluation batch size.
+
+    Returns ``{"batch_sizes": [...], "ordered": {size: metrics}, "shuffled": {size: mean_and_std},
+    "r1_gap": {size: ordered minus shuffled R1}}`` with sizes as strings (JSON keys). At batch size 1
+    each sample is encoded alone (no batch-mates), which is the model's batch-independent R1, and the
+    shuffled entry is the ordered one.
+    """
+    evaluations = evaluations or Evaluations(model, split, replace(settings.eval, order="annotation"))
+    ordered, shuffled, gaps = {}, {}, {}
+    for size in batch_sizes:
+        key = str(size)
+        ordered[key] = evaluations.metrics(batch_size=size)
+        # A batch of one has no batch-mates, so every order gives the ordered embeddings: not evaluated again.
+        runs = [ordered[key]] if size == 1 else [
+            evaluations.metrics("shuffled", seed, size) for seed in range(settings.sweep_seeds)]
+        shuffled[key] = {**mean_and_std(runs), "runs": runs}
+        gaps[key] = ordered[key]["R1"] - shuffled[key]["R1"]
+    return {
+        "batch_sizes": list(batch_sizes),
+        "seeds": list(range(settings.sweep_seeds)),
+        "ordered": ordered,
+        "shuffled": shuffled,
+        "r1_gap": gaps,
     }
 
 
@@ -469,7 +545,10 @@ def run_audit(
 
     ``selection`` is a ``selection_audit`` result (or ``None`` when nothing is known of the run).
     """
-    order = order_sensitivity(model, dataset.test, settings)
+    started = time.perf_counter()
+    evaluations = Evaluations(model, dataset.test, replace(settings.eval, order="annotation"))
+    order = order_sensitivity(model, dataset.test, settings, evaluations)
+    sweep = batch_size_sweep(model, dataset.test, settings, evaluations=evaluations)
     independence = batch_independence(model, dataset.test, settings)
     return {
         "dataset": dataset.name,
@@ -483,8 +562,10 @@ def run_audit(
         "r1_gap": order["r1_gap"],
         "batch_independence": independence,
         **order,
+        "batch_size_sweep": sweep,
         "split": split_audit(split_views(dataset), settings.max_examples, settings.hash_workers),
         "selection": selection,
+        "seconds": time.perf_counter() - started,
     }
 
 

@@ -99,14 +99,32 @@ def build_train_settings(config: dict):
 
 
 def ensure_data(config: dict) -> None:
-    """Write the synthetic dataset a run needs when it is missing; real data must already exist."""
+    """Write the synthetic dataset a run needs when it is missing; real data must already exist.
+
+    A named synthetic variant (``data.source = "synthetic-NAME"``) is checked to be that variant when
+    its folder exists, so a run never trains on a default set written under the same root.
+    """
     data, runtime = config["data"], config.get("runtime", {})
     root = Path(runtime.get("data_root") or ".")
-    if data.get("source") == "synthetic":
+    source = data.get("source")
+    if source == "synthetic":
         if not (root / data["dataset"]).exists():
             from php_runner.data import write_synthetic
 
             write_synthetic(root, data["dataset"])
+    elif source is not None and source.startswith("synthetic-"):
+        from php_runner.data.synthetic import VARIANTS, variant_problem, write_variant
+
+        variant = source.removeprefix("synthetic-")
+        if VARIANTS[variant].dataset != data["dataset"]:
+            raise InputError(f"data.source {source!r}: written in the {VARIANTS[variant].dataset} format only; "
+                             f"run it with --dataset {VARIANTS[variant].dataset}")
+        if not (root / data["dataset"]).exists():
+            write_variant(root, variant)
+        problem = variant_problem(root, variant)
+        if problem is not None:
+            raise InputError(f"--data-root {root}: {problem}; give an empty folder or one written by "
+                             f"php-run synth --variant {variant}")
     elif not (root / data["dataset"]).is_dir():
         raise InputError(f"--data-root {root}: no {data['dataset']} folder there (give the folder that holds it)")
 

@@ -48,6 +48,7 @@ from pydantic import (
 )
 
 from php_runner.data.datasets import DATASET_NAMES, LAYOUTS
+from php_runner.data.synthetic import VARIANTS as SYNTHETIC_VARIANTS
 from php_runner.engine.optim import OPTIMIZERS, SOLVERS
 from php_runner.engine.train import SELECTIONS
 from php_runner.errors import InputError
@@ -57,7 +58,8 @@ from php_runner.model.precision import PRECISIONS
 from php_runner.paper import METRICS, first_problem, table_names
 
 CLIP_NAMES = ("ViT-B/16", "tiny")
-DATA_SOURCES = ("real", "synthetic")
+# "synthetic" is the default synthetic set; "synthetic-NAME" a named variant of data/synthetic.py.
+DATA_SOURCES = ("real", "synthetic", *(f"synthetic-{name}" for name in SYNTHETIC_VARIANTS))
 SECTIONS = ("model", "loss", "train", "data")
 PRESETS_FILE = "presets.toml"
 DEFAULT_SEEDS = (1,)  # the official code seeds with 1 + rank

@@ -18,4 +18,6 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 
-from php_runner.cli import audit, catalog, commands, db, import_cmd, launch, plot, tune  # noqa: E402,F401  (they register commands)
+from php_runner.cli import (  # noqa: E402,F401  (they register commands)
+    audit, catalog, commands, coupling_report, db, import_cmd, launch, plot, tune,
+)

@@ -678,14 +678,30 @@ def synth(
     ids: Annotated[int | None, typer.Option("--ids", help="Training identities per dataset (default: demo size).",
                                             min=1)] = None,
     seed: Annotated[int, typer.Option("--seed", help="Random seed; the same seed writes the same files.")] = 0,
+    test_ids: Annotated[int | None, typer.Option("--test-ids", help="Test identities (default: half the "
+                                                 "training identities).", min=1)] = None,
+    test_images_per_id: Annotated[int, typer.Option("--test-images-per-id", help="Test images per identity.",
+                                                    min=1)] = 2,
+    test_captions_per_image: Annotated[int | None, typer.Option("--test-captions-per-image", help="Test captions "
+                                                                "per image (default: the format's, 1 for "
+                                                                "ICFG-PEDES, else 2).", min=1)] = None,
+    variant: Annotated[str | None, typer.Option("--variant", help="A named set instead of the size options: "
+                                                "icfg-scale (ICFG-PEDES format, 2,000 test images).")] = None,
 ) -> None:
     """Write synthetic datasets in the official on-disk formats (JPEG images + annotation JSON).
 
     Example: php-run synth --root data/synthetic --dataset all --ids 40 --seed 0
+    (or: php-run synth --root data/synthetic-icfg-scale --variant icfg-scale)
     """
-    from php_runner.data import write_synthetic
+    from php_runner.data import TestSplitSize, write_synthetic, write_variant
 
-    for path in write_synthetic(root, dataset, ids, seed):
+    if variant is not None:
+        if ids is not None or test_ids is not None or test_captions_per_image is not None or test_images_per_id != 2:
+            raise InputError("--variant: fixes the sizes; give it without --ids and the --test-* options")
+        console.print(f"wrote {write_variant(root, variant, seed)}")
+        return
+    test = TestSplitSize(test_ids, test_images_per_id, test_captions_per_image)
+    for path in write_synthetic(root, dataset, ids, seed, test):
         console.print(f"wrote {path}")
 
 

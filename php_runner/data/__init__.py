@@ -11,7 +11,7 @@ from php_runner.data.datasets import (
     read_dataset,
 )
 from php_runner.data.loaders import ImageSet, TextSet, TrainPairs, read_image
-from php_runner.data.synthetic import write_synthetic
+from php_runner.data.synthetic import TestSplitSize, write_synthetic, write_variant
 from php_runner.data.tokenizer import EOT_ID, SOT_ID, tokenize, tokenize_all
 from php_runner.data.transforms import CLIP_MEAN, CLIP_STD, build_transform
 
@@ -25,6 +25,7 @@ __all__ = [
     "ImageSet",
     "PedesDataset",
     "SOT_ID",
+    "TestSplitSize",
     "TextSet",
     "TrainItem",
     "TrainPairs",
@@ -36,4 +37,5 @@ __all__ = [
     "tokenize",
     "tokenize_all",
     "write_synthetic",
+    "write_variant",
 ]

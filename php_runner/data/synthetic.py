@@ -9,9 +9,19 @@ model can learn to match them within a few epochs.
 Default sizes (``num_ids=None``): 100 train identities with 4 images each, 25 val identities
 (CUHK-PEDES and RSTPReid formats only) and 50 test identities with 2 images each. CUHK-PEDES and
 RSTPReid formats have two captions per image, the ICFG-PEDES format one. ``num_ids=N`` sets the
-train identities; val gets ceil(N/4) and test ceil(N/2) identities, at least 2 each. Output is a
-function of (name, num_ids, seed) only: the same seed gives a byte-identical annotation file and
-identical images. Files already in the folder that the new annotation does not name are left alone.
+train identities; val gets ceil(N/4) and test ceil(N/2) identities, at least 2 each. ``test``
+(a ``TestSplitSize``) overrides the test split's identities, images per identity and captions per
+image. Entries are grouped by identity in the annotation file, as in the real files, so the test
+images and captions are loaded person by person (spec 6).
+
+Named variants (``VARIANTS``, ``write_variant``) fix a dataset format and its sizes: ``icfg-scale``
+has an ICFG-PEDES-shaped test split (100 identities with 20 images each, one caption per image:
+2,000 images in 32 evaluation batches of 64, about 20 images per identity like the real 19,848 /
+1,000), so that a batch-level shortcut can shrink the gallery as it can on the real set.
+
+Output is a function of (name, num_ids, test, seed) only: the same arguments give a byte-identical
+annotation file and identical images. Files already in the folder that the new annotation does not
+name are left alone.
 """
 
 from __future__ import annotations
@@ -93,6 +103,45 @@ _DISTRACTORS = (
 
 
 @dataclass(frozen=True)
+class TestSplitSize:
+    """The test split's shape; ``None`` fields keep the default (ceil(train/2) ids, the format's captions)."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+    identities: int | None = None
+    images_per_identity: int = IMAGES_PER_ID["test"]
+    captions_per_image: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("identities", "images_per_identity", "captions_per_image"):
+            value = getattr(self, name)
+            if value is None and name != "images_per_identity":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise DatasetError(f"test {name.replace('_', ' ')}: expected a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class SyntheticVariant:
+    """A named synthetic set: one dataset format, its train identities and its test split's shape."""
+
+    dataset: str
+    train_ids: int
+    test: TestSplitSize
+    description: str
+
+
+VARIANTS = {
+    "icfg-scale": SyntheticVariant(
+        dataset="ICFG-PEDES",
+        train_ids=DEFAULT_TRAIN_IDS,
+        test=TestSplitSize(identities=100, images_per_identity=20, captions_per_image=1),
+        description="ICFG-PEDES format, test split of 100 identities x 20 images x 1 caption (2,000 images)",
+    ),
+}
+
+
+@dataclass(frozen=True)
 class Appearance:
     """What identifies a person, visually and in words."""
 
@@ -103,7 +152,9 @@ class Appearance:
     shoes: str
 
 
-def write_synthetic(root: str | Path, name: str = "all", num_ids: int | None = None, seed: int = 0) -> list[Path]:
+def write_synthetic(
+    root: str | Path, name: str = "all", num_ids: int | None = None, seed: int = 0, test: TestSplitSize | None = None
+) -> list[Path]:
     """Write one dataset (or all three for ``name="all"``) under ``root``; returns the annotation files."""
     if name != "all" and name not in DATASET_NAMES:
         raise DatasetError(f"dataset name {name!r} is unknown; expected 'all' or one of {', '.join(DATASET_NAMES)}")
@@ -112,7 +163,7 @@ def write_synthetic(root: str | Path, name: str = "all", num_ids: int | None = N
         raise DatasetError(f"num_ids: expected a positive integer, got {num_ids!r}")
     _check_writable_folder(Path(root))
     names = DATASET_NAMES if name == "all" else (name,)
-    return [_write_one(Path(root), dataset, train_ids, seed) for dataset in names]
+    return [_write_one(Path(root), dataset, train_ids, seed, test or TestSplitSize()) for dataset in names]
 
 
 def _check_writable_folder(root: Path) -> None:
@@ -126,12 +177,43 @@ def _check_writable_folder(root: Path) -> None:
         raise DatasetError(f"{root}: cannot write there ({existing} is not writable)")
 
 
-def split_sizes(train_ids: int, name: str) -> dict[str, int]:
+def write_variant(root: str | Path, variant: str, seed: int = 0) -> Path:
+    """Write the named variant's dataset folder under ``root``; returns its annotation file."""
+    chosen = _variant(variant)
+    return write_synthetic(root, chosen.dataset, chosen.train_ids, seed, chosen.test)[0]
+
+
+def variant_problem(root: str | Path, variant: str) -> str | None:
+    """Why the dataset under ``root`` is not the named variant (its test split's shape), or None when it is."""
+    chosen = _variant(variant)
+    annotation = Path(root) / chosen.dataset / LAYOUTS[chosen.dataset].annotation_files[0]
+    try:
+        entries = json.loads(annotation.read_text(encoding="utf-8"))
+        test = [entry for entry in entries if entry["split"] == "test"]
+        found = (len({entry["id"] for entry in test}), len(test), sum(len(entry["captions"]) for entry in test))
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        return f"{annotation}: cannot read it as a synthetic {chosen.dataset} annotation ({err})"
+    shape = chosen.test
+    expected = (shape.identities, shape.identities * shape.images_per_identity,
+                shape.identities * shape.images_per_identity * shape.captions_per_image)
+    if found != expected:
+        return (f"{annotation}: test split has {found[0]} ids / {found[1]} images / {found[2]} captions, "
+                f"the {variant!r} variant {expected[0]} / {expected[1]} / {expected[2]}")
+    return None
+
+
+def _variant(name: str) -> SyntheticVariant:
+    if name not in VARIANTS:
+        raise DatasetError(f"synthetic variant {name!r} is unknown; expected one of {', '.join(VARIANTS)}")
+    return VARIANTS[name]
+
+
+def split_sizes(train_ids: int, name: str, test_ids: int | None = None) -> dict[str, int]:
     """Identities per split for ``train_ids`` training identities (no val split in the ICFG format)."""
     sizes = {"train": train_ids}
     if name != "ICFG-PEDES":
         sizes["val"] = max(2, math.ceil(train_ids / 4))
-    sizes["test"] = max(2, math.ceil(train_ids / 2))
+    sizes["test"] = max(2, math.ceil(train_ids / 2)) if test_ids is None else test_ids
     return sizes
 
 
@@ -213,9 +295,13 @@ def _image_path(name: str, split: str, raw_id: int, index: int) -> str:
     return f"{raw_id:04d}_c{index + 1:02d}_{index:04d}.jpg"
 
 
-def _write_one(root: Path, name: str, train_ids: int, seed: int) -> Path:
+def _write_one(root: Path, name: str, train_ids: int, seed: int, test: TestSplitSize) -> Path:
     rng = random.Random(f"php-run synthetic {name} {seed}")
-    sizes = split_sizes(train_ids, name)
+    sizes = split_sizes(train_ids, name, test.identities)
+    images_per_id = {**IMAGES_PER_ID, "test": test.images_per_identity}
+    captions_per_image = {split: CAPTIONS_PER_IMAGE[name] for split in sizes}
+    if test.captions_per_image is not None:
+        captions_per_image["test"] = test.captions_per_image
     appearances = iter(sample_appearances(sum(sizes.values()), rng))
     folder = root / name
     # CUHK-PEDES ids are 1-based in the file (the official reader trains on id - 1); the others 0-based.
@@ -225,10 +311,10 @@ def _write_one(root: Path, name: str, train_ids: int, seed: int) -> Path:
     for split, count in sizes.items():
         for _ in range(count):
             appearance = next(appearances)
-            for index in range(IMAGES_PER_ID[split]):
+            for index in range(images_per_id[split]):
                 rel_path = _image_path(name, split, raw_id, index)
                 _write_atomic(folder / "imgs" / rel_path, _jpeg_bytes(draw_person(appearance, rng)))
-                captions = [describe(appearance, rng) for _ in range(CAPTIONS_PER_IMAGE[name])]
+                captions = [describe(appearance, rng) for _ in range(captions_per_image[split])]
                 entry = {"split": split, "captions": captions, layout.path_field: rel_path, "id": raw_id}
                 if name != "RSTPReid":
                     entry["processed_tokens"] = [re.findall(r"[a-z]+|[^\sa-z]", c.lower()) for c in captions]

@@ -131,3 +131,57 @@ def test_bad_arguments(tmp_path):
         with pytest.raises(DatasetError, match="num_ids"):
             write_synthetic(tmp_path, "RSTPReid", num_ids=bad)
     assert not any(tmp_path.iterdir())
+
+
+# ---- test-split options and named variants -------------------------------------------------------
+
+def test_test_split_options_set_identities_images_and_captions(tmp_path):
+    from php_runner.data.synthetic import TestSplitSize
+
+    write_synthetic(tmp_path, "ICFG-PEDES", num_ids=3, seed=0,
+                    test=TestSplitSize(identities=4, images_per_identity=5, captions_per_image=2))
+    dataset = read_dataset(tmp_path, "ICFG-PEDES")
+    stats = {r["subset"]: (r["ids"], r["images"], r["captions"]) for r in dataset_statistics(dataset)}
+    assert stats["train"] == (3, 12, 12) and stats["test"] == (4, 20, 40)
+    # Annotation order, person by person: images and captions come in the same identity order.
+    assert dataset.test.image_pids == [pid for pid in sorted(set(dataset.test.image_pids)) for _ in range(5)]
+    assert dataset.test.caption_pids == [pid for pid in dataset.test.image_pids for _ in range(2)]
+
+
+def test_default_test_split_options_keep_the_default_files(tmp_path, synthetic_root):
+    from php_runner.data.synthetic import TestSplitSize
+
+    write_synthetic(tmp_path, "RSTPReid", num_ids=4, seed=0, test=TestSplitSize())
+    assert files_of(tmp_path / "RSTPReid") == files_of(synthetic_root / "RSTPReid")
+
+
+@pytest.mark.parametrize("field", ["identities", "images_per_identity", "captions_per_image"])
+def test_test_split_options_reject_non_positive_values(field):
+    from php_runner.data.synthetic import TestSplitSize
+
+    with pytest.raises(DatasetError, match=field.replace("_", " ")):
+        TestSplitSize(**{field: 0})
+
+
+def test_icfg_scale_variant_has_a_realistic_test_split():
+    from php_runner.data.synthetic import VARIANTS
+
+    variant = VARIANTS["icfg-scale"]
+    images = variant.test.identities * variant.test.images_per_identity
+    assert variant.dataset == "ICFG-PEDES" and variant.test.captions_per_image == 1
+    assert images >= 2000 and images / 64 > 30
+
+
+def test_variant_problem_names_a_folder_of_another_shape(tmp_path, monkeypatch):
+    from php_runner.data import synthetic
+
+    small = synthetic.SyntheticVariant("ICFG-PEDES", 2, synthetic.TestSplitSize(3, 4, 1), "small")
+    monkeypatch.setitem(synthetic.VARIANTS, "small", small)
+    synthetic.write_variant(tmp_path / "v", "small")
+    assert synthetic.variant_problem(tmp_path / "v", "small") is None
+    assert len(read_dataset(tmp_path / "v", "ICFG-PEDES").test.img_paths) == 12
+    write_synthetic(tmp_path / "d", "ICFG-PEDES", num_ids=2)
+    problem = synthetic.variant_problem(tmp_path / "d", "small")
+    assert "ICFG-PEDES.json" in problem and "'small' variant 3 / 12 / 12" in problem
+    with pytest.raises(DatasetError, match="unknown"):
+        synthetic.write_variant(tmp_path, "nope")

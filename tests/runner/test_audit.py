@@ -99,6 +99,37 @@ def test_batch_alignment_of_one_caption_per_image_in_file_order():
     assert result["queries_with_match_in_same_batch"] == 0.5 and result["identical_batches"] == 0.0
 
 
+def test_chance_r1_over_the_gallery_and_inside_the_same_index_batch():
+    from php_runner.data import EvalSplit
+
+    # Images 0 0 1 1 | 2 2 3 3 | 4 4, one caption per image: 2 matches of 10 in the gallery, 2 of 4 (or of 2) in batch.
+    pids = [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    split = EvalSplit(image_pids=pids, img_paths=[str(i) for i in range(10)], caption_pids=pids, captions=["c"] * 10)
+    chance = audit.chance_r1(split, 4)
+    assert chance["gallery"] == pytest.approx(20.0)
+    assert chance["same_batch"] == pytest.approx(100 * (8 * 2 / 4 + 2 * 2 / 2) / 10)
+    # A caption in a batch index with no image batch can only be found by chance over the gallery.
+    extra = EvalSplit(image_pids=[0], img_paths=["a"], caption_pids=[0, 0], captions=["c", "c"])
+    assert audit.chance_r1(extra, 1) == {"gallery": 100.0, "same_batch": 50.0, "batch_size": 1}
+
+
+def test_evaluations_run_each_setting_once(monkeypatch):
+    calls = []
+
+    def fake_evaluate(model, split, settings):
+        calls.append((settings.order, settings.seed, settings.batch_size))
+        return dict.fromkeys(audit.METRIC_NAMES, float(len(calls)))
+
+    monkeypatch.setattr(audit, "evaluate", fake_evaluate)
+    evaluations = audit.Evaluations(None, None, EvalSettings(batch_size=4, seed=7))
+    first = evaluations.metrics()
+    assert evaluations.metrics(seed=3) is first and evaluations.metrics(batch_size=4) is first
+    evaluations.metrics("shuffled", 1)
+    evaluations.metrics("shuffled", 1)
+    evaluations.metrics("shuffled", 2, 8)
+    assert calls == [("annotation", 0, 4), ("shuffled", 1, 4), ("shuffled", 2, 8)]
+
+
 def test_selection_audit_golden_values():
     def m(r1):
         return {"R1": r1, "R5": r1 + 1, "R10": r1 + 2, "mAP": r1 - 1, "mINP": r1 - 2}
@@ -222,6 +253,15 @@ def test_official_coupling_is_reported_batch_dependent_and_order_sensitive(icfg,
     assert report["r1_gap"] == report["ordered"]["R1"] - report["shuffled"]["R1"]
     # In the ICFG layout text batch k and image batch k hold the same people.
     assert report["alignment"]["identical_batches"] == 1.0
+    sweep = report["batch_size_sweep"]
+    assert sweep["batch_sizes"] == list(audit.SWEEP_BATCH_SIZES) == [1, 8, 64, 256]
+    assert set(sweep["ordered"]) == set(sweep["shuffled"]) == set(sweep["r1_gap"]) == {"1", "8", "64", "256"}
+    for size, gap in sweep["r1_gap"].items():
+        assert gap == sweep["ordered"][size]["R1"] - sweep["shuffled"][size]["R1"]
+    # The sweep and the order section share evaluations: the same batch sizes give the same numbers.
+    assert sweep["ordered"]["8"] == report["batch_sizes"]["8"] and sweep["ordered"]["1"] == report["batch_sizes"]["1"]
+    assert sweep["shuffled"]["1"]["runs"] == [sweep["ordered"]["1"]]
+    assert report["chance_r1"]["gallery"] == pytest.approx(100 / 4)  # 4 test identities with 2 images each
     json.dumps(report)  # the report is JSON-able as it stands
 
 
@@ -234,6 +274,9 @@ def test_per_sample_coupling_is_batch_independent_with_equal_metrics(icfg, tiny_
     assert all(run == report["ordered"] for run in report["shuffled"]["runs"])
     assert all(metrics == report["ordered"] for metrics in report["batch_sizes"].values())
     assert set(report["batch_sizes"]) == {"4", "1", "8"}
+    sweep = report["batch_size_sweep"]
+    assert all(sweep["shuffled"][size]["runs"] == [sweep["ordered"][size]] for size in sweep["ordered"])
+    assert set(sweep["r1_gap"].values()) == {0.0}
     assert report["r1_gap"] == 0.0 and report["order_sensitive"] is False
     assert {k: report["shuffled"][k] for k in audit.METRIC_NAMES} == pytest.approx(report["ordered"])
     assert audit.audit_summary(report) == {

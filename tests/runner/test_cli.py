@@ -12,6 +12,7 @@ import typer
 from typer.testing import CliRunner
 
 from php_runner.cli import app
+from php_runner.data import read_dataset
 from php_runner.registry import Registry
 from php_runner.specs import expand, load_spec, shipped_folder
 
@@ -136,6 +137,18 @@ def test_synth_and_data_check(cli, tmp_path):
     next((tmp_path / "d" / "RSTPReid" / "imgs").rglob("*.jpg")).unlink()
     code, out, err = cli("data", "check", "--data-root", tmp_path / "d", "--dataset", "RSTPReid")
     assert code == 2 and "problem" in err
+
+
+def test_synth_test_split_options_and_variant_check(cli, tmp_path):
+    code, out, _ = cli("synth", "--root", tmp_path / "d", "--dataset", "ICFG-PEDES", "--ids", "2", "--test-ids", "3",
+                       "--test-images-per-id", "4", "--test-captions-per-image", "1")
+    assert code == 0
+    test = read_dataset(tmp_path / "d", "ICFG-PEDES").test
+    assert (len(set(test.image_pids)), len(test.img_paths), len(test.captions)) == (3, 12, 12)
+    code, _, err = cli("synth", "--root", tmp_path / "e", "--variant", "icfg-scale", "--ids", "3")
+    assert code == 2 and "--variant" in err
+    code, _, err = cli("synth", "--root", tmp_path / "e", "--variant", "nope")
+    assert code == 2 and "nope" in err
 
 
 @pytest.fixture(scope="module")

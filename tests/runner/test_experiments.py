@@ -34,10 +34,10 @@ def specs():
 def test_all_shipped_specs_load(specs):
     assert {"base", *TABLE_SPECS.values()} <= set(specs)
     assert all(spec.table is None for name, spec in specs.items() if name not in TABLE_SPECS.values())
-    assert set(load_presets(EXPERIMENTS)) == {"paper", "tiny"}
+    assert set(load_presets(EXPERIMENTS)) == {"paper", "tiny", "tiny-icfg-scale"}
 
 
-@pytest.mark.parametrize("preset", ["paper", "tiny"])
+@pytest.mark.parametrize("preset", ["paper", "tiny", "tiny-icfg-scale"])
 def test_every_spec_expands_under_every_preset(specs, preset):
     for spec in specs.values():
         runs = expand(spec, preset, None, [1, 2], PAPER_RUNTIME if preset == "paper" else {})
@@ -53,6 +53,14 @@ def test_each_table_spec_fills_exactly_its_table(specs, table, spec_name):
     reproducible = [row.key for row in paper_table.rows if not row.reference]
     assert [point.label for point in spec.points] == reproducible
     assert list(spec.datasets) == list(paper_table.datasets)
+
+
+def test_icfg_scale_preset_is_the_tiny_recipe_longer_on_the_icfg_scale_set(specs):
+    tiny = expand(specs["coupling"], "tiny", ["ICFG-PEDES"], [1])[0].config
+    scale = expand(specs["coupling"], "tiny-icfg-scale", ["ICFG-PEDES"], [1])[0].config
+    changed = {(section, key) for section in tiny for key in tiny[section] if tiny[section][key] != scale[section][key]}
+    assert changed == {("train", "epochs"), ("train", "eval_period"), ("data", "source"), ("runtime", "data_root")}
+    assert scale["data"]["source"] == "synthetic-icfg-scale" and scale["train"]["epochs"] > tiny["train"]["epochs"]
 
 
 def test_headline_under_paper_preset_is_the_paper_recipe(specs):
