@@ -71,6 +71,14 @@ DEFAULT_STALE_AFTER_S = 120.0
 SQLITE_BUSY_TIMEOUT_MS = 60_000
 
 
+def shown_url(url) -> str:
+    """``url`` as it may be printed: the password of a server URL replaced by ***."""
+    try:
+        return make_url(str(url)).render_as_string(hide_password=True)
+    except Exception:  # not parseable as a URL: nothing to hide that we could find
+        return str(url)
+
+
 def resolve_url(url: str | None = None) -> str:
     """``url``, else ``$PHP_RUN_DB``, else the default SQLite file in the working directory."""
     return url or os.environ.get(URL_ENV) or DEFAULT_URL
@@ -282,7 +290,7 @@ def stored_revision(url: str | None = None) -> str | None:
     except InputError:
         raise
     except Exception as err:
-        raise InputError(f"registry {url}: cannot open ({_first_line(err)})") from err
+        raise InputError(f"registry {shown_url(url)}: cannot open ({_first_line(err)})") from err
 
 
 def _first_line(err: Exception) -> str:
@@ -293,7 +301,7 @@ def _check_known(url: object, tables: set[str], revision: str | None) -> None:
     """Refuse a database that is not a php-run registry, or one written by a newer php-run."""
     if revision is None and tables - {VERSION_TABLE}:
         raise InputError(
-            f"registry {url}: not a php-run registry (it holds the tables {', '.join(sorted(tables))}); "
+            f"registry {shown_url(url)}: not a php-run registry (it holds the tables {', '.join(sorted(tables))}); "
             "give an empty or new file with --db"
         )
     if revision is not None:
@@ -301,7 +309,7 @@ def _check_known(url: object, tables: set[str], revision: str | None) -> None:
             _scripts().get_revision(revision)
         except AlembicError:
             raise InputError(
-                f"registry {url}: schema revision {revision} is newer than this php-run "
+                f"registry {shown_url(url)}: schema revision {revision} is newer than this php-run "
                 f"(it knows up to {head_revision()}); upgrade php-run"
             ) from None
 
@@ -312,11 +320,11 @@ def _check_tables(url: object, conn: Connection, revision: str | None) -> None:
     present = set(inspector.get_table_names())
     for table in Base.metadata.sorted_tables:
         if table.name not in present:
-            raise InputError(f"registry {url}: table {table.name} is missing (schema revision {revision}); "
+            raise InputError(f"registry {shown_url(url)}: table {table.name} is missing (schema revision {revision}); "
                              "the database is damaged")
         missing = set(table.columns.keys()) - {c["name"] for c in inspector.get_columns(table.name)}
         if missing:
-            raise InputError(f"registry {url}: table {table.name} lacks the columns {', '.join(sorted(missing))} "
+            raise InputError(f"registry {shown_url(url)}: table {table.name} lacks the columns {', '.join(sorted(missing))} "
                              f"(schema revision {revision}); the database is damaged")
 
 
@@ -335,7 +343,7 @@ def _check_sqlite_file(url: str) -> None:
             tables = set(inspect(conn).get_table_names())
             revision = current_revision(conn)
     except DBAPIError as err:
-        raise InputError(f"registry {url}: cannot open ({_first_line(err.orig)})") from err
+        raise InputError(f"registry {shown_url(url)}: cannot open ({_first_line(err.orig)})") from err
     finally:
         engine.dispose()
     _check_known(url, tables, revision)
@@ -435,7 +443,7 @@ def _load_json(value: str) -> Any:
 
 
 def _damaged(url: object, table: str, row_id: int, problem: str) -> InputError:
-    return InputError(f"registry {url}: table {table}, row {row_id}: {problem}; the database is damaged")
+    return InputError(f"registry {shown_url(url)}: table {table}, row {row_id}: {problem}; the database is damaged")
 
 
 def _checked_metrics(url: object, table: str, row_id: int, value: Any) -> dict[str, float]:
@@ -521,7 +529,7 @@ class Registry:
         except InputError:
             raise
         except Exception as err:  # a bad URL or an unreadable file is bad input, named by its URL
-            raise InputError(f"registry {self.url}: cannot open ({_first_line(err)})") from err
+            raise InputError(f"registry {shown_url(self.url)}: cannot open ({_first_line(err)})") from err
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def close(self) -> None:
@@ -545,7 +553,7 @@ class Registry:
                             json.loads(value)
                         except (TypeError, ValueError):
                             return _damaged(self.url, table.name, row_id, f"{column.name} is not valid JSON")
-        return InputError(f"registry {self.url}: a stored JSON value does not parse; the database is damaged")
+        return InputError(f"registry {shown_url(self.url)}: a stored JSON value does not parse; the database is damaged")
 
     # ---- runs -------------------------------------------------------------------------------
 
@@ -719,7 +727,7 @@ class Registry:
                 raise InputError("run: empty run reference")
             rows = s.scalars(select(Run).where(Run.config_hash.startswith(key.lower())).limit(2)).all()
             if not rows:
-                raise InputError(f"run {key!r}: no run with this id or config-hash prefix in {self.url}")
+                raise InputError(f"run {key!r}: no run with this id or config-hash prefix in {shown_url(self.url)}")
             if len(rows) > 1:
                 raise InputError(f"run {key!r}: the hash prefix matches several runs; give more characters")
             return _run_record(rows[0], self.url)

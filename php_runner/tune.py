@@ -34,7 +34,7 @@ from php_runner.engine.train import RULE_OF_SELECTION, EpochRecord, StopTraining
 from php_runner.errors import InputError
 from php_runner.model.checkpoint import load_model
 from php_runner.model.precision import apply_precision
-from php_runner.registry import Registry, RunRecord
+from php_runner.registry import Registry, RunRecord, shown_url
 from php_runner.runner import (
     EXIT_INTERRUPTED,
     EXIT_NOT_CLAIMED,
@@ -157,7 +157,7 @@ def storage_note(url: str) -> str | None:
     """The plain warning for SQLite storage, None for a server database."""
     if url.startswith("sqlite"):
         return (
-            f"study storage {url} is SQLite: processes on this machine can share the study; "
+            f"study storage {shown_url(url)} is SQLite: processes on this machine can share the study; "
             "for several machines use a server database, e.g. --db postgresql://user@host/php_run"
         )
     return None
@@ -405,7 +405,7 @@ def load_study(study_name: str, db_url: str | None = None) -> tuple[optuna.Study
     names = optuna.study.get_all_study_names(storage)
     if study_name not in names:
         known = ", ".join(sorted(names)) or "none"
-        raise InputError(f"study {study_name!r}: not in {registry.url} (studies there: {known})")
+        raise InputError(f"study {study_name!r}: not in {shown_url(registry.url)} (studies there: {known})")
     return optuna.load_study(study_name=study_name, storage=storage), registry
 
 

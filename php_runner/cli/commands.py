@@ -36,7 +36,7 @@ from php_runner.cli.common import (
     specs_folder,
 )
 from php_runner.errors import InputError
-from php_runner.registry import Registry, RunRecord
+from php_runner.registry import Registry, RunRecord, shown_url
 
 if TYPE_CHECKING:
     from php_runner.specs import PlannedRun, Spec
@@ -405,7 +405,7 @@ def status(
             for run, rule, metrics in entries
         ])
         return
-    view = Table(title=f"runs in {registry.url}")
+    view = Table(title=f"runs in {shown_url(registry.url)}")
     view.add_column("id", justify="right", no_wrap=True)
     view.add_column("hash", no_wrap=True)
     view.add_column("experiment")

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from php_runner.errors import InputError
-from php_runner.registry import Registry, RunRecord, resolve_url
+from php_runner.registry import Registry, RunRecord, resolve_url, shown_url
 from php_runner.runner import plan_all, preflight_all
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ def check_registry_for(executor: str, db_url: str | None, allow_sqlite: bool) ->
     """The registry URL jobs of ``executor`` will use; refuses SQLite for Slurm unless allowed."""
     url = resolve_url(db_url)
     if executor == "slurm" and url.startswith("sqlite") and not allow_sqlite:
-        raise InputError(SQLITE_REFUSAL.format(url=url))
+        raise InputError(SQLITE_REFUSAL.format(url=shown_url(url)))
     return url
 
 

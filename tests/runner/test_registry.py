@@ -600,3 +600,10 @@ def test_url_resolution(monkeypatch):
     monkeypatch.setenv("PHP_RUN_DB", "sqlite:////tmp/x.db")
     assert resolve_url(None) == "sqlite:////tmp/x.db"
     assert resolve_url("sqlite:///given.db") == "sqlite:///given.db"
+
+
+def test_errors_about_a_server_registry_never_print_its_password():
+    with pytest.raises(InputError) as caught:
+        Registry("postgresql+psycopg://php:s3cret-pw@127.0.0.1:1/registry")
+    assert "s3cret-pw" not in str(caught.value)
+    assert "php:***@127.0.0.1:1/registry" in str(caught.value)
