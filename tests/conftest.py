@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -20,6 +21,19 @@ TEST_SPECS = {
     # ICFG-PEDES has no val split, so selection on val fails inside the worker (after it claimed the run).
     "bad_selection": 'extends = "base"\ndatasets = ["ICFG-PEDES"]\n[train]\nselection = "val"\n',
 }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def image_cache_root(tmp_path_factory) -> Path:
+    """Image caches (training builds them by default) go to a session folder, never to ~/.cache."""
+    root = tmp_path_factory.mktemp("image_cache")
+    previous = os.environ.get("PHP_RUN_CACHE")
+    os.environ["PHP_RUN_CACHE"] = str(root)  # os.environ, so subprocesses inherit it
+    yield root
+    if previous is None:
+        os.environ.pop("PHP_RUN_CACHE", None)
+    else:
+        os.environ["PHP_RUN_CACHE"] = previous
 
 
 @pytest.fixture

@@ -18,4 +18,4 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 
-from php_runner.cli import audit, commands, import_cmd, tune  # noqa: E402,F401  (they register commands)
+from php_runner.cli import audit, cache, commands, import_cmd, tune  # noqa: E402,F401  (they register commands)
