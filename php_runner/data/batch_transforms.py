@@ -6,7 +6,8 @@ bilinear ``Resize``. The train pipeline is, in the official order, ``RandomHoriz
 scale (0.02, 0.4), ratio (0.3, 3.3), value = the mean triple)`` (erasing after normalisation, so the
 erased pixels hold the raw mean values), or flip -> ``ToTensor`` -> ``Normalize`` without ``img_aug``.
 
-Flip, pad and crop only move uint8 pixels, so they are one gather on the uint8 batch; ``ToTensor`` +
+Flip, pad and crop only move uint8 pixels, so they are done on the uint8 batch (a row select and a
+column gather); ``ToTensor`` +
 ``Normalize`` are the same float32 operations torchvision performs (divide by 255, subtract the mean,
 divide by the std), so given the same random parameters every sample equals torchvision's output
 bit for bit. The random parameters are drawn per sample from an explicit ``torch.Generator`` with the
@@ -33,12 +34,14 @@ ERASE_RATIO = (0.3, 3.3)
 ERASE_ATTEMPTS = 10
 
 
-def to_normalised(pixels: torch.Tensor, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> torch.Tensor:
-    """uint8 ``(..., H, W, 3)`` -> float ``(..., 3, H, W)`` by the operations of ``ToTensor`` then ``Normalize``."""
-    images = pixels.movedim(-1, -3).to(torch.get_default_dtype()).div(255)
-    mean_t = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(-1, 1, 1)
-    std_t = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(-1, 1, 1)
-    return images.sub_(mean_t).div_(std_t)
+def to_normalised(pixels: torch.Tensor, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
+                  channels_first: bool = False) -> torch.Tensor:
+    """uint8 ``(..., H, W, 3)`` (or ``(..., 3, H, W)`` with ``channels_first``) -> contiguous float
+    ``(..., 3, H, W)`` by the operations of ``ToTensor`` then ``Normalize`` (in place after the copy)."""
+    images = (pixels if channels_first else pixels.movedim(-1, -3)).contiguous().to(torch.get_default_dtype())
+    mean_t = torch.as_tensor(mean, dtype=images.dtype).to(images.device, non_blocking=True).view(-1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=images.dtype).to(images.device, non_blocking=True).view(-1, 1, 1)
+    return images.div_(255).sub_(mean_t).div_(std_t)
 
 
 @dataclass(frozen=True)
@@ -105,20 +108,25 @@ def sample_params(batch_size: int, image_size: tuple[int, int], generator: torch
 def flip_pad_crop(pixels: torch.Tensor, flip: torch.Tensor, top: torch.Tensor, left: torch.Tensor, pad: int) -> torch.Tensor:
     """Per sample: mirror when ``flip``, zero-pad by ``pad``, crop the input size at ``(top, left)``.
 
-    uint8 ``(B, H, W, 3)`` in and out; one gather. Padding is symmetric, so the crop of the padded
-    mirror image is the mirrored column range of the padded image.
+    uint8 ``(B, H, W, 3)`` in, uint8 ``(B, 3, H, W)`` out. The padded batch is made channels-first
+    once; the crop's rows are then one ``index_select`` of whole rows and its columns one ``gather``.
+    Padding is symmetric, so the crop of the padded mirror image reads the padded image's columns
+    in mirrored order.
     """
-    batch, height, width, _ = pixels.shape
-    padded = F.pad(pixels, (0, 0, pad, pad, pad, pad)) if pad else pixels
-    rows = top[:, None] + torch.arange(height, device=pixels.device)
-    cols = left[:, None] + torch.arange(width, device=pixels.device)
-    cols = torch.where(flip[:, None], width + 2 * pad - 1 - cols, cols)
-    samples = torch.arange(batch, device=pixels.device)[:, None, None]
-    return padded[samples, rows[:, :, None], cols[:, None, :]]
+    batch, height, width, channels = pixels.shape
+    padded = F.pad(pixels.permute(0, 3, 1, 2), (pad, pad, pad, pad))
+    padded_h, padded_w = height + 2 * pad, width + 2 * pad
+    device = pixels.device
+    planes = torch.arange(batch * channels, device=device)[:, None] * padded_h
+    rows = planes + top.repeat_interleave(channels)[:, None] + torch.arange(height, device=device)
+    cropped_rows = padded.reshape(-1, padded_w).index_select(0, rows.reshape(-1)).view(batch, channels, height, padded_w)
+    cols = left[:, None] + torch.arange(width, device=device)
+    cols = torch.where(flip[:, None], padded_w - 1 - cols, cols)
+    return cropped_rows.gather(3, cols[:, None, None, :].expand(batch, channels, height, width))
 
 
 def erase_boxes(images: torch.Tensor, erase: torch.Tensor, box: torch.Tensor, value: Sequence[float]) -> torch.Tensor:
-    """Write ``value`` (one per channel) into each erased sample's box of float ``(B, C, H, W)``."""
+    """Write ``value`` (one per channel) into each erased sample's box of float ``(B, C, H, W)``, in place."""
     _, _, height, width = images.shape
     rows = torch.arange(height, device=images.device)
     cols = torch.arange(width, device=images.device)
@@ -127,7 +135,7 @@ def erase_boxes(images: torch.Tensor, erase: torch.Tensor, box: torch.Tensor, va
     in_cols = (cols >= left[:, None]) & (cols < (left + box_w)[:, None])
     inside = in_rows[:, :, None] & in_cols[:, None, :] & erase[:, None, None]
     fill = torch.tensor(value, dtype=images.dtype).to(images.device, non_blocking=True).view(1, -1, 1, 1)
-    return torch.where(inside[:, None], fill, images)
+    return torch.where(inside[:, None], fill, images, out=images)
 
 
 class BatchAugment:
@@ -141,7 +149,7 @@ class BatchAugment:
     def apply(self, pixels: torch.Tensor, params: AugmentParams) -> torch.Tensor:
         """The pipeline with given parameters (``params`` on the pixels' device)."""
         moved = flip_pad_crop(pixels, params.flip, params.top, params.left, PAD if self.img_aug else 0)
-        images = to_normalised(moved, self.mean, self.std)
+        images = to_normalised(moved, self.mean, self.std, channels_first=True)
         if self.img_aug:
             images = erase_boxes(images, params.erase, params.box, self.mean)
         return images
