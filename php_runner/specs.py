@@ -53,6 +53,7 @@ from php_runner.paper import METRICS, first_problem, table_names
 
 CLIP_NAMES = ("ViT-B/16", "tiny")
 DATA_SOURCES = ("real", "synthetic")
+DATA_PIPELINES = ("cache", "pil")  # decoded-image cache + batch augmentation on the device, or per-sample PIL
 SECTIONS = ("model", "loss", "train", "data")
 PRESETS_FILE = "presets.toml"
 DEFAULT_SEEDS = (1,)  # the official code seeds with 1 + rank
@@ -142,6 +143,8 @@ class DataSection(_Strict):
     source: Literal[DATA_SOURCES]
     val_from_train: Annotated[float, Field(ge=0, lt=1)]
     val_seed: int
+    # Part of the hash: the two pipelines draw their augmentation from different random streams.
+    pipeline: Literal[DATA_PIPELINES] = "cache"
 
 
 class RuntimeSection(_Strict):
