@@ -358,7 +358,7 @@ def train_section(yaml_values: dict, era: str) -> dict:
     """
     from php_runner.engine.train import TrainSettings
 
-    skipped = ("loss", "device", "num_workers")
+    skipped = ("loss", "device", "num_workers", "compile")
     section = {f.name: getattr(TrainSettings(), f.name) for f in fields(TrainSettings) if f.name not in skipped}
     for key, convert in _TRAIN_FROM_YAML.items():
         if key in yaml_values:

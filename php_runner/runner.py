@@ -92,6 +92,7 @@ def build_train_settings(config: dict):
             loss=build_loss_config(config["loss"]),
             device=runtime.get("device", "auto"),
             num_workers=runtime.get("num_workers", 0),
+            compile=runtime.get("compile", False),
         )
     except TypeError as err:  # an unknown key in the train or loss section
         raise InputError(f"train/loss: {err}") from None

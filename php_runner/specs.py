@@ -154,6 +154,7 @@ class RuntimeSection(_Strict):
     clip_weights: str | None = None
     device: str = "auto"
     num_workers: NonNegativeInt = 8
+    compile: bool = False  # torch.compile the training forward: how fast a run goes, not what it computes
 
 
 class RunConfig(_Strict):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
-import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from php_runner.data import PedesDataset
@@ -28,18 +28,19 @@ from php_runner.data.loaders import TrainPairs
 from php_runner.data.transforms import build_transform
 from php_runner.engine.evaluate import EvalSettings, evaluate
 from php_runner.engine.optim import OPTIMIZERS, SOLVERS, WarmupCosine, build_optimizer, build_param_groups
+from php_runner.engine.progress import Progress
+from php_runner.engine.resume import capture_rng_state, check_resumable, restore_rng_state
+from php_runner.engine.selection import RULE_OF_SELECTION, SELECTIONS, Selection
 from php_runner.errors import InputError
 from php_runner.model.checkpoint import CONFIG_KEY, config_to_dict, load_checkpoint_file, save_atomic
 from php_runner.model.losses import LossConfig, compute_losses
 from php_runner.model.precision import PRECISIONS, apply_precision, autocast_context
 
-SELECTIONS = ("test", "val", "last")
-RULE_OF_SELECTION = {"test": "best-on-test", "val": "best-on-val", "last": "last"}
 LAST_CHECKPOINT = "last.pth"
 BEST_CHECKPOINT = "best.pth"
-LOG_PERIOD = 100  # steps between plain progress lines, the official log_period
-# Settings that may differ between an interrupted run and its resumption: they only say where it runs.
-RUNTIME_FIELDS = ("device", "num_workers")
+# Settings that may differ between an interrupted run and its resumption: they say where and how fast
+# it runs, not what it computes (torch.compile changes only kernel fusion and rounding order).
+RUNTIME_FIELDS = ("device", "num_workers", "compile")
 
 
 @dataclass
@@ -73,6 +74,7 @@ class TrainSettings:
     loss: LossConfig = field(default_factory=LossConfig)
     device: str = "auto"
     num_workers: int = 8
+    compile: bool = False  # torch.compile the model's training forward
 
     def __post_init__(self) -> None:
         for name, allowed in (
@@ -161,120 +163,6 @@ def deterministic_mode(enabled: bool):
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = previous[1], previous[2]
 
 
-def _rng_state(loader_generator: torch.Generator) -> dict:
-    """All RNG states as tensors, lists, tuples and ints, so ``torch.load(weights_only=True)`` reads them."""
-    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "python": random.getstate(),
-        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached_gaussian)),
-        "loader": loader_generator.get_state(),
-    }
-
-
-def _restore_rng_state(state: dict, loader_generator: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, position, has_gauss, cached_gaussian = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
-    loader_generator.set_state(state["loader"])
-
-
-class _Progress:
-    """Rich progress bars on a terminal, plain log lines otherwise."""
-
-    def __init__(self, epochs: int, steps_per_epoch: int, first_epoch: int) -> None:
-        self.epochs, self.steps_per_epoch = epochs, steps_per_epoch
-        self.rich = None
-        if sys.stdout.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.rich = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}"),
-                TextColumn("{task.fields[rate]} samples/s"),
-                TimeRemainingColumn(),
-            )
-            self.rich.start()
-            self.epoch_task = self.rich.add_task("epochs", total=epochs, completed=first_epoch - 1, loss="-", rate="-")
-            self.step_task = self.rich.add_task("steps", total=steps_per_epoch, loss="-", rate="-")
-
-    def start_epoch(self, epoch: int) -> None:
-        self.epoch, self.step_count, self.samples, self.started = epoch, 0, 0, time.perf_counter()
-        if self.rich:
-            self.rich.reset(self.step_task, total=self.steps_per_epoch, description=f"epoch {epoch}/{self.epochs}")
-
-    def step(self, batch_size: int, loss: Callable[[], float]) -> None:
-        """Count a step; ``loss`` is only called when a value is shown (it may synchronise the device)."""
-        self.step_count += 1
-        self.samples += batch_size
-        rate = self.samples / max(time.perf_counter() - self.started, 1e-9)
-        if self.rich:
-            fields = {}
-            if self.step_count % 10 == 0 or self.step_count == self.steps_per_epoch:
-                fields = {"loss": f"{loss():.4f}", "rate": f"{rate:.1f}"}
-            self.rich.update(self.step_task, advance=1, **fields)
-        elif self.step_count % LOG_PERIOD == 0:
-            eta = (self.steps_per_epoch - self.step_count) * (time.perf_counter() - self.started) / self.step_count
-            print(
-                f"epoch {self.epoch}/{self.epochs} step {self.step_count}/{self.steps_per_epoch} "
-                f"loss {loss():.4f} {rate:.1f} samples/s epoch ETA {eta:.0f}s",
-                flush=True,
-            )
-
-    def end_epoch(self, record: EpochRecord) -> None:
-        scores = " ".join(f"{split} R1 {values['R1']:.3f}" for split, values in record.metrics.items())
-        line = (
-            f"epoch {record.epoch}/{self.epochs} lr {record.lr:.3g} loss {record.losses.get('total', float('nan')):.4f} "
-            f"{self.samples / max(record.seconds, 1e-9):.1f} samples/s {record.seconds:.1f}s {scores}".rstrip()
-        )
-        if self.rich:
-            rate = f"{self.samples / max(record.seconds, 1e-9):.1f}"
-            self.rich.update(self.epoch_task, advance=1, loss=f"{record.losses.get('total', float('nan')):.4f}", rate=rate)
-            self.rich.console.print(line)
-        else:
-            print(line, flush=True)
-
-    def close(self) -> None:
-        if self.rich:
-            self.rich.stop()
-
-
-class _Selection:
-    """Best-so-far bookkeeping for the three rules; ``best-on-*`` move only on a strict R1 improvement.
-
-    Each pick reports the test metrics at its epoch, or the val metrics when test is not evaluated.
-    """
-
-    def __init__(self, state: dict | None = None) -> None:
-        # rule -> [epoch, score R1 on the selecting split, reported split, its metrics at that epoch]
-        self.state: dict[str, list] = state or {}
-
-    def update(self, epoch: int, metrics: dict[str, dict]) -> set[str]:
-        """Feed an evaluated epoch; returns the rules whose pick changed."""
-        changed = set()
-        reported = "test" if "test" in metrics else "val"
-        candidates = {"best-on-test": metrics.get("test"), "best-on-val": metrics.get("val"),
-                      "last": metrics.get(reported)}
-        for rule, scored in candidates.items():
-            if scored is None:
-                continue
-            current = self.state.get(rule)
-            if rule == "last" or current is None or scored["R1"] > current[1]:
-                self.state[rule] = [epoch, scored["R1"], reported, dict(metrics[reported])]
-                changed.add(rule)
-        return changed
-
-    def selected(self) -> dict[str, tuple[int, str, dict]]:
-        return {rule: (epoch, split, metrics) for rule, (epoch, _, split, metrics) in self.state.items()}
-
-
 def _train_loader(model, dataset: PedesDataset, settings: TrainSettings, device, generator) -> DataLoader:
     transform = build_transform(model.config.clip.image_size, train=True, img_aug=settings.img_aug)
     return DataLoader(
@@ -286,24 +174,6 @@ def _train_loader(model, dataset: PedesDataset, settings: TrainSettings, device,
         num_workers=settings.num_workers,
         pin_memory=device.type == "cuda",
     )
-
-
-def _check_resumable(payload: dict, settings: TrainSettings, path: Path) -> None:
-    saved, wanted = payload.get("settings", {}), settings.recipe()
-    for name, value in wanted.items():
-        if _plain(saved.get(name)) != _plain(value):
-            raise InputError(
-                f"{path}: written with train.{name} = {saved.get(name)!r}, not {value!r}; use a new run directory"
-            )
-
-
-def _plain(value):
-    """Tuples and lists compare equal after a checkpoint round trip."""
-    if isinstance(value, (tuple, list)):
-        return [_plain(item) for item in value]
-    if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
-    return value
 
 
 def train(
@@ -329,23 +199,22 @@ def train(
     with deterministic_mode(settings.deterministic):
         seed_everything(settings.seed)
         loader_generator = torch.Generator().manual_seed(settings.seed)
-        apply_precision(model, settings.precision)
-        model.to(device)
+        model = prepare_training_model(model, settings, device)
         optimizer = build_training_optimizer(model, settings)
         scheduler = WarmupCosine(optimizer, settings.epochs, settings.warmup_epochs, settings.warmup_factor)
 
         history: list[EpochRecord] = []
-        selection = _Selection()
+        selection = Selection()
         start_epoch, stopped = 1, False
         if last_path.exists():
             payload = load_checkpoint_file(last_path)
-            _check_resumable(payload, settings, last_path)
+            check_resumable(payload, settings.recipe(), last_path)
             model.load_state_dict(payload["model"])
             optimizer.load_state_dict(payload["optimizer"])
             scheduler.load_state_dict(payload["scheduler"])
-            _restore_rng_state(payload["rng"], loader_generator)
+            restore_rng_state(payload["rng"], loader_generator)
             history = [EpochRecord(**record) for record in payload["history"]]
-            selection = _Selection(payload["selection"])
+            selection = Selection(payload["selection"])
             start_epoch, stopped = payload["epoch"] + 1, payload["stopped"]
             print(f"resuming {run_dir} after epoch {payload['epoch']}", flush=True)
 
@@ -358,7 +227,7 @@ def train(
                     "scheduler": scheduler.state_dict(),
                     "epoch": epoch,
                     "num_epoch": settings.epochs,
-                    "rng": _rng_state(loader_generator),
+                    "rng": capture_rng_state(loader_generator),
                     "history": [dataclasses.asdict(record) for record in history],
                     "selection": selection.state,
                     "settings": settings.recipe(),
@@ -377,7 +246,7 @@ def train(
         splits = ({"test": dataset.test} if settings.evaluate_test else {}) | (
             {"val": dataset.val} if dataset.val is not None else {})
         loader = _train_loader(model, dataset, settings, device, loader_generator)
-        progress = _Progress(settings.epochs, len(loader), start_epoch)
+        progress = Progress(settings.epochs, len(loader), start_epoch)
         epoch = start_epoch
         try:
             for epoch in range(start_epoch, settings.epochs + 1):
@@ -428,6 +297,22 @@ def train(
     )
 
 
+def prepare_training_model(model: nn.Module, settings: TrainSettings, device) -> nn.Module:
+    """``model`` laid out for training, in place: the precision's weight dtypes, on ``device``, compiled if asked.
+
+    ``amp`` on CUDA lets fp32 matmuls use TF32 (the bf16 autocast already rounds harder); every other
+    case asks for full fp32 matmuls, so the official regime keeps its numerics even after an ``amp``
+    model was prepared in the same process. Compiling in place keeps parameter names and state-dict keys.
+    """
+    device = torch.device(device)
+    apply_precision(model, settings.precision)
+    model.to(device)
+    torch.set_float32_matmul_precision("high" if settings.precision == "amp" and device.type == "cuda" else "highest")
+    if settings.compile:
+        model.compile()
+    return model
+
+
 def build_training_optimizer(model, settings: TrainSettings) -> torch.optim.Optimizer:
     """The official per-parameter groups (spec 5) and the optimiser, from the recipe."""
     groups = build_param_groups(
@@ -460,7 +345,7 @@ def train_step(model, batch: dict, optimizer, settings: TrainSettings, device) -
     return losses
 
 
-def _train_one_epoch(model, loader, optimizer, settings: TrainSettings, device, progress: _Progress, epoch: int) -> dict:
+def _train_one_epoch(model, loader, optimizer, settings: TrainSettings, device, progress: Progress, epoch: int) -> dict:
     """One pass over the train loader; returns the sample-weighted mean of every loss term."""
     model.train()
     progress.start_epoch(epoch)

@@ -1,0 +1,58 @@
+"""Resume state: the RNG states a run captures in ``last.pth`` and restores, and the resumable check.
+
+A resumed run continues as if it had never stopped only when every RNG (torch CPU and CUDA, python,
+numpy, the loader's generator) is back where it was and the recipe is the one the checkpoint was
+written with.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from php_runner.errors import InputError
+
+
+def capture_rng_state(loader_generator: torch.Generator) -> dict:
+    """All RNG states as tensors, lists, tuples and ints, so ``torch.load(weights_only=True)`` reads them."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached_gaussian)),
+        "loader": loader_generator.get_state(),
+    }
+
+
+def restore_rng_state(state: dict, loader_generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
+    loader_generator.set_state(state["loader"])
+
+
+def check_resumable(payload: dict, recipe: dict, path: Path) -> None:
+    """Refuse to resume ``path`` when any recipe setting differs from the one it was written with."""
+    saved = payload.get("settings", {})
+    for name, value in recipe.items():
+        if _plain(saved.get(name)) != _plain(value):
+            raise InputError(
+                f"{path}: written with train.{name} = {saved.get(name)!r}, not {value!r}; use a new run directory"
+            )
+
+
+def _plain(value):
+    """Tuples and lists compare equal after a checkpoint round trip."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
