@@ -21,6 +21,8 @@ from php_runner.data.batch_transforms import BatchAugment, to_normalised
 from php_runner.data.datasets import DatasetError, TrainItem
 from php_runner.data.tokenizer import CONTEXT_LENGTH, tokenize_all
 
+PIPELINES = ("cache", "pil")  # where training and evaluation images come from (spec field data.pipeline)
+
 # The official reader accepts truncated image files.
 ImageFile.LOAD_TRUNCATED_IMAGES = True
 

@@ -36,6 +36,7 @@ class EvalSettings:
     precision: str = "official"
     num_workers: int = 0
     image_size: tuple[int, int] = (384, 128)
+    image_cache: object | None = None  # an open data.cache.ImageCache at image_size: images are read from it
 
     def __post_init__(self) -> None:
         if self.order not in ORDERS:
@@ -97,7 +98,8 @@ def extract_embeddings(model, split: EvalSplit, settings: EvalSettings | None = 
         texts = TextSet(split.caption_pids, split.captions)
         text_order = _batch_order(len(texts), settings, generator)
         text, text_pids = _encode(model, texts, text_order, model.encode_text, settings)
-        images = ImageSet(split.image_pids, split.img_paths, build_transform(settings.image_size, train=False))
+        images = ImageSet(split.image_pids, split.img_paths, build_transform(settings.image_size, train=False),
+                          cache=settings.image_cache)
         image_order = _batch_order(len(images), settings, generator)
         image, image_pids = _encode(model, images, image_order, model.encode_image, settings)
     finally:

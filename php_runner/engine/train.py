@@ -24,7 +24,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from php_runner.data import PedesDataset
-from php_runner.data.loaders import TrainPairs
+from php_runner.data.batch_transforms import BatchAugment
+from php_runner.data.cache import open_cache
+from php_runner.data.loaders import PIPELINES, CachedTrainBatches, TrainPairs
 from php_runner.data.transforms import build_transform
 from php_runner.engine.evaluate import EvalSettings, evaluate
 from php_runner.engine.optim import OPTIMIZERS, SOLVERS, WarmupCosine, build_optimizer, build_param_groups
@@ -75,6 +77,7 @@ class TrainSettings:
     device: str = "auto"
     num_workers: int = 8
     compile: bool = False  # torch.compile the model's training forward
+    pipeline: str = "pil"  # "cache": decoded-image cache + batch augmentation on the device (spec data.pipeline)
 
     def __post_init__(self) -> None:
         for name, allowed in (
@@ -82,6 +85,7 @@ class TrainSettings:
             ("solver", SOLVERS),
             ("precision", PRECISIONS),
             ("selection", SELECTIONS),
+            ("pipeline", PIPELINES),
         ):
             if getattr(self, name) not in allowed:
                 raise InputError(f"train.{name}: must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -163,7 +167,11 @@ def deterministic_mode(enabled: bool):
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = previous[1], previous[2]
 
 
-def _train_loader(model, dataset: PedesDataset, settings: TrainSettings, device, generator) -> DataLoader:
+def _train_loader(model, dataset: PedesDataset, settings: TrainSettings, device, generator, image_cache=None):
+    """The PIL per-sample loader, or with ``image_cache`` batches gathered from it and augmented on ``device``."""
+    if image_cache is not None:
+        augment = BatchAugment(model.config.clip.image_size, img_aug=settings.img_aug)
+        return CachedTrainBatches(dataset.train, image_cache, augment, settings.batch_size, generator, device)
     transform = build_transform(model.config.clip.image_size, train=True, img_aug=settings.img_aug)
     return DataLoader(
         TrainPairs(dataset.train, transform),
@@ -236,16 +244,20 @@ def train(
                 last_path,
             )
 
+        image_cache = None
+        if settings.pipeline == "cache":
+            image_cache = open_cache(dataset, model.config.clip.image_size, workers=max(settings.num_workers, 1))
         eval_settings = EvalSettings(
             batch_size=settings.test_batch_size,
             device=str(device),
             precision=settings.precision,
             num_workers=settings.num_workers,
             image_size=model.config.clip.image_size,
+            image_cache=image_cache,
         )
         splits = ({"test": dataset.test} if settings.evaluate_test else {}) | (
             {"val": dataset.val} if dataset.val is not None else {})
-        loader = _train_loader(model, dataset, settings, device, loader_generator)
+        loader = _train_loader(model, dataset, settings, device, loader_generator, image_cache)
         progress = Progress(settings.epochs, len(loader), start_epoch)
         epoch = start_epoch
         try:
