@@ -25,13 +25,14 @@ ImageSize = Annotated[str, typer.Option("--image-size", help="Model input size H
 Workers = Annotated[int | None, typer.Option("--workers", help="Decoding threads (default: every CPU).", min=1)]
 
 
-def _size(text: str) -> tuple[int, int]:
+def parse_image_size(text: str, option: str = "--image-size") -> tuple[int, int]:
+    """``"384x128"`` -> ``(384, 128)``; anything else is a one-line error naming ``option``."""
     try:
         height, width = (int(part) for part in text.lower().split("x"))
     except ValueError:
-        raise InputError(f"--image-size: expected HxW such as 384x128, got {text!r}") from None
+        raise InputError(f"{option}: expected HxW such as 384x128, got {text!r}") from None
     if height < 1 or width < 1:
-        raise InputError(f"--image-size: expected positive sizes, got {text!r}")
+        raise InputError(f"{option}: expected positive sizes, got {text!r}")
     return height, width
 
 
@@ -46,7 +47,7 @@ def cache_build(data_root: DataRoot, dataset: Dataset, image_size: ImageSize = "
     from php_runner.data import read_dataset
     from php_runner.data.cache import open_cache
 
-    cache = open_cache(read_dataset(data_root, dataset), _size(image_size), workers=workers, rebuild=force)
+    cache = open_cache(read_dataset(data_root, dataset), parse_image_size(image_size), workers=workers, rebuild=force)
     size = cache.manifest["array"]["bytes"]
     console.print(f"{cache.folder}: {len(cache.array)} images, {size / 2**30:.2f} GiB, verified")
 
@@ -61,7 +62,7 @@ def cache_check(data_root: DataRoot, dataset: Dataset, image_size: ImageSize = "
     from php_runner.data import read_dataset
     from php_runner.data.cache import cache_dir_for, check_cache
 
-    ds, size = read_dataset(data_root, dataset), _size(image_size)
+    ds, size = read_dataset(data_root, dataset), parse_image_size(image_size)
     folder = cache_dir_for(ds, size)
     problems = check_cache(folder, ds, size, workers)
     if as_json:

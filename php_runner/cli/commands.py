@@ -587,6 +587,8 @@ def bench(
                                                  min=1)] = 19_848,
     scoring_gallery: Annotated[int, typer.Option("--scoring-gallery", help="Scoring gallery (ICFG-PEDES: 19848).",
                                                  min=1)] = 19_848,
+    pipeline_size: Annotated[str | None, typer.Option("--pipeline-size", help="HxW of the input pipeline "
+                                                      "measurement (default: the model's input size).")] = None,
     compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="Also time the fast regime "
                                                  "compiled (default: on CUDA only).")] = None,
     as_json: JsonOption = False,
@@ -606,6 +608,7 @@ def bench(
     import torch
 
     from php_runner import reports
+    from php_runner.cli.cache import parse_image_size
     from php_runner.engine.benchmark import BenchSizes, run_benchmark
     from php_runner.engine.train import resolve_device
     from php_runner.model.config import ClipConfig, PHPConfig
@@ -624,7 +627,8 @@ def bench(
     sizes = BenchSizes(batch_size=batch_size, steps=steps, warmup=warmup,
                        max_batch=max_batch or (1024 if on_cuda else 2 * batch_size), workers=workers,
                        pipeline_images=pipeline_images, scoring_queries=scoring_queries,
-                       scoring_gallery=scoring_gallery, compile=on_cuda if compile is None else compile)
+                       scoring_gallery=scoring_gallery, compile=on_cuda if compile is None else compile,
+                       pipeline_size=None if pipeline_size is None else parse_image_size(pipeline_size, "--pipeline-size"))
     log = (lambda _: None) if as_json else (lambda text: err_console.print(f"[dim]bench: {text}[/dim]"))
     result = run_benchmark(configs[clip], sizes, str(torch_device), log=log)
     provenance = provenance_info(result["device"], command_line())
@@ -643,7 +647,7 @@ def bench(
         console.print(f"  train {name}: {entry['samples_per_s']:.1f} samples/s model only, "
                       f"{entry['end_to_end_samples_per_s']:.1f} end to end ({entry['pipeline']}); largest batch "
                       f"{entry['largest_batch']}: {entry['largest_batch_samples_per_s'] or float('nan'):.1f} samples/s")
-    console.print(f"  pipeline ({pipeline['workers']} workers): PIL {pipeline['pil_images_per_s']:.1f} images/s, "
+    console.print(f"  pipeline at {'x'.join(map(str, pipeline['image_size']))} ({pipeline['workers']} workers): PIL {pipeline['pil_images_per_s']:.1f} images/s, "
                   f"cache {pipeline['cache_images_per_s']:.1f} images/s")
     console.print(f"  eval: {result['eval']['images_per_s']:.1f} images/s, {result['eval']['texts_per_s']:.1f} "
                   f"captions/s; scoring {result['scoring']['queries']}x{result['scoring']['gallery']}: "

@@ -24,6 +24,7 @@ reader never sees a half-written cache. The cache root is ``$PHP_RUN_CACHE`` whe
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -182,8 +183,8 @@ def _problems(folder: Path, source: dict | None, workers: int) -> list[str]:
     problems = []
     if source is not None:
         stale = sorted(key for key in set(source) | set(recorded) if source.get(key) != recorded.get(key))
-        if stale:
-            problems.append(f"{folder}: stale, manifest differs in {', '.join(stale)}")
+        if stale:  # it will be rebuilt: no need to read the array
+            return [f"{folder}: stale, manifest differs in {', '.join(stale)}"]
     if not array_path.is_file() or not (folder / INDEX_FILE).is_file():
         return problems + [f"{folder}: {ARRAY_FILE} or {INDEX_FILE} missing"]
     if array_path.stat().st_size != nbytes:
@@ -227,15 +228,19 @@ def open_cache(dataset: PedesDataset, image_size: tuple[int, int], root: Path | 
     folder = cache_dir_for(dataset, image_size, root)
     paths = dataset_images(dataset)
     source = expected_source(dataset, image_size, paths)
-    problems = ["rebuild asked"] if rebuild else _problems(folder, source, workers)
-    if problems:
-        if folder.exists() and not rebuild:
-            print(f"rebuilding image cache: {problems[0]}", file=sys.stderr, flush=True)
-        build_cache(folder, paths, source, image_size, workers, progress)
-        problems = _problems(folder, source, workers)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # One builder at a time (parallel workers on one machine share caches); the others wait, then reuse it.
+    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        problems = ["rebuild asked"] if rebuild else _problems(folder, source, workers)
         if problems:
-            raise CacheError(problems[0])
-    return _open(folder, Path(dataset.root))
+            if folder.exists() and not rebuild:
+                print(f"rebuilding image cache: {problems[0]}", file=sys.stderr, flush=True)
+            build_cache(folder, paths, source, image_size, workers, progress)
+            problems = _problems(folder, source, workers)
+            if problems:
+                raise CacheError(problems[0])
+        return _open(folder, Path(dataset.root))
 
 
 def _progress(total: int, enabled: bool, description: str):
@@ -304,16 +309,22 @@ def _replace_folder(staging: Path, folder: Path) -> None:
 
 
 def clear_caches(root: Path | None = None, dataset: str | None = None) -> list[Path]:
-    """Delete every cache under ``root`` (or only those of ``dataset``); returns what was deleted."""
+    """Delete every cache under ``root`` (or only those of ``dataset``), with staging leftovers and lock
+    files; returns the cache folders deleted (hidden leftovers are not listed)."""
     root = root or cache_root()
     if not root.is_dir():
         return []
     removed = []
-    for folder in sorted(root.iterdir()):
-        is_cache = (folder / MANIFEST_FILE).exists() or folder.name.startswith(".")  # staging leftovers too
-        if folder.is_dir() and is_cache and (dataset is None or folder.name.lstrip(".").startswith(f"{dataset}-")):
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
+    for path in sorted(root.iterdir()):
+        hidden = path.name.startswith(".")  # a staging folder, a retired cache or a lock file
+        if dataset is not None and not path.name.lstrip(".").startswith(f"{dataset}-"):
+            continue
+        if path.is_dir() and (hidden or (path / MANIFEST_FILE).exists()):
+            shutil.rmtree(path, ignore_errors=True)
+            if not hidden:
+                removed.append(path)
+        elif hidden and path.name.endswith(".lock"):
+            path.unlink(missing_ok=True)
     return removed
 
 

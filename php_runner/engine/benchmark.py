@@ -70,6 +70,7 @@ class BenchSizes:
     scoring_queries: int = ICFG_TEST_SIZE
     scoring_gallery: int = ICFG_TEST_SIZE
     compile: bool = True  # also time the fast regime compiled
+    pipeline_size: tuple[int, int] | None = None  # image size of the pipeline measurement (None: the model's)
 
 
 def random_batch(config: PHPConfig, batch_size: int, generator: torch.Generator) -> dict:
@@ -157,14 +158,14 @@ def _bench_dataset(folder: Path, images: int):
     return read_dataset(folder, "CUHK-PEDES")
 
 
-def _pil_loader(dataset, config: PHPConfig, batch_size: int, workers: int) -> DataLoader:
-    transform = build_transform(config.clip.image_size, train=True, img_aug=True)
+def _pil_loader(dataset, image_size: tuple[int, int], batch_size: int, workers: int) -> DataLoader:
+    transform = build_transform(image_size, train=True, img_aug=True)
     return DataLoader(TrainPairs(dataset.train, transform), batch_size=batch_size, shuffle=True, drop_last=False,
                       num_workers=workers, persistent_workers=workers > 0, generator=torch.Generator().manual_seed(0))
 
 
-def _cache_loader(dataset, cache, config: PHPConfig, batch_size: int, device: torch.device) -> CachedTrainBatches:
-    return CachedTrainBatches(dataset.train, cache, BatchAugment(config.clip.image_size), batch_size,
+def _cache_loader(dataset, cache, batch_size: int, device: torch.device) -> CachedTrainBatches:
+    return CachedTrainBatches(dataset.train, cache, BatchAugment(cache.image_size), batch_size,
                               torch.Generator().manual_seed(0), device)
 
 
@@ -283,29 +284,33 @@ def run_benchmark(config: PHPConfig, sizes: BenchSizes = BenchSizes(), device: s
         cache = open_cache(dataset, config.clip.image_size, root=Path(folder) / "cache", workers=max(sizes.workers, 1),
                            progress=False)
         build_seconds = time.perf_counter() - started
+        pipeline_size = tuple(sizes.pipeline_size or config.clip.image_size)
+        pipeline_cache = cache if pipeline_size == tuple(config.clip.image_size) else open_cache(
+            dataset, pipeline_size, root=Path(folder) / "cache", workers=max(sizes.workers, 1), progress=False)
 
-        log("input pipelines")
-        pil = _pil_loader(dataset, config, sizes.batch_size, sizes.workers)
-        pil_rate = _images_per_s(pil, sizes.pipeline_images, sizes.batch_size, torch_device)
+        log(f"input pipelines at {pipeline_size[0]}x{pipeline_size[1]}")
+        pil_rate = _images_per_s(_pil_loader(dataset, pipeline_size, sizes.batch_size, sizes.workers),
+                                 sizes.pipeline_images, sizes.batch_size, torch_device)
         threads = torch.get_num_threads()
         torch.set_num_threads(max(sizes.workers, 1))
         try:
-            cached = _cache_loader(dataset, cache, config, sizes.batch_size, torch_device)
+            cached = _cache_loader(dataset, pipeline_cache, sizes.batch_size, torch_device)
             cache_rate = _images_per_s(cached, sizes.pipeline_images, sizes.batch_size, torch_device)
         finally:
             torch.set_num_threads(threads)
         result["pipeline"] = {
             "pil_images_per_s": pil_rate, "cache_images_per_s": cache_rate, "workers": sizes.workers,
-            "cache_build_images_per_s": len(cache.array) / build_seconds, "images": sizes.pipeline_images,
+            "image_size": list(pipeline_size), "cache_build_images_per_s": len(cache.array) / build_seconds,
+            "images": sizes.pipeline_images,
         }
+        pil = _pil_loader(dataset, config.clip.image_size, sizes.batch_size, sizes.workers)
 
         variants = [("official", False), ("fast", False)] + ([("fast_compiled", True)] if sizes.compile else [])
         for name, compiled in variants:
             regime_name = "fast" if name.startswith("fast") else "official"
             log(f"training: {name}")
             regime = _Regime(config, regime_name, sizes.batch_size, torch_device, compiled)
-            loader = pil if regime_name == "official" else _cache_loader(dataset, cache, config, sizes.batch_size,
-                                                                         torch_device)
+            loader = pil if regime_name == "official" else _cache_loader(dataset, cache, sizes.batch_size, torch_device)
             entry = {
                 "precision": REGIMES[regime_name], "compile": compiled, "batch_size": sizes.batch_size,
                 "samples_per_s": regime.samples_per_s(config, sizes.batch_size, sizes),
