@@ -282,7 +282,8 @@ def test_training_reads_nothing_back_from_the_device_inside_a_step(small_dataset
 @pytest.mark.slow
 def test_compiled_training_step_agrees_with_eager():
     """torch.compile (inductor on CPU) against eager over two steps; dropout off, since compiled dropout draws
-    its masks from another generator. Tolerance: rtol 1e-4, atol 1e-6 on losses and parameters."""
+    its masks from another generator. Losses: rtol 1e-4, atol 1e-6. Parameters: atol 2e-5, 2% of one Adam step
+    (lr 1e-3): gradients that are zero up to rounding (the attention key bias) get noise-sized Adam updates."""
     pytest.importorskip("torch._inductor")
     results = {}
     for compiled in (False, True):
@@ -297,7 +298,7 @@ def test_compiled_training_step_agrees_with_eager():
         results[compiled] = ([step["total"].detach() for step in losses], dict(model.named_parameters()))
     torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-4, atol=1e-6)
     for name, parameter in results[False][1].items():
-        torch.testing.assert_close(results[True][1][name], parameter, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(results[True][1][name], parameter, rtol=1e-4, atol=2e-5, msg=name)
 
 
 @pytest.mark.gpu
