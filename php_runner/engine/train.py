@@ -243,8 +243,10 @@ def train(
                 last_path,
             )
 
+        # The official trainer's evaluation (the one that picks best.pth) batches with the training batch
+        # size; only test.py uses test_batch_size. Under official coupling the batch size changes the numbers.
         eval_settings = EvalSettings(
-            batch_size=settings.test_batch_size,
+            batch_size=settings.batch_size,
             device=str(device),
             precision=settings.precision,
             num_workers=settings.num_workers,

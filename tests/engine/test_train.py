@@ -44,8 +44,9 @@ def _chance_r1(split):
     return 100 * sum(counts[pid] for pid in split.caption_pids) / (len(split.caption_pids) * len(split.image_pids))
 
 
-def _eval_settings(model, settings):
-    return EvalSettings(batch_size=settings.test_batch_size, precision=settings.precision,
+def _eval_settings(model, settings, batch_size=None):
+    """The in-training evaluation: batched by the training batch size, as the official trainer does."""
+    return EvalSettings(batch_size=batch_size or settings.batch_size, precision=settings.precision,
                         image_size=model.config.clip.image_size)
 
 
@@ -179,6 +180,17 @@ def test_official_precision_trains_fp16_weights_and_its_checkpoint_evaluates_the
     model, _ = load_model(result.best_checkpoint)
     apply_precision(model, "official")
     assert evaluate(model, small_dataset.test, _eval_settings(model, settings)) == result.selected["best-on-test"][2]
+
+
+def test_in_training_evaluation_batches_with_the_training_batch_size(small_dataset, tmp_path):
+    settings = _small_settings(epochs=1, selection="last")
+    assert settings.batch_size != settings.test_batch_size  # 16 and 64: the official rule decides
+    result = train(_model(), small_dataset, settings, tmp_path)
+    model, _ = load_model(result.last_checkpoint)
+    assert model.coupling == "official"  # the coupling under which the batch size changes the numbers
+    recorded = result.history[-1].metrics["test"]
+    assert evaluate(model, small_dataset.test, _eval_settings(model, settings)) == recorded
+    assert evaluate(model, small_dataset.test, _eval_settings(model, settings, settings.test_batch_size)) != recorded
 
 
 def test_val_selection_needs_a_val_split(small_dataset, tmp_path):
