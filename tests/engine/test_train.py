@@ -282,9 +282,7 @@ def test_training_reads_nothing_back_from_the_device_inside_a_step(small_dataset
 
             monkeypatch.setattr(torch.Tensor, name, counted)
         settings = _small_settings(epochs=1, batch_size=batch_size)
-        # crfm: the EFP MoE routing still reads back (MoELayer is rewritten sync-free separately).
-        torch.manual_seed(0)
-        train(PHPModel(dataclasses.replace(PHPConfig.tiny(), variant="crfm")), small_dataset, settings, tmp_path / str(batch_size))
+        train(_model(), small_dataset, settings, tmp_path / str(batch_size))  # the full model: EFP MoE included
         monkeypatch.undo()
         monkeypatch.setattr(train_module, "evaluate", lambda model, split, settings: {"R1": 0.0})
         counts.append(reads)
