@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 import re
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -49,11 +51,39 @@ def _preview(keys: list[str], shown: int = 3) -> str:
     return ", ".join(keys[:shown]) + more
 
 
+# torch.save writes a zip archive holding <name>/data.pkl; its legacy format starts with a pickled magic number.
+_LEGACY_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)[2:-1]
+
+
+def _not_a_checkpoint(path: Path) -> str | None:
+    """Why ``path`` cannot be a torch.save file (None when its container looks like one)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(16)
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                if any(name.rsplit("/", 1)[-1] == "data.pkl" for name in archive.namelist()):
+                    return None
+            return "a zip archive without data.pkl"
+    except (OSError, zipfile.BadZipFile) as error:
+        return f"unreadable: {_first_line(error)}"
+    if not head:
+        return "empty file"
+    if head[:1] == b"\x80" and head[2:].startswith(_LEGACY_MAGIC):
+        return None
+    if head.startswith(b"PK"):
+        return "a damaged or truncated zip archive"
+    return "neither a torch.save zip archive nor a legacy torch file"
+
+
 def load_checkpoint_file(path: str | Path) -> dict:
     """``torch.load(weights_only=True)`` on CPU; pickled code is refused before anything runs."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
+    problem = _not_a_checkpoint(path)
+    if problem:
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({problem})")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - every reader failure becomes one line naming the file

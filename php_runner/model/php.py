@@ -99,14 +99,14 @@ class MoELayer(nn.Module):
         routed = torch.zeros_like(probs).scatter(-1, top_index, 1.0)
         aux = num_experts * (probs.mean(dim=0) * routed.mean(dim=0)).mean()
 
+        # Dense dispatch: every expert runs on every row, scaled by its routing weight (zero where the row did
+        # not choose it). Like the official per-expert call on a possibly empty selection, every expert then
+        # gets a gradient each step (exactly zero when unchosen), so Adam steps it; and no host sync is needed.
+        # Unchosen experts add exact zeros, so the sum equals the official ascending-expert accumulation.
+        gates = torch.zeros_like(logits).scatter(-1, top_index, route_weights)
         out = torch.zeros_like(flat)
         for expert_index, expert in enumerate(self.experts):
-            hits = top_index == expert_index
-            rows = hits.any(dim=-1).nonzero().squeeze(1)
-            if rows.numel() == 0:
-                continue
-            gate = (route_weights * hits).sum(dim=-1)[rows].unsqueeze(1)
-            out = out.index_add(0, rows, (gate * expert(flat[rows])).to(out.dtype))
+            out = out + (gates[:, expert_index, None] * expert(flat)).to(out.dtype)
         return out.reshape(u.shape), aux.float()
 
 
@@ -126,9 +126,17 @@ class EFPBlock(nn.Module):
         self.feed_forward = MoELayer(width, num_experts, topk, reduction)
 
     def attend(self, x: Tensor, coupling: str) -> Tensor:
+        """Self-attention of the slots ``x`` (B, slots, D) as ``coupling`` says, or ``"alone"``.
+
+        ``"alone"`` is the official coupling at batch size 1 computed for a whole batch: with one
+        sample per batch each slot attends only to itself, so every (sample, slot) is its own
+        length-1 sequence.
+        """
         if coupling == "official":
             # The official MHA is batch_first=False fed (B, slots, D): per slot, the B samples attend to each other.
             return self.attn(x.transpose(0, 1)).transpose(0, 1)
+        if coupling == "alone":
+            return self.attn(x.reshape(-1, 1, x.shape[-1])).reshape(x.shape)
         return self.attn(x)  # per-sample: the slots of one sample attend to each other
 
     def forward(self, x: Tensor, coupling: str) -> tuple[Tensor, Tensor]:

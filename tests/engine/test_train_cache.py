@@ -60,7 +60,7 @@ def test_cache_pipeline_resume_equals_an_uninterrupted_run(dataset, tmp_path, mo
     assert all(torch.equal(reference_state[key], resumed_state[key]) for key in reference_state)
 
     # In-training evaluation read the cache; its metrics equal evaluation from the image files.
-    files = evaluate(reference_model, dataset.test, EvalSettings(batch_size=64, precision="amp",
+    files = evaluate(reference_model, dataset.test, EvalSettings(batch_size=settings.batch_size, precision="amp",
                                                                  image_size=reference_model.config.clip.image_size))
     assert reference.history[-1].metrics["test"] == files
 

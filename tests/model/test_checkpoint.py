@@ -4,6 +4,7 @@ the strict suffix-matching loader, round trips, atomic saving."""
 from __future__ import annotations
 
 import builtins
+import zipfile
 
 import pytest
 import torch
@@ -119,6 +120,42 @@ def test_missing_and_malformed_files_give_one_line_errors(tmp_path):
     torch.save([torch.zeros(1)], not_dict)
     with pytest.raises(CheckpointError):
         load_checkpoint_file(not_dict)
+
+
+def _zip_without_data_pkl(path):
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("notes.txt", "hello")
+
+
+def _truncated_checkpoint(path):
+    torch.save({"model": {"w": torch.zeros(64)}}, path)
+    path.write_bytes(path.read_bytes()[:200])
+
+
+@pytest.mark.parametrize(
+    "write, reason",
+    [
+        (lambda path: path.write_text("root:x:0:0:root:/root:/bin/bash\n"), "neither a torch.save zip archive"),
+        (lambda path: path.write_bytes(b""), "empty file"),
+        (_zip_without_data_pkl, "zip archive without data.pkl"),
+        (_truncated_checkpoint, "damaged or truncated zip archive"),
+    ],
+    ids=["text", "empty", "zip", "truncated"],
+)
+def test_a_file_that_is_not_a_checkpoint_is_named_as_such(tmp_path, write, reason):
+    path = tmp_path / "best.pth"
+    write(path)
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint_file(path)
+    assert _one_line(error)
+    assert str(error.value).startswith(f"{path}: not a PyTorch checkpoint (") and reason in str(error.value)
+
+
+def test_both_torch_save_formats_load(tmp_path):
+    for zipped in (True, False):
+        path = tmp_path / f"zipped_{zipped}.pth"
+        torch.save({"model": {"w": torch.ones(2)}}, path, _use_new_zipfile_serialization=zipped)
+        assert torch.equal(load_checkpoint_file(path)["model"]["w"], torch.ones(2))
 
 
 def test_extract_state_dict_strips_module_prefix_only_when_every_key_has_it():

@@ -205,3 +205,55 @@ def test_unreadable_clip_weights_give_one_line_error(tmp_path):
     with pytest.raises(ClipWeightsError) as error:
         read_clip_state_dict(bad)
     assert "\n" not in str(error.value) and str(bad) in str(error.value)
+
+
+def _randomise_every_parameter(module: nn.Module, seed: int) -> None:
+    """Random values everywhere, LayerNorm weights and biases included (ones/zeros hide a swapped norm)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            parts = name.split(".")
+            is_norm = len(parts) > 1 and parts[-2].startswith("ln_")
+            param.copy_(1 + 0.3 * noise if is_norm and name.endswith("weight") else 0.2 * noise)
+
+
+def _open_clip_towers(config: ClipConfig):
+    """open_clip's own ViT and text transformer (OpenAI key names), QuickGELU, returning every token."""
+    from open_clip.transformer import QuickGELU as OpenClipQuickGELU
+    from open_clip.transformer import TextTransformer, VisionTransformer
+
+    visual = VisionTransformer(
+        image_size=config.image_size, patch_size=config.patch_size, width=config.vision_width,
+        layers=config.vision_layers, heads=config.vision_heads, mlp_ratio=4.0, output_dim=config.embed_dim,
+        act_layer=OpenClipQuickGELU, output_tokens=True,
+    )
+    text = TextTransformer(
+        context_length=config.context_length, vocab_size=config.vocab_size, width=config.text_width,
+        heads=config.text_heads, layers=config.text_layers, output_dim=config.embed_dim,
+        act_layer=OpenClipQuickGELU, output_tokens=True,
+    )
+    return visual.eval(), text.eval()
+
+
+def test_towers_equal_open_clip_with_the_same_random_weights(tiny_token_ids):
+    config = PHPConfig.tiny().clip  # patch == stride, the only layout open_clip builds
+    visual, text = _open_clip_towers(config)
+    _randomise_every_parameter(visual, seed=1)
+    _randomise_every_parameter(text, seed=2)
+    ours = CLIP(config).eval()
+    state = {f"visual.{key}": value for key, value in visual.state_dict().items()}
+    state.update(text.state_dict())
+    ours.load_state_dict(state, strict=True)  # same key names, nothing left over on either side
+
+    images = torch.randn(3, 3, *config.image_size, generator=torch.Generator().manual_seed(3))
+    ids = tiny_token_ids(3, config.context_length, seed=4)
+    with torch.no_grad():
+        image_tokens, text_tokens = ours.encode_image(images), ours.encode_text(ids)
+        pooled_image, patch_tokens = visual(images)  # CLS projected; patches after ln_post, not projected
+        pooled_text, all_text = text(ids)  # EOT projected; every position after ln_final, not projected
+    torch.testing.assert_close(image_tokens[:, 0], pooled_image, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(image_tokens[:, 1:], patch_tokens @ visual.proj, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(text_tokens, all_text @ text.text_projection, atol=1e-5, rtol=1e-5)
+    eot = text_tokens[torch.arange(3), ids.argmax(dim=-1)]
+    torch.testing.assert_close(eot, pooled_text, atol=1e-5, rtol=1e-5)

@@ -1,4 +1,4 @@
-"""PHP model: spec 3 key layout and counts, CRFM/MoE/EFP vs naive references, variants, sharing, coupling."""
+"""PHP model: spec 3 key layout and counts, CRFM/EFP vs naive references (MoE: test_moe.py), variants, sharing, coupling."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from php_runner.model.config import PHPConfig
-from php_runner.model.php import CRFM, EFPBlock, MoELayer, PHPModel
+from php_runner.model.php import CRFM, EFPBlock, PHPModel
 
 ATOL = 1e-5
 
@@ -63,38 +63,6 @@ def test_model_reinitialises_experts_to_identity():
     torch.testing.assert_close(y, u, atol=ATOL, rtol=0)  # renormalised weights times identity experts
 
 
-def test_moe_matches_naive_per_token_reference():
-    torch.manual_seed(1)
-    moe = MoELayer(16, num_experts=4, topk=2, reduction=4).eval()
-    with torch.no_grad():
-        moe.alpha.fill_(0.3)
-        for expert in moe.experts:
-            expert.up.weight.normal_(std=0.3)
-    u, task = torch.randn(2, 3, 16), torch.randn(16)
-    with torch.no_grad():
-        y, aux = moe(u, task)
-        expected, expected_aux = _naive_moe(moe, u, task)
-    torch.testing.assert_close(y.reshape(-1, 16), expected, atol=ATOL, rtol=0)
-    torch.testing.assert_close(aux, expected_aux, atol=1e-6, rtol=0)
-    assert aux.dtype == torch.float32 and aux.dim() == 0
-
-
-def _naive_moe(moe, u, task):
-    """Per-token loop over spec 2.4 with alpha = 0.3."""
-    tokens = u.reshape(-1, 16)
-    expected = torch.zeros_like(tokens)
-    probs_sum, chosen_count = torch.zeros(4), torch.zeros(4)
-    for t, token in enumerate(tokens):
-        logits = 0.7 * (moe.input_gate.weight @ token) + 0.3 * (moe.task_gate.weight @ task)
-        chosen = sorted(range(4), key=lambda e: -float(logits[e]))[:2]
-        weights = torch.softmax(logits[chosen], dim=0)
-        expected[t] = sum(w * moe.experts[e](token[None])[0] for w, e in zip(weights, chosen))
-        probs_sum += torch.softmax(logits, dim=0)
-        chosen_count[chosen] += 1
-    n = tokens.shape[0]
-    return expected, 4 * torch.mean((probs_sum / n) * (chosen_count / n))
-
-
 def test_crfm_matches_spec_formula():
     torch.manual_seed(2)
     crfm = CRFM(16, cnum=3).eval()
@@ -120,6 +88,56 @@ def test_official_coupling_is_multihead_attention_fed_batch_first_false():
     per_sample.load_state_dict(block.attn.state_dict())
     torch.testing.assert_close(block.attend(x, "per-sample"), per_sample(x, x, x, need_weights=False)[0],
                                atol=ATOL, rtol=ATOL)
+
+
+def _attention_reference(attn, sequence, heads):
+    """One sequence ``(L, D)`` through multi-head attention, operation by operation."""
+    width = sequence.shape[-1]
+    q, k, v = (sequence @ attn.in_proj_weight.t() + attn.in_proj_bias).chunk(3, dim=-1)
+    outputs = []
+    for head in range(heads):
+        cols = slice(head * width // heads, (head + 1) * width // heads)
+        scores = q[:, cols] @ k[:, cols].t() / math.sqrt(width // heads)
+        outputs.append(scores.softmax(dim=-1) @ v[:, cols])
+    return torch.cat(outputs, dim=-1) @ attn.out_proj.weight.t() + attn.out_proj.bias
+
+
+def _efp_block_reference(block, x, coupling, heads):
+    """Spec 2.4 block: x2 = x + MHA(ln_1 x); out = x2 + mlp(ln_2 x2) + MoE(ln_3 x2, comb_param)."""
+    def norm(layer, t):
+        return torch.nn.functional.layer_norm(t, t.shape[-1:], layer.weight, layer.bias, eps=1e-5)
+
+    normed = norm(block.ln_1, x)
+    attended = torch.empty_like(x)
+    if coupling == "official":  # per slot, the batch is the sequence
+        for slot in range(x.shape[1]):
+            attended[:, slot] = _attention_reference(block.attn, normed[:, slot], heads)
+    else:
+        for sample in range(x.shape[0]):
+            attended[sample] = _attention_reference(block.attn, normed[sample], heads)
+    x2 = x + attended
+    hidden = norm(block.ln_2, x2) @ block.mlp.c_fc.weight.t() + block.mlp.c_fc.bias
+    mlp = (hidden * torch.sigmoid(1.702 * hidden)) @ block.mlp.c_proj.weight.t() + block.mlp.c_proj.bias
+    moe, aux = block.feed_forward(norm(block.ln_3, x2), block.comb_param)  # MoE itself: tests/model/test_moe.py
+    return x2 + mlp + moe, aux
+
+
+@pytest.mark.parametrize("coupling", ["official", "per-sample"])
+def test_efp_block_equals_per_operation_reference_with_random_layer_norms(coupling):
+    torch.manual_seed(4)
+    block = EFPBlock(16, heads=2, num_experts=4, topk=2, reduction=4).eval()
+    with torch.no_grad():
+        for name, param in block.named_parameters():
+            if name.startswith("ln_") and name.endswith("weight"):
+                param.copy_(1 + 0.5 * torch.randn_like(param))
+            elif param.dim() > 0:
+                param.copy_(0.3 * torch.randn_like(param))
+    x = torch.randn(5, 3, 16)
+    with torch.no_grad():
+        out, aux = block(x, coupling)
+        expected, expected_aux = _efp_block_reference(block, x, coupling, heads=2)
+    torch.testing.assert_close(out, expected, atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(aux, expected_aux)
 
 
 def _encode(model, modality, inputs, encoder):

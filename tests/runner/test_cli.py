@@ -211,6 +211,17 @@ def test_bad_input_gives_one_line_and_exit_code_2(cli, tmp_path, registry_url, t
         assert named in one_line_error(code, err), args
 
 
+def test_evaluate_on_a_file_that_is_not_a_checkpoint_says_so(cli, tmp_path, tiny_data_root):
+    text_file = tmp_path / "passwd"
+    text_file.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    for path in (text_file, Path("/etc/passwd")):
+        if not path.is_file():
+            continue
+        code, _, err = cli("evaluate", "--checkpoint", path, "--data-root", tiny_data_root, "--dataset", "CUHK-PEDES")
+        assert one_line_error(code, err) == f"error: {path}: not a PyTorch checkpoint " \
+            "(neither a torch.save zip archive nor a legacy torch file)"
+
+
 @pytest.mark.slow
 def test_a_failed_run_exits_1(cli, registry_url, spec_dir, tiny_data_root):
     code, out, _ = cli("run", spec_dir / "bad_selection.toml", "--preset", "tiny", "--data-root", tiny_data_root,
