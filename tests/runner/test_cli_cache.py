@@ -26,7 +26,7 @@ def test_cache_build_check_damage_rebuild_clear(tmp_path, monkeypatch):
     assert code == 0 and "verified" in out
     code, out, _ = invoke("cache", "check", *where, "--json")
     assert code == 0 and json.loads(out)["problems"] == []
-    folder = next((tmp_path / "cache").iterdir())
+    folder = next(path for path in (tmp_path / "cache").iterdir() if not path.name.startswith("."))
     with open(folder / "images.npy", "r+b") as handle:
         handle.truncate(os.path.getsize(folder / "images.npy") - 1)
     code, out, _ = invoke("cache", "check", *where, "--json")
