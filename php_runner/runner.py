@@ -79,7 +79,7 @@ def build_loss_config(loss_section: dict):
 
 
 def build_train_settings(config: dict):
-    """``TrainSettings`` from the ``train``, ``loss`` and ``runtime`` sections."""
+    """``TrainSettings`` from the ``train``, ``loss`` and ``runtime`` sections and ``data.pipeline``."""
     from php_runner.engine.train import TrainSettings
 
     values = dict(config["train"])
@@ -93,6 +93,8 @@ def build_train_settings(config: dict):
             device=runtime.get("device", "auto"),
             num_workers=runtime.get("num_workers", 0),
             compile=runtime.get("compile", False),
+            # Runs recorded before data.pipeline existed were trained with the per-sample PIL loader.
+            pipeline=config.get("data", {}).get("pipeline", "pil"),
         )
     except TypeError as err:  # an unknown key in the train or loss section
         raise InputError(f"train/loss: {err}") from None

@@ -60,6 +60,7 @@ from php_runner.paper import METRICS, first_problem, table_names
 CLIP_NAMES = ("ViT-B/16", "tiny")
 # "synthetic" is the default synthetic set; "synthetic-NAME" a named variant of data/synthetic.py.
 DATA_SOURCES = ("real", "synthetic", *(f"synthetic-{name}" for name in SYNTHETIC_VARIANTS))
+DATA_PIPELINES = ("cache", "pil")  # decoded-image cache + batch augmentation on the device, or per-sample PIL
 SECTIONS = ("model", "loss", "train", "data")
 PRESETS_FILE = "presets.toml"
 DEFAULT_SEEDS = (1,)  # the official code seeds with 1 + rank
@@ -158,6 +159,8 @@ class DataSection(_Strict):
     source: Literal[DATA_SOURCES]
     val_from_train: Annotated[float, Field(ge=0, lt=1)]
     val_seed: Seed
+    # Part of the hash: the two pipelines draw their augmentation from different random streams.
+    pipeline: Literal[DATA_PIPELINES] = "cache"
 
     @field_validator("val_from_train")
     @classmethod

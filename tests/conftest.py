@@ -27,6 +27,19 @@ TEST_SPECS = {
 }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def image_cache_root(tmp_path_factory) -> Path:
+    """Image caches (training builds them by default) go to a session folder, never to ~/.cache."""
+    root = tmp_path_factory.mktemp("image_cache")
+    previous = os.environ.get("PHP_RUN_CACHE")
+    os.environ["PHP_RUN_CACHE"] = str(root)  # os.environ, so subprocesses inherit it
+    yield root
+    if previous is None:
+        os.environ.pop("PHP_RUN_CACHE", None)
+    else:
+        os.environ["PHP_RUN_CACHE"] = previous
+
+
 @pytest.fixture
 def registry_url(tmp_path: Path) -> str:
     """A SQLite registry in the test's temporary folder."""

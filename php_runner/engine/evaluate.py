@@ -5,10 +5,18 @@ loader in annotation order with ``batch_size`` samples per batch and the final p
 With the official EFP coupling an embedding depends on its batch-mates, so this batching is part of
 the protocol. ``order="shuffled"`` batches queries and gallery in a seeded random permutation instead
 (to probe that coupling); embeddings are always returned in annotation order.
+
+Where the protocol batch cannot matter it is not used: encoders whose embeddings do not depend on
+batch-mates (the per-sample coupling, and the ``base`` and ``crfm`` encoders, which have no EFP
+attention) encode at ``independent_batch_size``. The official coupling at batch size 1 is each EFP slot
+attending only to itself; it is computed for ``independent_batch_size`` samples at once with the EFP
+blocks' ``alone`` attention, which gives the batch-size-1 embeddings (tested). Scoring runs on
+``device``, chunked over queries.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +30,8 @@ from php_runner.engine.metrics import retrieval_metrics
 from php_runner.model.precision import autocast_context
 
 ORDERS = ("annotation", "shuffled")
+BATCH_INDEPENDENT_ENCODERS = ("base", "crfm")  # no EFP attention, so nothing couples batch-mates
+ALONE_ATTENTION = "alone"  # EFPBlock.attend's mode: official coupling at batch size 1, for a whole batch
 
 
 @dataclass
@@ -36,12 +46,15 @@ class EvalSettings:
     precision: str = "official"
     num_workers: int = 0
     image_size: tuple[int, int] = (384, 128)
+    image_cache: object | None = None  # an open data.cache.ImageCache at image_size: images are read from it
+    independent_batch_size: int = 512  # batch of encodings that cannot depend on it (see the module text)
 
     def __post_init__(self) -> None:
         if self.order not in ORDERS:
             raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        for name in ("batch_size", "independent_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -60,13 +73,39 @@ def _batch_order(size: int, settings: EvalSettings, generator: torch.Generator) 
     return torch.randperm(size, generator=generator)
 
 
+def encoding_plan(model, settings: EvalSettings) -> tuple[int, str | None]:
+    """(batch size, EFP attention mode or None for the model's coupling) that extraction encodes with."""
+    encoder = settings.encoder or model.config.variant
+    if encoder in BATCH_INDEPENDENT_ENCODERS or model.coupling != "official":
+        return settings.independent_batch_size, None
+    if settings.batch_size == 1:
+        return settings.independent_batch_size, ALONE_ATTENTION
+    return settings.batch_size, None
+
+
+@contextmanager
+def _efp_attention(model, mode: str | None):
+    """The EFP blocks attend in ``mode`` for the duration; ``alone`` is no coupling a spec could choose,
+    so it bypasses the model's validated ``coupling`` setter."""
+    if mode is None:
+        yield
+        return
+    previous = model._coupling
+    model._coupling = mode
+    try:
+        yield
+    finally:
+        model._coupling = previous
+
+
 @torch.no_grad()
-def _encode(model, dataset: Dataset, order: torch.Tensor, encode, settings: EvalSettings) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encode ``dataset`` in the batches given by ``order``; return (features, pids) in dataset order."""
+def _encode(model, dataset: Dataset, order: torch.Tensor, encode, settings: EvalSettings,
+            batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode ``dataset`` in batches of ``order``; return (features, pids) in dataset order."""
     device = torch.device(settings.device)
     loader = DataLoader(
         Subset(dataset, order.tolist()),
-        batch_size=settings.batch_size,
+        batch_size=batch_size,
         shuffle=False,
         drop_last=False,
         num_workers=settings.num_workers,
@@ -93,22 +132,28 @@ def extract_embeddings(model, split: EvalSplit, settings: EvalSettings | None = 
     model.eval()
     model.to(settings.device)
     generator = torch.Generator().manual_seed(settings.seed)
+    batch_size, attention = encoding_plan(model, settings)
     try:
-        texts = TextSet(split.caption_pids, split.captions)
-        text_order = _batch_order(len(texts), settings, generator)
-        text, text_pids = _encode(model, texts, text_order, model.encode_text, settings)
-        images = ImageSet(split.image_pids, split.img_paths, build_transform(settings.image_size, train=False))
-        image_order = _batch_order(len(images), settings, generator)
-        image, image_pids = _encode(model, images, image_order, model.encode_image, settings)
+        with _efp_attention(model, attention):
+            texts = TextSet(split.caption_pids, split.captions)
+            text_order = _batch_order(len(texts), settings, generator)
+            text, text_pids = _encode(model, texts, text_order, model.encode_text, settings, batch_size)
+            images = ImageSet(split.image_pids, split.img_paths, build_transform(settings.image_size, train=False),
+                              cache=settings.image_cache)
+            image_order = _batch_order(len(images), settings, generator)
+            image, image_pids = _encode(model, images, image_order, model.encode_image, settings, batch_size)
     finally:
         model.train(was_training)
     return Embeddings(text=text, image=image, text_pids=text_pids, image_pids=image_pids)
 
 
-def score_embeddings(embeddings: Embeddings, i2t: bool = False) -> dict:
-    """Metrics of cosine-similarity retrieval: captions query images; ``i2t`` adds the reverse direction."""
-    text = F.normalize(embeddings.text, p=2, dim=1)
-    image = F.normalize(embeddings.image, p=2, dim=1)
+def score_embeddings(embeddings: Embeddings, i2t: bool = False, device: str | torch.device = "cpu") -> dict:
+    """Metrics of cosine-similarity retrieval: captions query images; ``i2t`` adds the reverse direction.
+
+    The similarity matrix and the ranking (chunked over queries) are computed on ``device``.
+    """
+    text = F.normalize(embeddings.text.to(device), p=2, dim=1)
+    image = F.normalize(embeddings.image.to(device), p=2, dim=1)
     similarity = text @ image.t()
     metrics = retrieval_metrics(similarity, embeddings.text_pids, embeddings.image_pids)
     if i2t:
@@ -118,4 +163,5 @@ def score_embeddings(embeddings: Embeddings, i2t: bool = False) -> dict:
 
 def evaluate(model, split: EvalSplit, settings: EvalSettings | None = None, i2t: bool = False) -> dict:
     """Text-to-image metrics (R1, R5, R10, mAP, mINP) of ``model`` on ``split``; ``i2t`` adds an "i2t" sub-dict."""
-    return score_embeddings(extract_embeddings(model, split, settings), i2t=i2t)
+    settings = settings or EvalSettings()
+    return score_embeddings(extract_embeddings(model, split, settings), i2t=i2t, device=settings.device)

@@ -126,9 +126,17 @@ class EFPBlock(nn.Module):
         self.feed_forward = MoELayer(width, num_experts, topk, reduction)
 
     def attend(self, x: Tensor, coupling: str) -> Tensor:
+        """Self-attention of the slots ``x`` (B, slots, D) as ``coupling`` says, or ``"alone"``.
+
+        ``"alone"`` is the official coupling at batch size 1 computed for a whole batch: with one
+        sample per batch each slot attends only to itself, so every (sample, slot) is its own
+        length-1 sequence.
+        """
         if coupling == "official":
             # The official MHA is batch_first=False fed (B, slots, D): per slot, the B samples attend to each other.
             return self.attn(x.transpose(0, 1)).transpose(0, 1)
+        if coupling == "alone":
+            return self.attn(x.reshape(-1, 1, x.shape[-1])).reshape(x.shape)
         return self.attn(x)  # per-sample: the slots of one sample attend to each other
 
     def forward(self, x: Tensor, coupling: str) -> tuple[Tensor, Tensor]:

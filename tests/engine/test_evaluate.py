@@ -33,7 +33,8 @@ def model():
 
 
 def _settings(model, **changes):
-    return EvalSettings(batch_size=BATCH, precision="amp", image_size=model.config.clip.image_size, **changes)
+    return EvalSettings(**{"batch_size": BATCH, "precision": "amp", "image_size": model.config.clip.image_size,
+                           **changes})
 
 
 def test_official_batching_texts_first_in_annotation_order_with_partial_last_batch(model, split):
@@ -140,3 +141,85 @@ def test_bad_settings_are_refused():
         EvalSettings(order="random")
     with pytest.raises(ValueError, match="batch_size"):
         EvalSettings(batch_size=0)
+
+
+def _recorded(model, split, settings):
+    """extract_embeddings with the batch size of every encode call recorded."""
+    calls = []
+    original_text, original_image = model.encode_text, model.encode_image
+
+    def record(kind, encode):
+        def wrapped(inputs, encoder=None):
+            calls.append((kind, inputs.shape[0]))
+            return encode(inputs, encoder=encoder)
+        return wrapped
+
+    model.encode_text, model.encode_image = record("text", original_text), record("image", original_image)
+    try:
+        return extract_embeddings(model, split, settings), calls
+    finally:
+        del model.encode_text, model.encode_image
+
+
+def _one_at_a_time(model, split):
+    """True batch-size-1 embeddings: one forward per caption and per image, the official coupling as is."""
+    from php_runner.data.loaders import ImageSet, TextSet
+    from php_runner.data.transforms import build_transform
+
+    tokens = TextSet(split.caption_pids, split.captions).token_ids
+    images = ImageSet(split.image_pids, split.img_paths, build_transform(model.config.clip.image_size))
+    model.eval()
+    with torch.no_grad():
+        text = torch.cat([model.encode_text(tokens[i:i + 1]) for i in range(len(tokens))])
+        image = torch.cat([model.encode_image(images[i][1][None]) for i in range(len(images))])
+    return Embeddings(text=text, image=image, text_pids=torch.tensor(split.caption_pids),
+                      image_pids=torch.tensor(split.image_pids))
+
+
+# Batched "alone" vs one forward per sample: the same arithmetic per row, but the matmuls run with a
+# different number of rows, which may round differently: fp32 agreement to 1e-5 relative, 5e-6 absolute
+# (embedding entries are of order 1; the largest difference seen was 1.1e-6).
+ALONE_RTOL, ALONE_ATOL = 1e-5, 5e-6
+
+
+def test_official_coupling_at_batch_size_one_is_one_batched_alone_pass_equal_to_one_at_a_time(model, split):
+    assert model.coupling == "official"
+    batched, calls = _recorded(model, split, _settings(model, batch_size=1))
+    assert calls == [("text", len(split.captions)), ("image", len(split.img_paths))]  # one pass each
+    reference = _one_at_a_time(model, split)
+    torch.testing.assert_close(batched.text, reference.text, rtol=ALONE_RTOL, atol=ALONE_ATOL)
+    torch.testing.assert_close(batched.image, reference.image, rtol=ALONE_RTOL, atol=ALONE_ATOL)
+    assert score_embeddings(batched, i2t=True) == score_embeddings(reference, i2t=True)
+    assert model.coupling == "official" and model._coupling == "official"  # the mode ends with the pass
+    # Alone is not another batching in disguise: the protocol batch couples samples and moves embeddings.
+    assert (extract_embeddings(model, split, _settings(model)).text - reference.text).abs().max() > 1e-2
+
+
+def test_batch_independent_encoders_encode_at_the_large_batch_and_coupled_ones_at_the_protocol_batch(model, split):
+    from php_runner.data.loaders import TextSet
+
+    texts, images = len(split.captions), len(split.img_paths)
+    base, calls = _recorded(model, split, _settings(model, encoder="base", independent_batch_size=7))
+    assert calls == ([("text", min(7, texts - start)) for start in range(0, texts, 7)]
+                     + [("image", min(7, images - start)) for start in range(0, images, 7)])
+    tokens = TextSet(split.caption_pids, split.captions).token_ids
+    with torch.no_grad():
+        at_protocol_batch = torch.cat([model.encode_text(tokens[i:i + BATCH], encoder="base")
+                                       for i in range(0, texts, BATCH)])
+    torch.testing.assert_close(base.text, at_protocol_batch, rtol=ALONE_RTOL, atol=ALONE_ATOL)
+    _, crfm_calls = _recorded(model, split, _settings(model, encoder="crfm", independent_batch_size=7))
+    model.coupling = "per-sample"
+    try:
+        _, per_sample_calls = _recorded(model, split, _settings(model, independent_batch_size=7))
+    finally:
+        model.coupling = "official"
+    assert crfm_calls == per_sample_calls == calls
+    _, efp_calls = _recorded(model, split, _settings(model, encoder="efp", independent_batch_size=7))
+    assert max(size for _, size in efp_calls) == BATCH  # the official coupling keeps the protocol batch
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_scoring_on_cuda_gives_the_cpu_metrics(model, split):
+    embeddings = extract_embeddings(model, split, _settings(model))
+    assert score_embeddings(embeddings, i2t=True, device="cuda") == score_embeddings(embeddings, i2t=True)

@@ -9,12 +9,21 @@ import torch
 import php_runner.engine.train as train_module
 from php_runner.data import read_dataset, write_synthetic
 from php_runner.engine.evaluate import EvalSettings, evaluate
-from php_runner.engine.train import StopTraining, TrainSettings, train
+from php_runner.engine.optim import build_optimizer, build_param_groups
+from php_runner.engine.train import (
+    StopTraining,
+    TrainSettings,
+    build_training_optimizer,
+    prepare_training_model,
+    train,
+    train_step,
+)
 from php_runner.errors import InputError
 from php_runner.model.checkpoint import load_model
 from php_runner.model.config import PHPConfig
 from php_runner.model.php import PHPModel
 from php_runner.model.precision import apply_precision
+from torch import nn
 
 # The recipe that makes the tiny random-weight model learn in 3 CPU epochs (proposed tiny preset).
 TINY_RECIPE = dict(
@@ -107,7 +116,9 @@ def test_last_checkpoint_holds_the_resume_state_and_reads_weights_only(learning_
     assert payload["epoch"] == 3 and len(payload["history"]) == 3 and not payload["stopped"]
     assert set(payload["rng"]) == {"torch", "cuda", "python", "numpy", "loader"}
     assert payload["scheduler"]["last_epoch"] == 3
-    assert len(payload["optimizer"]["param_groups"]) == len(list(_model().parameters()))
+    groups = payload["optimizer"]["param_groups"]  # amp: the merged groups of the fast regime
+    assert len(groups) <= 3 and sum(len(group["params"]) for group in groups) == len(list(_model().parameters()))
+    assert sorted(name for group in groups for name in group["names"]) == sorted(dict(_model().named_parameters()))
     assert "base_model.visual.conv1.weight" in payload["model"]
 
 
@@ -230,3 +241,110 @@ def test_without_test_evaluation_training_never_touches_the_test_split(small_dat
 def test_bad_settings_name_the_field(field, value):
     with pytest.raises(InputError, match=f"train.{field}"):
         TrainSettings(**{field: value})
+
+
+def _random_batch(config, size=8, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    caption_ids = torch.randint(1, 400, (size, config.clip.context_length), generator=generator)
+    caption_ids[:, 12] = config.clip.vocab_size - 1  # the end-of-text token, the argmax position
+    return {"pids": torch.arange(size // 2).repeat(2), "caption_ids": caption_ids,
+            "images": torch.randn(size, 3, *config.clip.image_size, generator=generator)}
+
+
+def _per_tensor_optimizer(model, settings):
+    groups = build_param_groups(model, settings.lr, solver=settings.solver, weight_decay=settings.weight_decay,
+                                weight_decay_bias=settings.weight_decay_bias, bias_lr_factor=settings.bias_lr_factor,
+                                lr_factor=settings.lr_factor, moe_lr_factor=settings.moe_lr_factor)
+    return build_optimizer(groups, settings.optimizer, lr=settings.lr, adam_eps=settings.adam_eps)
+
+
+def test_fast_regime_trains_exactly_like_per_tensor_groups_and_official_keeps_them():
+    settings = TrainSettings(precision="amp", solver="v1", lr=1e-3, device="cpu")
+    fast, reference = prepare_training_model(_model(), settings, "cpu"), prepare_training_model(_model(), settings, "cpu")
+    fast_optimizer, reference_optimizer = build_training_optimizer(fast, settings), _per_tensor_optimizer(reference, settings)
+    assert len(fast_optimizer.param_groups) <= 4 and fast_optimizer.defaults["foreach"]
+    for seed in range(3):
+        torch.manual_seed(seed)  # the same dropout masks in both models
+        fast_losses = train_step(fast, _random_batch(fast.config, seed=seed), fast_optimizer, settings, "cpu")
+        torch.manual_seed(seed)
+        reference_losses = train_step(reference, _random_batch(reference.config, seed=seed), reference_optimizer, settings, "cpu")
+        assert fast_losses["total"].item() == reference_losses["total"].item()
+    for (name, a), b in zip(reference.named_parameters(), fast.parameters()):
+        assert torch.equal(a, b), name
+
+    official = TrainSettings(precision="official")
+    model = prepare_training_model(_model(), official, "cpu")
+    optimizer = build_training_optimizer(model, official)
+    assert len(optimizer.param_groups) == len(list(model.parameters())) and not optimizer.defaults["foreach"]
+
+
+_READ_BACKS = ("item", "tolist", "__bool__", "__float__", "__int__", "nonzero")
+
+
+def test_training_reads_nothing_back_from_the_device_inside_a_step(small_dataset, tmp_path, monkeypatch):
+    """Counts php_runner's read-backs (each a host-device sync on CUDA) over a 3-step and a 6-step epoch."""
+    import inspect
+
+    monkeypatch.setattr(train_module, "evaluate", lambda model, split, settings: {"R1": 0.0})
+    counts = []
+    for batch_size in (len(small_dataset.train) // 3 + 1, len(small_dataset.train) // 6 + 1):
+        reads = []
+        for name in _READ_BACKS:
+            original = getattr(torch.Tensor, name)
+
+            def counted(self, *args, _original=original, _name=name, **kwargs):
+                caller = inspect.currentframe().f_back.f_code.co_filename
+                if "php_runner/engine" in caller or "php_runner/model" in caller:  # the input pipeline is on the host
+                    reads.append((_name, caller))
+                return _original(self, *args, **kwargs)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+        settings = _small_settings(epochs=1, batch_size=batch_size)
+        train(_model(), small_dataset, settings, tmp_path / str(batch_size))  # the full model: EFP MoE included
+        monkeypatch.undo()
+        monkeypatch.setattr(train_module, "evaluate", lambda model, split, settings: {"R1": 0.0})
+        counts.append(reads)
+    assert counts[0] == counts[1] and len(counts[0]) == 1  # the epoch's mean losses, read once
+
+
+@pytest.mark.slow
+def test_compiled_training_step_agrees_with_eager():
+    """torch.compile (inductor on CPU) against eager over two steps; dropout off, since compiled dropout draws
+    its masks from another generator. Losses: rtol 1e-4, atol 1e-6. Parameters: atol 2e-5, 2% of one Adam step
+    (lr 1e-3): gradients that are zero up to rounding (the attention key bias) get noise-sized Adam updates."""
+    pytest.importorskip("torch._inductor")
+    results = {}
+    for compiled in (False, True):
+        settings = TrainSettings(precision="amp", lr=1e-3, compile=compiled, device="cpu")
+        model = _model()
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+        model = prepare_training_model(model, settings, "cpu")
+        optimizer = build_training_optimizer(model, settings)
+        losses = [train_step(model, _random_batch(model.config, seed=seed), optimizer, settings, "cpu") for seed in range(2)]
+        results[compiled] = ([step["total"].detach() for step in losses], dict(model.named_parameters()))
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-4, atol=1e-6)
+    for name, parameter in results[False][1].items():
+        torch.testing.assert_close(results[True][1][name], parameter, rtol=1e-4, atol=2e-5, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fast_regime_step_on_cuda_never_synchronises(compiled):
+    """The fast regime's step (bf16 autocast, fused Adam, sync-free MoE) under CUDA's sync debug mode."""
+    settings = TrainSettings(precision="amp", lr=1e-3, compile=compiled, device="cuda")
+    model = prepare_training_model(_model(), settings, "cuda")
+    optimizer = build_training_optimizer(model, settings)
+    assert optimizer.defaults["fused"]
+    batch = {name: value.pin_memory() for name, value in _random_batch(model.config).items()}
+    train_step(model, batch, optimizer, settings, "cuda")  # warm-up: compilation and lazy initialisation
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            losses = train_step(model, batch, optimizer, settings, "cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert math.isfinite(losses["total"].item())

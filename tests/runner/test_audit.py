@@ -284,6 +284,33 @@ def test_per_sample_coupling_is_batch_independent_with_equal_metrics(icfg, tiny_
         "r1_shuffled_std": 0.0, "r1_gap": 0.0}
 
 
+def test_the_batch_size_one_pass_is_one_batched_alone_pass_equal_to_one_forward_per_sample(icfg, tiny_model):
+    from php_runner.data.loaders import ImageSet, TextSet
+    from php_runner.data.transforms import build_transform
+    from php_runner.engine.evaluate import Embeddings, score_embeddings
+
+    tiny_model.coupling = "official"
+    split, sizes = icfg.test, []
+    original_text, original_image = tiny_model.encode_text, tiny_model.encode_image
+    tiny_model.encode_text = lambda inputs, encoder=None: sizes.append(len(inputs)) or original_text(inputs, encoder)
+    tiny_model.encode_image = lambda inputs, encoder=None: sizes.append(len(inputs)) or original_image(inputs, encoder)
+    try:
+        report = audit.order_sensitivity(tiny_model, split, _settings(tiny_model))
+    finally:
+        del tiny_model.encode_text, tiny_model.encode_image
+    assert 1 not in sizes  # no single-sample forwards: batch size 1 ran as the batched alone pass
+    tokens = TextSet(split.caption_pids, split.captions).token_ids
+    images = ImageSet(split.image_pids, split.img_paths, build_transform(tiny_model.config.clip.image_size))
+    tiny_model.eval()
+    with torch.no_grad():
+        one_at_a_time = Embeddings(
+            text=torch.cat([tiny_model.encode_text(tokens[i:i + 1]) for i in range(len(tokens))]),
+            image=torch.cat([tiny_model.encode_image(images[i][1][None]) for i in range(len(images))]),
+            text_pids=torch.tensor(split.caption_pids), image_pids=torch.tensor(split.image_pids))
+    expected = {name: score_embeddings(one_at_a_time)[name] for name in audit.METRIC_NAMES}
+    assert report["batch_sizes"]["1"] == expected
+
+
 # ----------------------------------------------------------------------------------------------
 # the command line: a checkpoint file and a registry run
 

@@ -351,14 +351,30 @@ def test_a_spec_with_audit_true_audits_each_run_after_training(cli, registry_url
 
 
 
-def test_bench_records_every_call(cli):
-    for precision in ("official", "amp"):
-        code, out, _ = cli("bench", "--clip", "tiny", "--precision", precision, "--batch-size", "4", "--steps", "1",
-                           "--warmup", "0", "--device", "cpu")
-        assert code == 0, out
-        assert "samples/s" in out
+@pytest.mark.slow
+def test_bench_json_has_the_keys_and_records_every_call(cli):
+    small = ("--clip", "tiny", "--device", "cpu", "--batch-size", "2", "--steps", "1", "--warmup", "0",
+             "--max-batch", "2", "--workers", "0", "--pipeline-images", "4", "--scoring-queries", "40",
+             "--scoring-gallery", "30", "--no-compile")
+    code, out, _ = cli("bench", *small, "--json")
+    assert code == 0, out
+    record = json.loads(out)
+    for path in ("train.official.samples_per_s", "train.fast.samples_per_s", "pipeline.pil_images_per_s",
+                 "pipeline.cache_images_per_s", "scoring.seconds", "eval.images_per_s", "eval.texts_per_s",
+                 "peak_memory_bytes", "mfu"):
+        value = record
+        for key in path.split("."):
+            value = value[key]
+        assert value is None if path == "mfu" else value > 0, path
+    assert record["clip"] == "tiny" and record["git_commit"] and record["torchvision"]
+    from php_runner.reports import record_benchmark
+
+    record_benchmark({**record, "recorded": "later"}, "reports")  # a second call re-renders from every record
     records = [json.loads(line) for line in Path("reports/benchmarks.jsonl").read_text().splitlines()]
-    assert [r["precision"] for r in records] == ["official", "amp"]
-    assert all(r["train_samples_per_s"] > 0 and r["clip"] == "tiny" and r["git_commit"] for r in records)
+    assert len(records) == 2 and all(r["scoring"]["queries"] == 40 for r in records)
     table = Path("reports/benchmarks.md").read_text()
-    assert table.count("| tiny |") == 2
+    assert table.count("## ") == 2
+    section = table.split("## ")[1]
+    assert section.index("fast / official") < section.index("official training samples/s")  # ratios first
+    code, _, err = cli("bench", "--clip", "huge", "--device", "cpu")
+    assert code == 2 and "--clip" in err

@@ -22,7 +22,7 @@ PAPER_RECIPE = {
               "solver": "head", "transformer_lr_factor": 1.0, "moe_lr_factor": 2.0, "warmup_epochs": 5,
               "warmup_factor": 0.1, "img_aug": True, "precision": "official", "selection": "test", "evaluate_test": True, "eval_period": 1,
               "test_batch_size": 64, "seed": 1, "deterministic": False},
-    "data": {"dataset": "CUHK-PEDES", "source": "real", "val_from_train": 0.0, "val_seed": 0},
+    "data": {"dataset": "CUHK-PEDES", "source": "real", "val_from_train": 0.0, "val_seed": 0, "pipeline": "cache"},
 }
 
 

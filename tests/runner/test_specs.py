@@ -11,6 +11,7 @@ from php_runner.errors import InputError
 from php_runner.model.config import PHPConfig
 from php_runner.model.losses import LossConfig
 from php_runner.specs import (
+    DataSection,
     ModelSection,
     LossSection,
     RunConfig,
@@ -34,10 +35,10 @@ GOLDEN_CONFIG = {
               "efp_layers": 2, "efp_heads": 2, "variant": "full", "sharing": "shared", "coupling": "official"},
     "loss": {"names": ["sdm", "itc", "aux"], "temperature": 0.02, "itc_weight": 5.0, "aux_factor": 0.5},
     "train": {"epochs": 4, "batch_size": 16, "lr": 0.001, "seed": 1},
-    "data": {"dataset": "CUHK-PEDES", "source": "synthetic", "val_from_train": 0.0, "val_seed": 0},
+    "data": {"dataset": "CUHK-PEDES", "source": "synthetic", "val_from_train": 0.0, "val_seed": 0, "pipeline": "cache"},
     "runtime": {"data_root": "data", "clip_weights": None, "device": "auto", "num_workers": 0},
 }
-GOLDEN_HASH = "8106c8ceceb94b9c9ea4fa2b88ecf7d0a9233dcea93ff287c6dffe16a4911b26"
+GOLDEN_HASH = "cb5b9a90b88e910aef5e077f16fd8eb829707f0ae20167d673e30830d1ae8391"  # data.pipeline added (issue 11)
 
 
 @pytest.fixture
@@ -65,8 +66,11 @@ def error_of(call) -> str:
 # ---- sections match the library's dataclasses -------------------------------------------------------
 
 def test_sections_have_exactly_the_library_fields():
-    train_fields = {f.name for f in dataclasses.fields(TrainSettings)} - {"loss", "device", "num_workers"}
+    # compile is a runtime choice; pipeline comes from the data section (data.pipeline).
+    train_fields = {f.name for f in dataclasses.fields(TrainSettings)} - {"loss", "device", "num_workers", "compile",
+                                                                          "pipeline"}
     assert set(TrainSection.model_fields) == train_fields
+    assert "pipeline" in DataSection.model_fields
     assert set(LossSection.model_fields) == {f.name for f in dataclasses.fields(LossConfig)}
     model_fields = {f.name for f in dataclasses.fields(PHPConfig)} - {"clip", "num_classes"}
     assert set(ModelSection.model_fields) == model_fields | {"clip", "image_size"}
