@@ -358,7 +358,7 @@ def train_section(yaml_values: dict, era: str) -> dict:
     """
     from php_runner.engine.train import TrainSettings
 
-    skipped = ("loss", "device", "num_workers", "compile")
+    skipped = ("loss", "device", "num_workers", "compile", "pipeline")
     section = {f.name: getattr(TrainSettings(), f.name) for f in fields(TrainSettings) if f.name not in skipped}
     for key, convert in _TRAIN_FROM_YAML.items():
         if key in yaml_values:
@@ -403,7 +403,8 @@ def imported_config(
         "model": model_section(php_config),
         "loss": loss_section(yaml_values),
         "train": train_section(yaml_values, era),
-        "data": {"dataset": dataset, "source": data_source, "val_from_train": 0.0, "val_seed": 0},
+        "data": {"dataset": dataset, "source": data_source, "val_from_train": 0.0, "val_seed": 0,
+                 "pipeline": "pil"},  # the official code trained with the per-sample PIL loader
         "runtime": {"data_root": str(data_root), "clip_weights": None, "device": device, "num_workers": num_workers},
         "imported": {"sha256": sha256, "table": cell.table, "row": cell.row, "evaluation": plain(asdict(evaluation))},
     }

@@ -8,6 +8,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from service_guard import service_missing
 
 from php_runner.specs import shipped_folder
 
@@ -55,7 +56,7 @@ def pg_server() -> str:
     (``scripts/services.sh start`` starts one and writes the variable to .services/env)."""
     server = os.environ.get(PG_URL_ENV)
     if not server:
-        pytest.skip(f"{PG_URL_ENV} is not set: no PostgreSQL server (start one with scripts/services.sh start)")
+        service_missing(f"{PG_URL_ENV} is not set: no PostgreSQL server (start one with scripts/services.sh start)")
     return server
 
 

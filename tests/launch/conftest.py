@@ -13,6 +13,7 @@ import subprocess
 
 import pytest
 from launch_helpers import plan
+from service_guard import service_missing
 
 from php_runner.registry import Registry
 from php_runner.runner import execute_planned
@@ -22,9 +23,9 @@ from php_runner.runner import execute_planned
 def slurm(pg_url):
     """A reachable Slurm cluster (with accounting) and a fresh PostgreSQL registry URL."""
     if not os.environ.get("SLURM_CONF"):
-        pytest.skip("SLURM_CONF is not set: no Slurm cluster (start one with scripts/services.sh start)")
+        service_missing("SLURM_CONF is not set: no Slurm cluster (start one with scripts/services.sh start)")
     if shutil.which("sinfo") is None or subprocess.run(["sinfo"], capture_output=True, timeout=30).returncode != 0:
-        pytest.skip("sinfo fails: the Slurm cluster named by SLURM_CONF is not reachable")
+        service_missing("sinfo fails: the Slurm cluster named by SLURM_CONF is not reachable")
     return pg_url
 
 

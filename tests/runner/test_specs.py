@@ -15,6 +15,7 @@ from php_runner.specs import (
     ModelSection,
     LossSection,
     RunConfig,
+    RuntimeSection,
     TrainSection,
     config_hash,
     expand,
@@ -66,10 +67,11 @@ def error_of(call) -> str:
 # ---- sections match the library's dataclasses -------------------------------------------------------
 
 def test_sections_have_exactly_the_library_fields():
-    # compile is a runtime choice; pipeline comes from the data section (data.pipeline).
-    train_fields = {f.name for f in dataclasses.fields(TrainSettings)} - {"loss", "device", "num_workers", "compile",
-                                                                          "pipeline"}
+    runtime_fields = {"device", "num_workers", "compile"}  # where and how fast a run goes: the runtime section
+    # pipeline comes from the data section (data.pipeline)
+    train_fields = {f.name for f in dataclasses.fields(TrainSettings)} - {"loss", "pipeline"} - runtime_fields
     assert set(TrainSection.model_fields) == train_fields
+    assert runtime_fields <= set(RuntimeSection.model_fields)
     assert "pipeline" in DataSection.model_fields
     assert set(LossSection.model_fields) == {f.name for f in dataclasses.fields(LossConfig)}
     model_fields = {f.name for f in dataclasses.fields(PHPConfig)} - {"clip", "num_classes"}
@@ -165,7 +167,7 @@ def test_expand_defaults_and_runtime(folder):
     assert [(r.dataset, r.seed) for r in runs] == [(d, s) for d in ("CUHK-PEDES", "ICFG-PEDES", "RSTPReid") for s in (3, 4)]
     assert {r.row_label for r in runs} == {"PHP"} and runs[0].table is None and runs[0].spec_name == "plain"
     assert runs[0].config["runtime"] == {"data_root": "/data", "clip_weights": "/w/ViT-B-16.pt", "device": "auto",
-                                         "num_workers": 8}
+                                         "num_workers": 8, "compile": False}
     moved = expand(spec, "paper", None, None, {**RUNTIME, "data_root": "/elsewhere", "device": "cuda:1"})
     assert [r.config_hash for r in moved] == [r.config_hash for r in runs]  # runtime is not hashed
 
