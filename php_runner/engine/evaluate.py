@@ -16,7 +16,7 @@ blocks' ``alone`` attention, which gives the batch-size-1 embeddings (tested). S
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +31,6 @@ from php_runner.model.precision import autocast_context
 
 ORDERS = ("annotation", "shuffled")
 BATCH_INDEPENDENT_ENCODERS = ("base", "crfm")  # no EFP attention, so nothing couples batch-mates
-ALONE_ATTENTION = "alone"  # EFPBlock.attend's mode: official coupling at batch size 1, for a whole batch
 
 
 @dataclass
@@ -73,29 +72,14 @@ def _batch_order(size: int, settings: EvalSettings, generator: torch.Generator) 
     return torch.randperm(size, generator=generator)
 
 
-def encoding_plan(model, settings: EvalSettings) -> tuple[int, str | None]:
-    """(batch size, EFP attention mode or None for the model's coupling) that extraction encodes with."""
+def encoding_plan(model, settings: EvalSettings) -> tuple[int, bool]:
+    """(batch size, whether the EFP blocks attend alone) that extraction encodes with."""
     encoder = settings.encoder or model.config.variant
     if encoder in BATCH_INDEPENDENT_ENCODERS or model.coupling != "official":
-        return settings.independent_batch_size, None
+        return settings.independent_batch_size, False
     if settings.batch_size == 1:
-        return settings.independent_batch_size, ALONE_ATTENTION
-    return settings.batch_size, None
-
-
-@contextmanager
-def _efp_attention(model, mode: str | None):
-    """The EFP blocks attend in ``mode`` for the duration; ``alone`` is no coupling a spec could choose,
-    so it bypasses the model's validated ``coupling`` setter."""
-    if mode is None:
-        yield
-        return
-    previous = model._coupling
-    model._coupling = mode
-    try:
-        yield
-    finally:
-        model._coupling = previous
+        return settings.independent_batch_size, True
+    return settings.batch_size, False
 
 
 @torch.no_grad()
@@ -132,9 +116,9 @@ def extract_embeddings(model, split: EvalSplit, settings: EvalSettings | None = 
     model.eval()
     model.to(settings.device)
     generator = torch.Generator().manual_seed(settings.seed)
-    batch_size, attention = encoding_plan(model, settings)
+    batch_size, alone = encoding_plan(model, settings)
     try:
-        with _efp_attention(model, attention):
+        with model.attending_alone() if alone else nullcontext():
             texts = TextSet(split.caption_pids, split.captions)
             text_order = _batch_order(len(texts), settings, generator)
             text, text_pids = _encode(model, texts, text_order, model.encode_text, settings, batch_size)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -23,6 +25,8 @@ from php_runner.model.clip import (
 from php_runner.model.config import COUPLINGS, VARIANTS, PHPConfig
 
 ENCODERS = VARIANTS
+# EFPBlock.attend's mode for the official coupling at batch size 1, computed for a whole batch.
+ALONE_ATTENTION = "alone"
 POS_EMBEDING_ROWS = 162  # size of the official, never-used CRFM table (spec 3.2)
 
 
@@ -135,7 +139,7 @@ class EFPBlock(nn.Module):
         if coupling == "official":
             # The official MHA is batch_first=False fed (B, slots, D): per slot, the B samples attend to each other.
             return self.attn(x.transpose(0, 1)).transpose(0, 1)
-        if coupling == "alone":
+        if coupling == ALONE_ATTENTION:
             return self.attn(x.reshape(-1, 1, x.shape[-1])).reshape(x.shape)
         return self.attn(x)  # per-sample: the slots of one sample attend to each other
 
@@ -214,6 +218,18 @@ class PHPModel(nn.Module):
             raise ValueError(f"coupling must be one of {', '.join(COUPLINGS)}, got {value!r}")
         self._coupling = value
         self.config = replace(self.config, coupling=value)
+
+    @contextmanager
+    def attending_alone(self) -> Iterator[None]:
+        """For the duration, the EFP blocks attend as the official coupling does at batch size 1 (each
+        slot only to itself) whatever the batch, so one pass gives every sample's batch-size-1 embedding.
+        It is no coupling a spec could choose, hence not through the validated ``coupling`` setter."""
+        previous = self._coupling
+        self._coupling = ALONE_ATTENTION
+        try:
+            yield
+        finally:
+            self._coupling = previous
 
     def _head(self, modality: str) -> tuple[CRFM, EFPTransformer]:
         if self.config.sharing == "shared":
