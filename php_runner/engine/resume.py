@@ -49,6 +49,19 @@ def check_resumable(payload: dict, recipe: dict, path: Path) -> None:
             )
 
 
+def restore_training_state(payload: dict, path: Path, model, optimizer, scheduler) -> None:
+    """Load the model, optimiser and schedule of ``path`` (a ``last.pth``); a state that does not fit them
+    (e.g. the per-tensor optimiser groups an older php-run wrote for ``amp``) is bad input naming the file."""
+    try:
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+    except (KeyError, ValueError, RuntimeError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"{path}: its saved training state does not fit this run's model and optimiser "
+                         f"({reason})") from err
+
+
 def _plain(value):
     """Tuples and lists compare equal after a checkpoint round trip."""
     if isinstance(value, (tuple, list)):

@@ -38,7 +38,7 @@ from php_runner.engine.optim import (
     merge_param_groups,
 )
 from php_runner.engine.progress import Progress
-from php_runner.engine.resume import capture_rng_state, check_resumable, restore_rng_state
+from php_runner.engine.resume import capture_rng_state, check_resumable, restore_rng_state, restore_training_state
 from php_runner.engine.selection import RULE_OF_SELECTION, SELECTIONS, Selection
 from php_runner.errors import InputError
 from php_runner.model.checkpoint import CONFIG_KEY, config_to_dict, load_checkpoint_file, save_atomic
@@ -224,9 +224,7 @@ def train(
         if last_path.exists():
             payload = load_checkpoint_file(last_path)
             check_resumable(payload, settings.recipe(), last_path)
-            model.load_state_dict(payload["model"])
-            optimizer.load_state_dict(payload["optimizer"])
-            scheduler.load_state_dict(payload["scheduler"])
+            restore_training_state(payload, last_path, model, optimizer, scheduler)
             restore_rng_state(payload["rng"], loader_generator)
             history = [EpochRecord(**record) for record in payload["history"]]
             selection = Selection(payload["selection"])

@@ -11,6 +11,7 @@ from php_runner.data import read_dataset, write_synthetic
 from php_runner.engine.evaluate import EvalSettings, evaluate
 from php_runner.engine.optim import build_optimizer, build_param_groups
 from php_runner.engine.train import (
+    LAST_CHECKPOINT,
     StopTraining,
     TrainSettings,
     build_training_optimizer,
@@ -173,6 +174,24 @@ def test_stop_training_ends_cleanly_and_a_rerun_does_not_continue(small_dataset,
     assert again.stopped and len(again.history) == 1
     with pytest.raises(InputError, match="train.lr"):
         train(_model(), small_dataset, _small_settings(lr=1e-3), tmp_path)
+
+
+def test_a_last_checkpoint_whose_optimizer_groups_do_not_fit_is_refused_naming_the_file(small_dataset, tmp_path):
+    """An amp last.pth from before the merged groups holds per-tensor groups: one line naming it, no traceback."""
+    settings = _small_settings(epochs=2)
+
+    def stop(record):
+        raise StopTraining
+
+    train(_model(), small_dataset, settings, tmp_path, on_epoch=stop)
+    last = tmp_path / LAST_CHECKPOINT
+    payload = torch.load(last, weights_only=True)
+    payload["stopped"] = False
+    groups = payload["optimizer"]["param_groups"]
+    payload["optimizer"]["param_groups"] = [{**groups[0], "params": [index]} for group in groups for index in group["params"]]
+    torch.save(payload, last)
+    with pytest.raises(InputError, match=f"{last}: its saved training state does not fit"):
+        train(_model(), small_dataset, settings, tmp_path)
 
 
 def test_official_precision_trains_fp16_weights_and_its_checkpoint_evaluates_the_same(small_dataset, tmp_path):
