@@ -9,13 +9,12 @@ levels, and the command and time of the runs. Every number comes from the regist
 
 from __future__ import annotations
 
-import os
 import statistics
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from php_runner.errors import InputError
+from php_runner.files import atomic_path, write_atomic
 
 SPEC_NAME = "coupling"
 COUPLINGS = ("official", "per-sample")
@@ -271,15 +270,9 @@ def write_figure(report: CouplingArtefact, path: Path) -> None:
     axes.set_title(f"{report.dataset} ({report.preset}): R1 against evaluation batch size")
     axes.legend(fontsize=8)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(handle)
     try:
-        figure.savefig(temporary, format="png", dpi=120)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+        with atomic_path(path, suffix=".png") as temporary:
+            figure.savefig(temporary, format="png", dpi=120)
     finally:
         plt.close(figure)
 
@@ -290,13 +283,5 @@ def write_report(registry, dataset: str, preset: str, folder: Path) -> list[Path
     figure = folder / f"{REPORT_NAME}.png"
     markdown = folder / f"{REPORT_NAME}.md"
     write_figure(report, figure)
-    folder.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{markdown.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(render_markdown(report, figure.name))
-        os.replace(temporary, markdown)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_atomic(markdown, render_markdown(report, figure.name).encode("utf-8"))
     return [markdown, figure]

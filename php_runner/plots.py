@@ -115,7 +115,7 @@ def _nan(value: float | None) -> float:
 
 def write_png(path: str | Path, data: bytes) -> Path:
     """Write PNG bytes atomically, creating the folder."""
-    from php_runner.reports import write_atomic
+    from php_runner.files import write_atomic
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,15 +13,14 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import statistics
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from rich.table import Table
 
+from php_runner.files import write_atomic
 from php_runner.paper import Footnote, load_paper_results
 
 RULE_PREFERENCE = ("best-on-test", "best-on-val", "last")  # best-on-test is the paper's own protocol
@@ -620,16 +619,3 @@ def _nan(value: float | None) -> float:
 
 def _unique(items: Iterable) -> list:
     return list(dict.fromkeys(items))
-
-
-def write_atomic(path: Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path

@@ -607,21 +607,13 @@ def evaluate(
 
 def _save_embeddings(embeddings, path: Path) -> None:
     """Write the embeddings as an .npz atomically (temporary file in the same folder, then rename)."""
-    import os
-    import tempfile
-
     import numpy as np
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, text=embeddings.text.numpy(), image=embeddings.image.numpy(),
-                     text_pids=embeddings.text_pids.numpy(), image_pids=embeddings.image_pids.numpy())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    from php_runner.files import atomic_path
+
+    with atomic_path(path, suffix=".npz.tmp") as temporary, open(temporary, "wb") as handle:
+        np.savez(handle, text=embeddings.text.numpy(), image=embeddings.image.numpy(),
+                 text_pids=embeddings.text_pids.numpy(), image_pids=embeddings.image_pids.numpy())
 
 
 @app.command()

@@ -32,7 +32,6 @@ import math
 import os
 import random
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +39,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from php_runner.data.datasets import DATASET_NAMES, LAYOUTS, DatasetError
+from php_runner.files import write_atomic
 
 DEFAULT_TRAIN_IDS = 100
 # More training images than evaluation images: a tiny model needs optimisation steps more than identities.
@@ -313,7 +313,7 @@ def _write_one(root: Path, name: str, train_ids: int, seed: int, test: TestSplit
             appearance = next(appearances)
             for index in range(images_per_id[split]):
                 rel_path = _image_path(name, split, raw_id, index)
-                _write_atomic(folder / "imgs" / rel_path, _jpeg_bytes(draw_person(appearance, rng)))
+                write_atomic(folder / "imgs" / rel_path, _jpeg_bytes(draw_person(appearance, rng)))
                 captions = [describe(appearance, rng) for _ in range(captions_per_image[split])]
                 entry = {"split": split, "captions": captions, layout.path_field: rel_path, "id": raw_id}
                 if name != "RSTPReid":
@@ -321,7 +321,7 @@ def _write_one(root: Path, name: str, train_ids: int, seed: int, test: TestSplit
                 entries.append(entry)
             raw_id += 1
     annotation = folder / layout.annotation_files[0]
-    _write_atomic(annotation, json.dumps(entries, indent=1).encode("utf-8"))
+    write_atomic(annotation, json.dumps(entries, indent=1).encode("utf-8"))
     return annotation
 
 
@@ -329,15 +329,3 @@ def _jpeg_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=92)
     return buffer.getvalue()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-        os.replace(temp, path)
-    except BaseException:
-        os.unlink(temp)
-        raise

@@ -13,7 +13,6 @@ import math
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import yaml
 from torch import Tensor
 
 from php_runner.errors import InputError
+from php_runner.files import atomic_path
 from php_runner.model.clip import clip_config_from_state_dict
 from php_runner.model.config import ClipConfig, PHPConfig
 from php_runner.model.php import PHPModel
@@ -378,15 +378,7 @@ def load_model(path: str | Path, yaml_path: str | Path | None = None, **override
 
 def save_atomic(obj: Any, path: str | Path) -> None:
     """``torch.save`` to a temporary file in the destination folder, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(obj, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temporary, open(temporary, "wb") as stream:
+        torch.save(obj, stream)
+        stream.flush()
+        os.fsync(stream.fileno())
