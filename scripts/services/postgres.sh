@@ -13,7 +13,8 @@ PG_DIR=${PHP_RUN_PG_DIR:-/var/tmp/php-run-postgres}
 STATE=.services
 DATA=$PG_DIR/data
 
-as_postgres() { runuser -u postgres -- "$@"; }
+# From / : the postgres user may not enter the checkout (a private temporary folder, say).
+as_postgres() { (cd / && runuser -u postgres -- "$@"); }
 
 pg_bin() {
     local dir
