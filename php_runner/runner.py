@@ -37,6 +37,9 @@ if TYPE_CHECKING:
 EXIT_NOT_CLAIMED = 3  # done already, or another live process owns the run
 EXIT_INTERRUPTED = 130
 HEARTBEAT_INTERVAL_S = 15.0
+# Test-only: seconds to wait after each epoch is recorded, so that interruption tests (scancel, preemption,
+# SIGKILL) can land between epochs however fast the machine trains.
+EPOCH_PAUSE_ENV = "PHP_RUN_TEST_EPOCH_PAUSE_S"
 CHECKPOINT_ROOT = Path("checkpoints")
 CLIP_NAMES = ("ViT-B/16", "tiny")
 
@@ -396,6 +399,7 @@ def _train_claimed(registry: Registry, run: RunRecord, heartbeat: _Heartbeat, co
     run_dir.mkdir(parents=True, exist_ok=True)
     registry.set_run_dir(run.id, str(run_dir))
     log = TrainLog(run_dir)  # the official-format train_log.txt beside the checkpoints
+    epoch_pause = float(os.environ.get(EPOCH_PAUSE_ENV) or 0)
     log.dataset_statistics(config["data"]["dataset"], dataset_statistics(dataset))
 
     def on_epoch(record) -> None:
@@ -410,6 +414,7 @@ def _train_claimed(registry: Registry, run: RunRecord, heartbeat: _Heartbeat, co
         heartbeat.beat()
         if then is not None:
             then(record)
+        time.sleep(epoch_pause)
 
     try:
         result = train(model, dataset, settings, run_dir, on_epoch=on_epoch)

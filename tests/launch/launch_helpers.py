@@ -14,6 +14,9 @@ from php_runner.specs import expand, load_spec
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 JOB_TIMEOUT_S = 420  # outer limit on any wait for a worker or a job (a loaded 2-core CI machine)
+# Interruption tests pause each epoch this long, so the interruption lands between epochs 1 and 2 however
+# fast this machine trains the tiny runs (without it, a quiet machine finishes epoch 2 first).
+EPOCH_PAUSE = {"PHP_RUN_TEST_EPOCH_PAUSE_S": "15"}
 
 
 def plan(spec_dir: Path, name: str, data_root: Path):

@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from launch_helpers import JOB_TIMEOUT_S, php_run, plan, wait_for
+from launch_helpers import EPOCH_PAUSE, JOB_TIMEOUT_S, php_run, php_run_env, plan, wait_for
 
 from php_runner.errors import InputError
 from php_runner.launch import slurm as slurm_launch
@@ -75,7 +75,7 @@ def test_a_job_array_runs_every_run_once_with_the_local_metrics(slurm, spec_dir,
 def test_scancel_mid_run_then_resubmission_resumes_to_the_uninterrupted_metrics(slurm, spec_dir, tiny_data_root,
                                                                                  tmp_path, local_reference):
     args = submit_args(spec_dir, "two_epochs", tiny_data_root, slurm)
-    finish(php_run(*args, cwd=tmp_path))
+    finish(php_run(*args, cwd=tmp_path, env=php_run_env(**EPOCH_PAUSE)))  # the resubmission runs unpaused
     registry = Registry(slurm)
     [run] = registry.list_runs()
     wait_for(lambda: list(tmp_path.glob("checkpoints/*/last.pth")), "epoch 1's checkpoint")

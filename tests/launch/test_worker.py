@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from launch_helpers import JOB_TIMEOUT_S, php_run, php_run_env, plan, wait_for
+from launch_helpers import EPOCH_PAUSE, JOB_TIMEOUT_S, php_run, php_run_env, plan, wait_for
 
 from php_runner.errors import InputError
 from php_runner.launch.worker import Worker, WorkerSettings
@@ -41,7 +41,7 @@ def test_a_sigkilled_worker_s_run_goes_stale_and_the_next_worker_resumes_it(
     registry = Registry(registry_url)
     run = registry.plan_run(planned)
     worker_args = ("worker", "--idle-exit", 0, "--stale-after", STALE_AFTER_S, "--db", registry_url)
-    first = php_run(*worker_args, cwd=tmp_path)
+    first = php_run(*worker_args, cwd=tmp_path, env=php_run_env(**EPOCH_PAUSE))
     wait_for(lambda: list(tmp_path.glob("checkpoints/*/last.pth")), "epoch 1's checkpoint", first)
     owner = f"{os.uname().nodename}:{first.pid}"
     assert trainers_of(owner)  # the run's own process, started by the worker
