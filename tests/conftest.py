@@ -42,6 +42,24 @@ def image_cache_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def cli(tmp_path, monkeypatch):
+    """Invoke php-run in process, in a fresh working directory; returns (exit code, stdout, stderr)."""
+    from typer.testing import CliRunner
+
+    from php_runner.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PHP_RUN_DB", raising=False)
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+        return result.exit_code, result.stdout, result.stderr
+
+    return invoke
+
+
+@pytest.fixture
 def registry_url(tmp_path: Path) -> str:
     """A SQLite registry in the test's temporary folder."""
     return f"sqlite:///{tmp_path / 'registry.db'}"

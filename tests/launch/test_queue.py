@@ -3,25 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from typer.testing import CliRunner
 
-from php_runner.cli import app
 from php_runner.errors import InputError
 from php_runner.launch.queue import check_registry_for
 from php_runner.registry import Registry
-
-
-@pytest.fixture
-def cli(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("PHP_RUN_DB", raising=False)
-    runner = CliRunner()
-
-    def invoke(*args):
-        result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-        return result.exit_code, result.stdout, result.stderr
-
-    return invoke
 
 
 def test_enqueue_records_queued_runs_and_executes_nothing(cli, registry_url, spec_dir, tiny_data_root, tmp_path):

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import typer
-from typer.testing import CliRunner
 
 from php_runner.cli import app
 from php_runner.data import read_dataset
@@ -18,20 +17,6 @@ from php_runner.specs import expand, load_spec, shipped_folder
 
 EXPERIMENTS = shipped_folder()
 METRIC_NAMES = ["R1", "R5", "R10", "mAP", "mINP"]
-
-
-@pytest.fixture
-def cli(tmp_path, monkeypatch):
-    """Invoke php-run in a fresh working directory; returns (exit code, stdout, stderr)."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("PHP_RUN_DB", raising=False)
-    runner = CliRunner()
-
-    def invoke(*args: str):
-        result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-        return result.exit_code, result.stdout, result.stderr
-
-    return invoke
 
 
 def _commands(group, prefix: tuple[str, ...] = ()):

@@ -8,26 +8,10 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from php_runner.cli import app
 from php_runner.registry import head_revision
 
 VIEWS = (["status"], ["show", "1"], ["table", "module"])
-
-
-@pytest.fixture
-def cli(tmp_path, monkeypatch):
-    """Invoke php-run in a fresh working directory; returns (exit code, stdout, stderr)."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("PHP_RUN_DB", raising=False)
-    runner = CliRunner()
-
-    def invoke(*args: str):
-        result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-        return result.exit_code, result.stdout, result.stderr
-
-    return invoke
 
 
 def sha256(path: Path) -> str:
