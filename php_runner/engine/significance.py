@@ -85,6 +85,7 @@ def cell_intervals(
 ) -> dict[str, Interval]:
     """Interval of R1, R5, R10, mAP and mINP of one cell; ``outcomes`` maps training seed -> outcomes."""
     seeds = sorted(outcomes)
+    _check_same_test_set([outcomes[s] for s in seeds], [f"seed {s}" for s in seeds])
     values = _per_seed_values([outcomes[s] for s in seeds])
     replicates, _ = _replicates(values, _identities(outcomes[seeds[0]]), n_resamples, seed)
     low, high = _percentiles(replicates, confidence)
@@ -106,7 +107,8 @@ def compare(
     if not seeds:
         raise InputError(f"no seed in common: row has seeds {sorted(row)}, reference has {sorted(reference)}")
     row_outcomes, reference_outcomes = [row[s] for s in seeds], [reference[s] for s in seeds]
-    _check_same_test_set(row_outcomes + reference_outcomes)
+    _check_same_test_set(row_outcomes + reference_outcomes,
+                         [f"row seed {s}" for s in seeds] + [f"reference seed {s}" for s in seeds])
     values = _per_seed_values(row_outcomes) - _per_seed_values(reference_outcomes)
     replicates, identity_only = _replicates(values, _identities(row_outcomes[0]), n_resamples, seed)
     low, high = _percentiles(replicates, confidence)
@@ -159,7 +161,6 @@ def seeds_to_resolve(comparison: Comparison, confidence: float = 0.95, max_seeds
 
 def _per_seed_values(outcomes: list[QueryOutcomes]) -> np.ndarray:
     """(seeds, queries, metrics) per-query values in percent whose query means are the metrics."""
-    _check_same_test_set(outcomes)
     columns = [[o.first_rank <= k for k in CMC_RANKS] + [o.average_precision, o.inverse_negative_penalty]
                for o in outcomes]
     return 100.0 * np.asarray(columns, dtype=np.float64).transpose(0, 2, 1)
@@ -213,10 +214,10 @@ def _estimates(outcomes: list[QueryOutcomes]) -> list[float]:
     return _per_seed_estimates(outcomes).mean(axis=0).tolist()
 
 
-def _check_same_test_set(outcomes: list[QueryOutcomes]) -> None:
+def _check_same_test_set(outcomes: list[QueryOutcomes], labels: list[str]) -> None:
     if not outcomes:
         raise ValueError("need the outcomes of at least one seed")
-    first = outcomes[0].query_pid
-    for index, other in enumerate(outcomes[1:], start=1):
-        if not np.array_equal(other.query_pid, first):
-            raise InputError(f"outcomes {index} are not on the same test set as outcomes 0 (query identities differ)")
+    for label, other in zip(labels[1:], outcomes[1:]):
+        if not np.array_equal(other.query_pid, outcomes[0].query_pid):
+            raise InputError(f"outcomes of {label} are not on the same test set as those of {labels[0]} "
+                             "(query identities differ)")
