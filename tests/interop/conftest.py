@@ -3,7 +3,6 @@ preset) and a checkpoint saved in the hash-addressed store as php-run's trainer 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -12,28 +11,6 @@ import torch
 from php_runner.model.checkpoint import CONFIG_KEY, config_to_dict, save_atomic
 from php_runner.model.config import PHPConfig
 from php_runner.model.php import PHPModel
-
-
-@dataclass
-class Step:
-    """The engine's per-iteration record (StepRecord), written out here as its documented shape."""
-
-    epoch: int
-    iteration: int
-    iterations_per_epoch: int
-    lr: float
-    losses: dict
-
-
-@dataclass
-class Epoch:
-    """The engine's EpochRecord shape."""
-
-    epoch: int
-    lr: float
-    losses: dict
-    metrics: dict = field(default_factory=dict)
-    seconds: float = 1.0
 
 
 # Architecture values that differ from each other and from the tiny preset's, so that a yaml key
