@@ -36,10 +36,10 @@ from php_runner.cli.common import (
     specs_folder,
 )
 from php_runner.errors import InputError
-from php_runner.registry import Registry, RunRecord, shown_url
+from php_runner.store.registry import Registry, RunRecord, shown_url
 
 if TYPE_CHECKING:
-    from php_runner.specs import PlannedRun, Spec
+    from php_runner.experiment.specs import PlannedRun, Spec
 
 METRIC_NAMES = ("R1", "R5", "R10", "mAP", "mINP")
 ABLATIONS = ("cnum", "loss", "module", "beta", "sharing", "coupling")
@@ -70,7 +70,7 @@ def _run_spec(spec: "Spec", preset: str, datasets: list[str] | None, seeds: str 
               clip_weights: Path | None, device: str | None, db: str | None, gpus: str | None,
               restart: list[str] | None = None) -> int:
     """Plan a spec's runs and execute them (auditing them when the spec asks); returns the exit code."""
-    from php_runner.specs import expand
+    from php_runner.experiment.specs import expand
 
     planned = expand(spec, preset, datasets, parse_seeds(seeds), _runtime(data_root, clip_weights, device))
     if not planned:
@@ -84,7 +84,7 @@ def _execute(planned: list["PlannedRun"], db: str | None, gpus: str | None, audi
 
     With ``audit`` (a spec field), every done run without an audit report is audited afterwards.
     """
-    from php_runner.runner import RunOutcome, command_line, execute_planned
+    from php_runner.execute.child import RunOutcome, command_line, execute_planned
 
     gpu_ids = parse_gpus(gpus)
     console.print(f"[bold]{len(planned)} planned run(s)[/bold]")
@@ -109,7 +109,7 @@ def _execute(planned: list["PlannedRun"], db: str | None, gpus: str | None, audi
 
 def _audit_done_runs(planned: list["PlannedRun"], db: str | None, device: str | None) -> None:
     """Audit each done run of ``planned`` that has no audit report yet, and store the report."""
-    from php_runner.audit import audit_run, audit_summary
+    from php_runner.studies.audit import audit_run, audit_summary
 
     registry = Registry(db)
     try:
@@ -127,7 +127,7 @@ def _audit_done_runs(planned: list["PlannedRun"], db: str | None, device: str | 
 
 def _spec_of_table(table: str) -> "Spec":
     """The shipped spec that fills ``table``."""
-    from php_runner.specs import load_all_specs
+    from php_runner.experiment.specs import load_all_specs
 
     matches = [spec for spec in load_all_specs(specs_folder()).values() if spec.table == table]
     if len(matches) != 1:
@@ -148,7 +148,7 @@ def _datasets_option(dataset: str) -> list[str] | None:
 
 def _damaged_checkpoints(registry: Registry, run_ids: list[int]) -> list[str]:
     """One line per recorded checkpoint of these runs whose file is missing or no longer has its sha256."""
-    from php_runner.runner import checkpoint_problem
+    from php_runner.execute.child import checkpoint_problem
 
     lines = []
     for run_id in run_ids:
@@ -166,7 +166,7 @@ def _print_tables(names: list[str], db: str | None, include_empty: bool, as_json
 
     Only runs of ``preset`` fill the trained lines (imported checkpoints are always shown).
     """
-    from php_runner import reports
+    from php_runner.reports import tables as reports
 
     registry = Registry(db)
     views, run_ids = [], set()
@@ -292,7 +292,7 @@ def run_spec(
 
     Example: php-run run cnum --preset tiny --seeds 1,2   (or a file: php-run run my_specs/cnum6.toml; --restart 7 retrains run 7)
     """
-    from php_runner.specs import find_spec, load_spec
+    from php_runner.experiment.specs import find_spec, load_spec
 
     raise typer.Exit(_run_spec(load_spec(find_spec(spec_path)), preset, _datasets_option(dataset), seeds, data_root,
                                clip_weights, device, db, gpus, restart))
@@ -323,7 +323,7 @@ def table(
 
     Example: php-run table cnum --preset tiny     (or: php-run table tune my-study)
     """
-    from php_runner.paper import table_names
+    from php_runner.experiment.paper import table_names
 
     if name == "tune":
         _print_study(study, db, as_json)
@@ -333,7 +333,7 @@ def table(
     known = list(table_names())
     if name is not None and name not in known:
         raise InputError(f"table {name!r}: expected one of {', '.join(known)}")
-    from php_runner.reports import RENDERERS
+    from php_runner.reports.tables import RENDERERS
 
     if fmt != "rich" and fmt not in RENDERERS:
         raise InputError(f"--format: expected rich, {', '.join(RENDERERS)}, got {fmt!r}")
@@ -344,7 +344,7 @@ def table(
 
 def _print_study(study: str | None, db: str | None, as_json: bool) -> None:
     """The tuning table of one Optuna study: trials, best parameters, importances, best trial's test metrics."""
-    from php_runner.tune import tune_table
+    from php_runner.studies.tuning import tune_table
 
     if study is None:
         raise InputError("table tune: give the study name, e.g. php-run table tune php-tiny")
@@ -384,7 +384,7 @@ def status(
 
     Example: php-run status --json
     """
-    from php_runner.launch.jobs import job_states
+    from php_runner.execute.jobs import job_states
 
     registry = Registry(db)
     entries = []
@@ -429,7 +429,7 @@ def status(
 
 
 def _run_details(registry: Registry, run: RunRecord) -> dict:
-    from php_runner.runner import checkpoint_problem
+    from php_runner.execute.child import checkpoint_problem
 
     audit = registry.latest_audit(run.id)
     return {
@@ -506,7 +506,7 @@ def validate() -> None:
 
     Example: php-run validate
     """
-    from php_runner.specs import load_all_specs
+    from php_runner.experiment.specs import load_all_specs
 
     specs = load_all_specs(specs_folder())
     view = Table(title=f"{len(specs)} specs valid")
@@ -652,12 +652,12 @@ def bench(
 
     import torch
 
-    from php_runner import reports
+    from php_runner.reports import tables as reports
     from php_runner.cli.cache import parse_image_size
     from php_runner.engine.benchmark import BenchSizes, run_benchmark
     from php_runner.engine.train import resolve_device
     from php_runner.model.config import ClipConfig, PHPConfig
-    from php_runner.runner import command_line, provenance_info
+    from php_runner.execute.child import command_line, provenance_info
 
     configs = {"ViT-B/16": PHPConfig(clip=ClipConfig()), "tiny": PHPConfig.tiny()}
     if clip not in configs:

@@ -13,9 +13,9 @@ import pytest
 from launch_helpers import EPOCH_PAUSE, JOB_TIMEOUT_S, php_run, php_run_env, plan, wait_for
 
 from php_runner.errors import InputError
-from php_runner.launch.worker import Worker, WorkerSettings
-from php_runner.registry import Registry
-from php_runner.specs import config_hash
+from php_runner.execute.worker import Worker, WorkerSettings
+from php_runner.store.registry import Registry
+from php_runner.experiment.specs import config_hash
 
 
 STALE_AFTER_S = 3

@@ -25,13 +25,13 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from php_runner import runner
+from php_runner.execute import child as runner
 from php_runner.cli import app
 from php_runner.engine import train as train_module
 from php_runner.model.checkpoint import config_to_dict, save_atomic
 from php_runner.model.config import PHPConfig
 from php_runner.model.php import PHPModel
-from php_runner.registry import Registry
+from php_runner.store.registry import Registry
 
 PROPERTY_EXAMPLES = 30
 REAL_TRAIN = train_module.train

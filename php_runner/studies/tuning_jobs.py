@@ -16,8 +16,8 @@ from typing import Any
 import submitit
 
 from php_runner.errors import InputError
-from php_runner.launch.queue import check_registry_for
-from php_runner.launch.slurm import JobOptions, build_executor
+from php_runner.execute.queue import check_registry_for
+from php_runner.execute.slurm import JobOptions, build_executor
 
 
 class TuneJob(submitit.helpers.Checkpointable):
@@ -28,7 +28,7 @@ class TuneJob(submitit.helpers.Checkpointable):
         self.spec_path, self.dataset, self.tune_options = spec_path, dataset, tune_options
 
     def __call__(self, element: int) -> dict:
-        from php_runner.tune import tune
+        from php_runner.studies.tuning import tune
 
         outcome = tune(self.spec_path, self.dataset, **self.tune_options)
         return {"element": element, **dataclasses.asdict(outcome)}
@@ -41,7 +41,7 @@ def submit_tune(spec_path: str | Path, dataset: str, *, executor: str, workers: 
     url = check_registry_for(executor, db_url, allow_sqlite)
     if workers < 1:
         raise InputError(f"--workers: expected at least 1, got {workers}")
-    from php_runner.tune import tune
+    from php_runner.studies.tuning import tune
 
     options_here = {**tune_options, "db_url": url, "echo": print}
     # The study is created and marked here, once: workers creating it at the same time would collide.

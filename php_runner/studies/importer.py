@@ -26,7 +26,7 @@ from php_runner.engine.optim import SOLVERS, param_group_rule
 from php_runner.errors import InputError
 from php_runner.model.checkpoint import COUNTER_SUFFIXES
 from php_runner.model.config import ClipConfig, PHPConfig
-from php_runner.registry import Registry, this_worker
+from php_runner.store.registry import Registry, this_worker
 
 CHECKPOINT_NAME = "best.pth"
 YAML_NAME = "configs.yaml"
@@ -417,7 +417,7 @@ def validate_sections(config: dict, source: str | Path) -> None:
     """
     from pydantic import ValidationError
 
-    from php_runner.specs import DataSection, LossSection, ModelSection, TrainSection
+    from php_runner.experiment.specs import DataSection, LossSection, ModelSection, TrainSection
 
     models = {"model": ModelSection, "loss": LossSection, "data": DataSection}
     if config["train"]["solver"] in SOLVERS:
@@ -503,7 +503,7 @@ def import_run(
 ) -> ImportOutcome:
     """Check, evaluate, audit and record one released run folder (bad files give a skipped outcome)."""
     from php_runner.model.checkpoint import extract_state_dict, load_checkpoint_file, read_official_yaml
-    from php_runner.runner import file_sha256
+    from php_runner.execute.child import file_sha256
 
     cells = tuple(cells)
     outcome = ImportOutcome(run.label, "skipped", cells=cells, encoder=run.meaning.encoder)
@@ -601,7 +601,7 @@ def import_run(
 
 
 def _planned_run(cell: Cell, config: dict, dataset: str):
-    from php_runner.specs import PlannedRun, config_hash
+    from php_runner.experiment.specs import PlannedRun, config_hash
 
     return PlannedRun(
         config=config, config_hash=config_hash(config), spec_name=SPEC_NAME, table=cell.table,
@@ -647,7 +647,7 @@ def _evaluate(model, dataset: PedesDataset, settings) -> dict:
 def _run_audit(
     model, dataset: PedesDataset, settings, yaml_values: dict, epoch: int, options: ImportOptions
 ) -> dict:
-    from php_runner.audit import AuditSettings, run_audit
+    from php_runner.studies.audit import AuditSettings, run_audit
 
     audit_settings = AuditSettings(eval=settings, train_batch_size=int(yaml_values.get("batch_size", 64)),
                                    seeds=options.audit_seeds)
@@ -664,7 +664,7 @@ def _run_audit(
 
 
 def _audit_summary(registry: Registry, run_id: int) -> dict | None:
-    from php_runner.audit import audit_summary
+    from php_runner.studies.audit import audit_summary
 
     latest = registry.latest_audit(run_id)
     return None if latest is None else audit_summary(latest.report)
@@ -672,7 +672,7 @@ def _audit_summary(registry: Registry, run_id: int) -> dict | None:
 
 def _provenance(run: ReleasedRun, yaml_values: dict, outcome: ImportOutcome, evaluation: EvaluationKey,
                 options: ImportOptions) -> dict:
-    from php_runner.runner import provenance_info
+    from php_runner.execute.child import provenance_info
 
     return {
         **provenance_info(options.device, options.command),

@@ -21,7 +21,7 @@ from pathlib import Path
 from rich.table import Table
 
 from php_runner.files import write_atomic
-from php_runner.paper import Footnote, load_paper_results
+from php_runner.experiment.paper import Footnote, load_paper_results
 
 RULE_PREFERENCE = ("best-on-test", "best-on-val", "last")  # best-on-test is the paper's own protocol
 KIND_ORDER = ("trained", "imported", "trial")
@@ -396,7 +396,7 @@ def write_reports(view: TableView, folder: str | Path = "reports") -> list[Path]
 
     ``STEM`` is ``view.file_stem``, so a tiny-preset table never overwrites the paper-scale one.
     """
-    from php_runner.plots import plot_sensitivity
+    from php_runner.reports.figures import plot_sensitivity
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

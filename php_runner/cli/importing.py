@@ -16,7 +16,7 @@ from php_runner.cli.common import EXIT_RUN_FAILED, DbOption, DeviceOption, JsonO
 from php_runner.errors import InputError
 
 if TYPE_CHECKING:
-    from php_runner.importer import ImportOutcome
+    from php_runner.studies.importer import ImportOutcome
 
 DATA_SOURCES = ("real", "synthetic")
 STATUS_STYLES = {"imported": "green", "audited": "green", "unchanged": "dim", "busy": "yellow", "skipped": "yellow",
@@ -111,10 +111,10 @@ def import_command(
 
     Example: php-run import logs --data-root data --datasets ICFG-PEDES
     """
-    from php_runner import importer
+    from php_runner.studies import importer
     from php_runner.engine.train import resolve_device
-    from php_runner.registry import Registry
-    from php_runner.runner import command_line
+    from php_runner.store.registry import Registry
+    from php_runner.execute.child import command_line
 
     if data_source not in DATA_SOURCES:
         raise InputError(f"--data-source: expected real or synthetic, got {data_source!r}")

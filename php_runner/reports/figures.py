@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from php_runner.registry import EpochMetrics
-    from php_runner.reports import TableView
+    from php_runner.store.registry import EpochMetrics
+    from php_runner.reports.tables import TableView
 
 RULE_STYLES = {"best-on-test": ("#c0392b", "--"), "best-on-val": ("#27ae60", "-."), "last": ("#7f8c8d", ":")}
 NOT_LOSSES = ("lr", "seconds")

@@ -12,7 +12,7 @@ import subprocess
 from collections.abc import Sequence
 
 from php_runner.errors import InputError
-from php_runner.registry import Registry, RunRecord
+from php_runner.store.registry import Registry, RunRecord
 
 EXECUTORS = ("slurm", "local")
 SACCT_TIMEOUT_S = 30

@@ -55,7 +55,7 @@ from php_runner.errors import InputError
 from php_runner.model.config import COUPLINGS, SHARINGS, VARIANTS, ClipConfig, PHPConfig
 from php_runner.model.losses import LOSS_NAMES
 from php_runner.model.precision import PRECISIONS
-from php_runner.paper import METRICS, first_problem, table_names
+from php_runner.experiment.paper import METRICS, first_problem, table_names
 
 CLIP_NAMES = ("ViT-B/16", "tiny")
 # "synthetic" is the default synthetic set; "synthetic-NAME" a named variant of data/synthetic.py.

@@ -1,6 +1,6 @@
 """Alembic environment for the registry: always run on a connection the caller already opened.
 
-``php_runner.registry`` passes its open connection (inside its write transaction) as
+``php_runner.store.registry`` passes its open connection (inside its write transaction) as
 ``config.attributes["connection"]``; there is no ``alembic.ini`` and no URL of its own, so the
 migrations run exactly where and when the registry decides. SQLite gets batch mode, the way
 Alembic rewrites tables for SQLite's limited ``ALTER TABLE``.
@@ -8,7 +8,7 @@ Alembic rewrites tables for SQLite's limited ``ALTER TABLE``.
 
 from alembic import context
 
-from php_runner.registry import VERSION_TABLE, Base
+from php_runner.store.registry import VERSION_TABLE, Base
 
 connection = context.config.attributes["connection"]
 context.configure(

@@ -26,8 +26,8 @@ def coupling(
     Example: php-run report coupling --dataset ICFG-PEDES --preset tiny-icfg-scale
     """
     from php_runner.cli.commands import REPORTS_DIR
-    from php_runner.coupling_report import write_report
-    from php_runner.registry import Registry
+    from php_runner.reports.coupling import write_report
+    from php_runner.store.registry import Registry
 
     registry = Registry(db)
     try:

@@ -2,7 +2,7 @@
 
 The parent (``execute_planned``) records each planned run in the registry, skips the done ones and
 starts a worker process for each of the others, one at a time or one per GPU. The worker
-(``python -m php_runner.runner RUN_ID --db URL``, entry point ``execute_run``) claims the run, builds
+(``python -m php_runner.execute.child RUN_ID --db URL``, entry point ``execute_run``) claims the run, builds
 the library objects from the run's resolved config, trains with a callback that writes every epoch to
 the registry, and records the selected results, checkpoints and provenance. A crash, a CUDA error or a
 SIGKILL ends one worker only; its run stays resumable from its last checkpoint.
@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from php_runner.errors import InputError
-from php_runner.registry import Registry, RunRecord, resolve_url, this_worker
+from php_runner.store.registry import Registry, RunRecord, resolve_url, this_worker
 
 if TYPE_CHECKING:
-    from php_runner.specs import PlannedRun
+    from php_runner.experiment.specs import PlannedRun
 
 # Worker exit codes beyond 0 (done) and 1 (failed).
 EXIT_NOT_CLAIMED = 3  # done already, or another live process owns the run
@@ -253,7 +253,7 @@ def run_dir_of(run: RunRecord) -> Path:
 
 def _git_state() -> tuple[str | None, bool | None]:
     """(commit, dirty) of the source tree php-run runs from, or (None, None) outside a git checkout."""
-    source = Path(__file__).resolve().parent.parent
+    source = Path(__file__).resolve().parents[2]
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, timeout=10, check=True
@@ -386,7 +386,7 @@ def _train_claimed(registry: Registry, run: RunRecord, heartbeat: _Heartbeat, co
                    then: Callable[[Any], None] | None) -> None:
     from php_runner.data.datasets import dataset_statistics
     from php_runner.engine.train import resolve_device, seed_everything, train
-    from php_runner.run_log import TrainLog
+    from php_runner.execute.run_log import TrainLog
 
     config = run.config
     settings = build_train_settings(config)
@@ -430,7 +430,7 @@ def _train_claimed(registry: Registry, run: RunRecord, heartbeat: _Heartbeat, co
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m php_runner.runner", description="Execute one registry run (the php-run worker process)."
+        prog="python -m php_runner.execute.child", description="Execute one registry run (the php-run worker process)."
     )
     parser.add_argument("run_id", type=int)
     parser.add_argument("--db", default=None, help="registry URL (default: $PHP_RUN_DB or sqlite:///registry.db)")
@@ -521,7 +521,7 @@ def _spawn(run: RunRecord, db_url: str, gpu: str | None, parallel: bool, command
     env = dict(os.environ)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
-    argv = [sys.executable, "-m", "php_runner.runner", str(run.id), "--db", db_url, "--heartbeat", str(heartbeat)]
+    argv = [sys.executable, "-m", "php_runner.execute.child", str(run.id), "--db", db_url, "--heartbeat", str(heartbeat)]
     if command:
         argv += ["--command", command]
     if claimed_by:

@@ -26,13 +26,13 @@ from typing import TYPE_CHECKING, Any
 import submitit
 
 from php_runner.errors import InputError
-from php_runner.launch.jobs import EXECUTORS
-from php_runner.launch.queue import check_registry_for, enqueue
-from php_runner.launch.worker import Worker, WorkerSettings
-from php_runner.registry import Registry, RunRecord
+from php_runner.execute.jobs import EXECUTORS
+from php_runner.execute.queue import check_registry_for, enqueue
+from php_runner.execute.worker import Worker, WorkerSettings
+from php_runner.store.registry import Registry, RunRecord
 
 if TYPE_CHECKING:
-    from php_runner.specs import PlannedRun
+    from php_runner.experiment.specs import PlannedRun
 
 DEFAULT_FOLDER = Path("checkpoints/submitit/%j")
 DEFAULT_TIME = "24:00:00"

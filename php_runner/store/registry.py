@@ -56,8 +56,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from php_runner.errors import InputError
 
 if TYPE_CHECKING:
-    from php_runner.reports import ResultRow
-    from php_runner.specs import PlannedRun
+    from php_runner.reports.tables import ResultRow
+    from php_runner.experiment.specs import PlannedRun
 
 DEFAULT_URL = "sqlite:///registry.db"
 URL_ENV = "PHP_RUN_DB"
@@ -853,7 +853,7 @@ class Registry:
         run with a paper-scale one. ``forced_test`` marks tuning trials that selected on the test
         split: their settings were chosen by test labels.
         """
-        from php_runner.reports import ResultRow
+        from php_runner.reports.tables import ResultRow
 
         query = (
             select(Run, RunLabel, Result)

@@ -11,11 +11,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from php_runner.errors import InputError
-from php_runner.registry import Registry, RunRecord, resolve_url, shown_url
-from php_runner.runner import plan_all, preflight_all
+from php_runner.store.registry import Registry, RunRecord, resolve_url, shown_url
+from php_runner.execute.child import plan_all, preflight_all
 
 if TYPE_CHECKING:
-    from php_runner.specs import PlannedRun
+    from php_runner.experiment.specs import PlannedRun
 
 SQLITE_REFUSAL = (
     "registry {url} is SQLite, which corrupts when jobs on several nodes share it over a network "

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from php_runner.errors import InputError
-from php_runner.registry import DEFAULT_STALE_AFTER_S, Registry, RunRecord, resolve_url, this_worker
-from php_runner.runner import HEARTBEAT_INTERVAL_S, RunOutcome, _Active, _finish, _outcome, _spawn
+from php_runner.store.registry import DEFAULT_STALE_AFTER_S, Registry, RunRecord, resolve_url, this_worker
+from php_runner.execute.child import HEARTBEAT_INTERVAL_S, RunOutcome, _Active, _finish, _outcome, _spawn
 
 NOOP_ENV = "PHP_RUN_NOOP_TRAINING"
 # A claimed run's process heartbeats this many times per stale period, so one late beat is no death.

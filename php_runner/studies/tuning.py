@@ -34,26 +34,9 @@ from php_runner.engine.train import RULE_OF_SELECTION, EpochRecord, StopTraining
 from php_runner.errors import InputError
 from php_runner.model.checkpoint import load_model
 from php_runner.model.precision import apply_precision
-from php_runner.registry import Registry, RunRecord, shown_url
-from php_runner.runner import (
-    EXIT_INTERRUPTED,
-    EXIT_NOT_CLAIMED,
-    execute_run,
-    load_training_data,
-    preflight,
-    verified_checkpoint,
-)
-from php_runner.specs import (
-    CategoricalParam,
-    FloatParam,
-    IntParam,
-    PlannedRun,
-    TuneSection,
-    config_hash,
-    expand,
-    load_spec,
-    override,
-)
+from php_runner.store.registry import Registry, RunRecord, shown_url
+from php_runner.execute.child import EXIT_INTERRUPTED, EXIT_NOT_CLAIMED, execute_run, load_training_data, preflight, verified_checkpoint
+from php_runner.experiment.specs import CategoricalParam, FloatParam, IntParam, PlannedRun, TuneSection, config_hash, expand, load_spec, override
 
 # Optuna's MedianPruner defaults: no pruning before 5 finished trials, from the first epoch on.
 MEDIAN_STARTUP_TRIALS = 5
