@@ -39,7 +39,7 @@ from php_runner.errors import InputError
 from php_runner.store.registry import Registry, RunRecord, shown_url
 
 if TYPE_CHECKING:
-    from php_runner.experiment.specs import PlannedRun, Spec
+    from php_runner.experiment.schema import PlannedRun, Spec
 
 METRIC_NAMES = ("R1", "R5", "R10", "mAP", "mINP")
 ABLATIONS = ("cnum", "loss", "module", "beta", "sharing", "coupling")
@@ -84,7 +84,9 @@ def _execute(planned: list["PlannedRun"], db: str | None, gpus: str | None, audi
 
     With ``audit`` (a spec field), every done run without an audit report is audited afterwards.
     """
-    from php_runner.execute.child import RunOutcome, command_line, execute_planned
+    from php_runner.execute.pool import RunOutcome
+    from php_runner.execute.provenance import command_line
+    from php_runner.execute.local import execute_planned
 
     gpu_ids = parse_gpus(gpus)
     console.print(f"[bold]{len(planned)} planned run(s)[/bold]")
@@ -148,7 +150,7 @@ def _datasets_option(dataset: str) -> list[str] | None:
 
 def _damaged_checkpoints(registry: Registry, run_ids: list[int]) -> list[str]:
     """One line per recorded checkpoint of these runs whose file is missing or no longer has its sha256."""
-    from php_runner.execute.child import checkpoint_problem
+    from php_runner.store.checksums import checkpoint_problem
 
     lines = []
     for run_id in run_ids:
@@ -429,7 +431,7 @@ def status(
 
 
 def _run_details(registry: Registry, run: RunRecord) -> dict:
-    from php_runner.execute.child import checkpoint_problem
+    from php_runner.store.checksums import checkpoint_problem
 
     audit = registry.latest_audit(run.id)
     return {
@@ -657,7 +659,7 @@ def bench(
     from php_runner.engine.benchmark import BenchSizes, run_benchmark
     from php_runner.engine.train import resolve_device
     from php_runner.model.config import ClipConfig, PHPConfig
-    from php_runner.execute.child import command_line, provenance_info
+    from php_runner.execute.provenance import command_line, provenance_info
 
     configs = {"ViT-B/16": PHPConfig(clip=ClipConfig()), "tiny": PHPConfig.tiny()}
     if clip not in configs:

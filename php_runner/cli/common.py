@@ -98,7 +98,7 @@ def parse_seeds(text: str | None) -> list[int] | None:
     """``"1,2,3"`` -> ``[1, 2, 3]``; None keeps the spec's seeds."""
     if text is None:
         return None
-    from php_runner.experiment.specs import MAX_SEED
+    from php_runner.experiment.schema import MAX_SEED
 
     parts = [part.strip() for part in text.split(",") if part.strip()]
     if not all(re.fullmatch(r"[0-9]+", part) for part in parts):  # ASCII digits only: int() takes any script's
@@ -128,7 +128,7 @@ def _check_db(value: str | None) -> str | None:
 
 
 def _check_device(value: str | None) -> str | None:
-    from php_runner.experiment.specs import DEVICE_PATTERN
+    from php_runner.experiment.schema import DEVICE_PATTERN
 
     if value is not None and not re.fullmatch(DEVICE_PATTERN, value):
         raise typer.BadParameter(f"expected auto, cpu, mps, cuda or cuda:N, got {value!r}")

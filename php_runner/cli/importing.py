@@ -114,7 +114,7 @@ def import_command(
     from php_runner.studies import importer
     from php_runner.engine.train import resolve_device
     from php_runner.store.registry import Registry
-    from php_runner.execute.child import command_line
+    from php_runner.execute.provenance import command_line
 
     if data_source not in DATA_SOURCES:
         raise InputError(f"--data-source: expected real or synthetic, got {data_source!r}")

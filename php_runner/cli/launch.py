@@ -27,8 +27,8 @@ from php_runner.cli.common import (
 from php_runner.errors import InputError
 
 if TYPE_CHECKING:
-    from php_runner.execute.child import RunOutcome
-    from php_runner.experiment.specs import PlannedRun
+    from php_runner.execute.pool import RunOutcome
+    from php_runner.experiment.schema import PlannedRun
 
 SpecOrTable = Annotated[str, typer.Argument(help="A spec file (TOML) or the name of a table, e.g. cnum.")]
 DatasetOption = Annotated[str, typer.Option("--dataset", help="CUHK-PEDES, ICFG-PEDES, RSTPReid or all.")]
@@ -120,7 +120,7 @@ def worker(
     import signal
 
     from php_runner.execute.worker import Worker, WorkerSettings
-    from php_runner.execute.child import command_line
+    from php_runner.execute.provenance import command_line
 
     gpu_ids = parse_gpus(gpus)
     settings = WorkerSettings(db_url=db, gpus=tuple(gpu_ids) if gpu_ids else None, max_runs=max_runs,
@@ -169,7 +169,7 @@ def submit(
     --partition gpu --gpus-per-run 1 --time 08:00:00 --db postgresql+psycopg://php@db/php_run
     """
     from php_runner.execute import slurm
-    from php_runner.execute.child import command_line
+    from php_runner.execute.provenance import command_line
 
     options = job_options(partition, gpus_per_run, time_limit, array_parallelism, slurm_option, folder)
     planned = plan_spec_or_table(spec_or_table, preset, dataset, seeds, data_root, clip_weights, device)

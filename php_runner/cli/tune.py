@@ -63,7 +63,7 @@ def tune_command(
     """
     import optuna
 
-    from php_runner.execute.child import command_line
+    from php_runner.execute.provenance import command_line
     from php_runner.experiment.specs import find_spec
     from php_runner.studies.tuning import TrialRunFailed, tune
 

@@ -11,11 +11,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from php_runner.errors import InputError
+from php_runner.execute.preflight import preflight_all
 from php_runner.store.registry import Registry, RunRecord, resolve_url, shown_url
-from php_runner.execute.child import plan_all, preflight_all
 
 if TYPE_CHECKING:
-    from php_runner.experiment.specs import PlannedRun
+    from php_runner.experiment.schema import PlannedRun
 
 SQLITE_REFUSAL = (
     "registry {url} is SQLite, which corrupts when jobs on several nodes share it over a network "
@@ -42,3 +42,8 @@ def enqueue(planned: Sequence["PlannedRun"], db_url: str | None = None) -> list[
         return plan_all(registry, planned)
     finally:
         registry.close()
+
+
+def plan_all(registry: Registry, planned: Sequence["PlannedRun"], kind: str = "trained") -> list[RunRecord]:
+    """Record every planned run (new hashes become queued runs); the same order as ``planned``."""
+    return [registry.plan_run(p, kind=kind) for p in planned]

@@ -32,7 +32,7 @@ from php_runner.execute.worker import Worker, WorkerSettings
 from php_runner.store.registry import Registry, RunRecord
 
 if TYPE_CHECKING:
-    from php_runner.experiment.specs import PlannedRun
+    from php_runner.experiment.schema import PlannedRun
 
 DEFAULT_FOLDER = Path("checkpoints/submitit/%j")
 DEFAULT_TIME = "24:00:00"

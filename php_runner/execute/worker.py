@@ -1,11 +1,14 @@
-"""A queue worker: claims queued runs from the registry and trains each in its own process.
+"""The one scheduling loop: a worker claims runs from the registry and trains each in its own process.
 
-One worker serves one slot per GPU (or one slot without ``gpus``). For a free slot it claims the
-oldest claimable run with ``Registry.claim_next`` under its own id (``host:pid``) and starts the
-runner's worker process for it (``runner._spawn`` with ``claimed_by``): the process heartbeats
-under that id while it trains and dies with the worker, so a killed worker's runs go stale and
-the next worker resumes them from ``last.pth``. A worker told to stop (SIGTERM, or a Slurm
-preemption through ``launch.slurm``) stops its processes and puts their runs back in the queue.
+Local runs (``php-run run``, ``execute.local``), queued runs (``php-run worker``) and Slurm jobs
+(``execute.slurm``) all execute here. A worker serves ``runs_per_gpu`` slots per GPU (or that many
+slots on the default device without ``gpus``). For a free slot it claims the oldest claimable run
+with ``Registry.claim_next`` under its own id (``host:pid``) and starts the run's child process on
+that slot's GPU (``pool.spawn_run`` with ``claimed_by``): the child heartbeats under that id while
+it trains and dies with the worker, so a killed worker's runs go stale and the next worker resumes
+them from ``last.pth``. A worker told to stop (SIGTERM, or a Slurm preemption through
+``execute.slurm``) stops its processes and puts their runs back in the queue; a local worker
+interrupted by Ctrl-C waits for its children, which record the interruption themselves.
 
 ``PHP_RUN_NOOP_TRAINING=1`` (test-only) skips training: each claimed run is marked done at once,
 without a process, results or checkpoints; it measures the queue itself (claims per second).
@@ -22,8 +25,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from php_runner.errors import InputError
-from php_runner.store.registry import DEFAULT_STALE_AFTER_S, Registry, RunRecord, resolve_url, this_worker
-from php_runner.execute.child import HEARTBEAT_INTERVAL_S, RunOutcome, _Active, _finish, _outcome, _spawn
+from php_runner.execute.pool import (
+    ActiveRun,
+    RunOutcome,
+    finish_run,
+    outcome_of,
+    spawn_run,
+)
+from php_runner.store.claims import HEARTBEAT_INTERVAL_S
+from php_runner.store.registry import (
+    DEFAULT_STALE_AFTER_S,
+    Registry,
+    RunRecord,
+    resolve_url,
+    this_worker,
+)
 
 NOOP_ENV = "PHP_RUN_NOOP_TRAINING"
 # A claimed run's process heartbeats this many times per stale period, so one late beat is no death.
@@ -42,14 +58,22 @@ class WorkerSettings:
 
     db_url: str | None = None
     gpus: tuple[str, ...] | None = None
+    runs_per_gpu: int = 1  # slots per GPU (or on the default device): runs in flight at once, each its own process
     max_runs: int | None = None  # stop after claiming this many runs
     idle_exit: float | None = None  # stop after this many seconds with nothing to claim; None: never
     stale_after: float | None = None  # a running run without a heartbeat for this long is claimable
     run_ids: tuple[int, ...] | None = None  # claim only these runs (a submission's); None: any
     workdir: str | None = None  # where checkpoints/ goes; must be the same shared folder on every node
-    executor: str = "worker"  # recorded on each claimed run with job_id
+    executor: str | None = "worker"  # recorded on each claimed run with job_id; None: leave the run's as it is
     job_id: str | None = None
     command: str | None = None
+    local: bool = False  # draining the runs this invocation planned (php-run run): no visibility checks,
+    # and Ctrl-C waits for the children to record their interruption instead of queueing the runs again
+
+    def slots(self) -> list[str | None]:
+        """One entry per slot, the GPU it runs on: each GPU ``runs_per_gpu`` times, GPUs interleaved."""
+        gpus: list[str | None] = list(self.gpus) if self.gpus else [None]
+        return [gpu for _ in range(self.runs_per_gpu) for gpu in gpus]
 
 
 @dataclass
@@ -93,7 +117,7 @@ class Worker:
         self.on_outcome = on_outcome
         self.summary = WorkerSummary(self.id)
         self.stopping = False
-        self.active: list[_Active] = []
+        self.active: list[ActiveRun] = []
         self.failed_here: set[int] = set()  # not claimed again by this worker (a failure would repeat)
         stale_after = settings.stale_after or DEFAULT_STALE_AFTER_S
         self.heartbeat = min(HEARTBEAT_INTERVAL_S, stale_after / BEATS_PER_STALE_PERIOD)
@@ -105,25 +129,39 @@ class Worker:
                                  "submit from a folder every node shares")
             os.chdir(self.settings.workdir)
         registry = Registry(self.url, stale_after=self.settings.stale_after or DEFAULT_STALE_AFTER_S)
-        slots: list[str | None] = list(self.settings.gpus) if self.settings.gpus else [None]
-        idle_since = time.monotonic()
         try:
-            while True:
-                for item in [a for a in self.active if a.process.poll() is not None]:
-                    self.active.remove(item)
-                    self._finished(registry, item)
-                claimed_now = self._fill(registry, slots)
-                if self.active or claimed_now:
-                    idle_since = time.monotonic()
-                elif self.stopping or self._budget_spent():
-                    break
-                elif self.settings.idle_exit is not None and time.monotonic() - idle_since >= self.settings.idle_exit:
-                    break
-                time.sleep(POLL_S)
+            self._loop(registry, self.settings.slots())
+        except KeyboardInterrupt:
+            if self.settings.local:  # the children got the same SIGINT and save a resumable state
+                for item in self.active:
+                    item.process.wait()
+            raise
         finally:
             self.release_all(registry)
             registry.close()
         return self.summary
+
+    def _loop(self, registry: Registry, slots: list[str | None]) -> None:
+        idle_since = time.monotonic()
+        while True:
+            for item in [a for a in self.active if a.process.poll() is not None]:
+                self.active.remove(item)
+                self._finished(registry, item)
+            claimed_now = self._fill(registry, slots)
+            if self.active or claimed_now:
+                idle_since = time.monotonic()
+            elif self.stopping or self._budget_spent():
+                return
+            elif self.settings.idle_exit is not None and time.monotonic() - idle_since >= self.settings.idle_exit:
+                return
+            time.sleep(POLL_S)
+
+    def _free_slots(self, slots: list[str | None]) -> list[str | None]:
+        """The GPUs of the slots no running process holds, in slot order."""
+        free = list(slots)
+        for item in self.active:
+            free.remove(item.gpu)
+        return free
 
     def _budget_spent(self) -> bool:
         return self.settings.max_runs is not None and len(self.summary.claimed) >= self.settings.max_runs
@@ -131,27 +169,28 @@ class Worker:
     def _fill(self, registry: Registry, slots: Sequence[str | None]) -> bool:
         """Claim runs for the free slots; True when at least one was claimed."""
         claimed_any = False
-        busy = {a.gpu for a in self.active}
-        free = [slot for slot in slots if slot not in busy]
+        free = self._free_slots(list(slots))
         while free and not self.stopping and not self._budget_spent():
             run = registry.claim_next(self.id, self.settings.stale_after, self._scope(registry))
             if run is None:
                 break
             claimed_any = True
             self.summary.claimed.append(run.id)
-            if (run.executor, run.job_id) != (self.settings.executor, self.settings.job_id):
-                registry.set_job(run.id, self.settings.executor, self.settings.job_id)
+            settings = self.settings
+            if settings.executor is not None and (run.executor, run.job_id) != (settings.executor, settings.job_id):
+                registry.set_job(run.id, settings.executor, settings.job_id)
             if noop_training():
                 registry.mark_done(run.id)
-                self._report(_outcome(run, "done"))
+                self._report(outcome_of(run, "done"))
                 continue
             try:
-                check_visible(run)
+                if not settings.local:
+                    check_visible(run)
             except InputError:
                 registry.requeue(run.id, self.id)
                 raise
             parallel = len(slots) > 1
-            self.active.append(_spawn(run, self.url, free.pop(0), parallel, self.settings.command,
+            self.active.append(spawn_run(run, self.url, free.pop(0), parallel, self.settings.command,
                                       claimed_by=self.id, heartbeat=self.heartbeat))
         return claimed_any
 
@@ -164,13 +203,13 @@ class Worker:
             scope = tuple(run.id for run in registry.list_runs(status=("queued", "running", "failed")))
         return tuple(run_id for run_id in scope if run_id not in self.failed_here)
 
-    def _finished(self, registry: Registry, item: _Active) -> None:
+    def _finished(self, registry: Registry, item: ActiveRun) -> None:
         if self.stopping and registry.requeue(item.run.id, self.id):
             for thread in item.threads:
                 thread.join()
             self.summary.requeued.append(item.run.id)
             return
-        outcome = _finish(registry, item)
+        outcome = finish_run(registry, item)
         if outcome.status == "failed":
             self.failed_here.add(outcome.run_id)
         self._report(outcome)

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from php_runner.data.datasets import DATASET_NAMES
 from php_runner.errors import InputError
+from php_runner.experiment.layers import first_problem
 
 PAPER_RESULTS_FILE = Path(__file__).with_name("paper_results.toml")
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
@@ -166,13 +167,3 @@ def _load(path: Path) -> PaperResults:
     except ValidationError as err:
         field, message = first_problem(err)
         raise InputError(f"{path}: {field}: {message}" if field else f"{path}: {message}") from None
-
-
-def first_problem(err: ValidationError) -> tuple[str, str]:
-    """The first problem of a pydantic error: (dotted field, empty for the whole object; one-line message)."""
-    first = err.errors()[0]
-    message = " ".join(first["msg"].removeprefix("Value error, ").split())
-    field = ""
-    for part in first["loc"]:
-        field += f"[{part}]" if isinstance(part, int) else (f".{part}" if field else str(part))
-    return field, message

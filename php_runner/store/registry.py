@@ -56,8 +56,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from php_runner.errors import InputError
 
 if TYPE_CHECKING:
+    from php_runner.experiment.schema import PlannedRun
     from php_runner.reports.tables import ResultRow
-    from php_runner.experiment.specs import PlannedRun
 
 DEFAULT_URL = "sqlite:///registry.db"
 URL_ENV = "PHP_RUN_DB"

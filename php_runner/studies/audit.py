@@ -44,7 +44,8 @@ from php_runner.errors import InputError
 from php_runner.model.checkpoint import extract_state_dict, load_checkpoint_file, load_model, load_state_dict_checked
 from php_runner.model.php import PHPModel
 from php_runner.model.precision import apply_precision, autocast_context
-from php_runner.execute.child import build_php_config, verified_checkpoint
+from php_runner.experiment.build import build_php_config
+from php_runner.execute.checkpoints import verified_checkpoint
 
 METRIC_NAMES = ("R1", "R5", "R10", "mAP", "mINP")
 

@@ -417,7 +417,7 @@ def validate_sections(config: dict, source: str | Path) -> None:
     """
     from pydantic import ValidationError
 
-    from php_runner.experiment.specs import DataSection, LossSection, ModelSection, TrainSection
+    from php_runner.experiment.schema import DataSection, LossSection, ModelSection, TrainSection
 
     models = {"model": ModelSection, "loss": LossSection, "data": DataSection}
     if config["train"]["solver"] in SOLVERS:
@@ -503,7 +503,7 @@ def import_run(
 ) -> ImportOutcome:
     """Check, evaluate, audit and record one released run folder (bad files give a skipped outcome)."""
     from php_runner.model.checkpoint import extract_state_dict, load_checkpoint_file, read_official_yaml
-    from php_runner.execute.child import file_sha256
+    from php_runner.store.checksums import file_sha256
 
     cells = tuple(cells)
     outcome = ImportOutcome(run.label, "skipped", cells=cells, encoder=run.meaning.encoder)
@@ -601,7 +601,8 @@ def import_run(
 
 
 def _planned_run(cell: Cell, config: dict, dataset: str):
-    from php_runner.experiment.specs import PlannedRun, config_hash
+    from php_runner.experiment.schema import PlannedRun
+    from php_runner.experiment.expand import config_hash
 
     return PlannedRun(
         config=config, config_hash=config_hash(config), spec_name=SPEC_NAME, table=cell.table,
@@ -672,7 +673,7 @@ def _audit_summary(registry: Registry, run_id: int) -> dict | None:
 
 def _provenance(run: ReleasedRun, yaml_values: dict, outcome: ImportOutcome, evaluation: EvaluationKey,
                 options: ImportOptions) -> dict:
-    from php_runner.execute.child import provenance_info
+    from php_runner.execute.provenance import provenance_info
 
     return {
         **provenance_info(options.device, options.command),

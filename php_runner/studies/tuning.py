@@ -35,8 +35,13 @@ from php_runner.errors import InputError
 from php_runner.model.checkpoint import load_model
 from php_runner.model.precision import apply_precision
 from php_runner.store.registry import Registry, RunRecord, shown_url
-from php_runner.execute.child import EXIT_INTERRUPTED, EXIT_NOT_CLAIMED, execute_run, load_training_data, preflight, verified_checkpoint
-from php_runner.experiment.specs import CategoricalParam, FloatParam, IntParam, PlannedRun, TuneSection, config_hash, expand, load_spec, override
+from php_runner.execute.child import EXIT_INTERRUPTED, EXIT_NOT_CLAIMED, execute_run
+from php_runner.experiment.build import load_training_data
+from php_runner.execute.preflight import preflight
+from php_runner.execute.checkpoints import verified_checkpoint
+from php_runner.experiment.schema import CategoricalParam, FloatParam, IntParam, PlannedRun, TuneSection
+from php_runner.experiment.expand import config_hash, override
+from php_runner.experiment.specs import expand, load_spec
 
 # Optuna's MedianPruner defaults: no pruning before 5 finished trials, from the first epoch on.
 MEDIAN_STARTUP_TRIALS = 5

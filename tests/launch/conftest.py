@@ -16,7 +16,7 @@ from launch_helpers import plan
 from service_guard import service_missing
 
 from php_runner.store.registry import Registry
-from php_runner.execute.child import execute_planned
+from php_runner.execute.local import execute_planned
 
 
 @pytest.fixture

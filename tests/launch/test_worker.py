@@ -15,7 +15,7 @@ from launch_helpers import EPOCH_PAUSE, JOB_TIMEOUT_S, php_run, php_run_env, pla
 from php_runner.errors import InputError
 from php_runner.execute.worker import Worker, WorkerSettings
 from php_runner.store.registry import Registry
-from php_runner.experiment.specs import config_hash
+from php_runner.experiment.expand import config_hash
 
 
 STALE_AFTER_S = 3

@@ -389,7 +389,7 @@ def test_cli_audits_a_registry_run_and_stores_the_report(tmp_path, icfg, tiny_mo
     from types import SimpleNamespace
 
     from php_runner.store.registry import Registry
-    from php_runner.execute.child import file_sha256
+    from php_runner.store.checksums import file_sha256
 
     url = f"sqlite:///{tmp_path / 'registry.db'}"
     registry = Registry(url)
