@@ -23,6 +23,7 @@ from php_runner.cli.common import (
     DbOption,
     DeviceOption,
     GpusOption,
+    RunsPerGpuOption,
     JsonOption,
     PresetOption,
     SeedsOption,
@@ -36,7 +37,9 @@ from php_runner.cli.common import (
     specs_folder,
 )
 from php_runner.errors import InputError
-from php_runner.store.registry import Registry, RunRecord, shown_url
+from php_runner.store.registry import Registry
+from php_runner.store.records import RunRecord
+from php_runner.store.database import shown_url
 
 if TYPE_CHECKING:
     from php_runner.experiment.schema import PlannedRun, Spec
@@ -68,18 +71,18 @@ def _runtime(data_root: Path | None, clip_weights: Path | None, device: str | No
 
 def _run_spec(spec: "Spec", preset: str, datasets: list[str] | None, seeds: str | None, data_root: Path | None,
               clip_weights: Path | None, device: str | None, db: str | None, gpus: str | None,
-              restart: list[str] | None = None) -> int:
+              restart: list[str] | None = None, runs_per_gpu: int = 1) -> int:
     """Plan a spec's runs and execute them (auditing them when the spec asks); returns the exit code."""
     from php_runner.experiment.specs import expand
 
     planned = expand(spec, preset, datasets, parse_seeds(seeds), _runtime(data_root, clip_weights, device))
     if not planned:
         raise InputError(f"spec {spec.name}: no runs for preset {preset!r} and the given datasets/seeds")
-    return _execute(planned, db, gpus, audit=spec.audit, device=device, restart=restart)
+    return _execute(planned, db, gpus, audit=spec.audit, device=device, restart=restart, runs_per_gpu=runs_per_gpu)
 
 
 def _execute(planned: list["PlannedRun"], db: str | None, gpus: str | None, audit: bool = False,
-             device: str | None = None, restart: list[str] | None = None) -> int:
+             device: str | None = None, restart: list[str] | None = None, runs_per_gpu: int = 1) -> int:
     """Execute ``planned`` and print a summary; returns the exit code (1 when a run failed).
 
     With ``audit`` (a spec field), every done run without an audit report is audited afterwards.
@@ -101,7 +104,7 @@ def _execute(planned: list["PlannedRun"], db: str | None, gpus: str | None, audi
                       f"{outcome.dataset} {outcome.row_label} seed {outcome.seed}  {note}")
 
     summary = execute_planned(planned, db, gpu_ids, command=command_line(), on_outcome=on_outcome,
-                              restart=restart or ())
+                              restart=restart or (), runs_per_gpu=runs_per_gpu)
     counts = ", ".join(f"{summary.count(s)} {s}" for s in ("done", "skipped", "busy", "failed") if summary.count(s))
     console.print(f"[bold]runs:[/bold] {counts}")
     if audit:
@@ -240,13 +243,14 @@ def reproduce(
     db: DbOption = None,
     device: DeviceOption = None,
     gpus: GpusOption = None,
+    runs_per_gpu: RunsPerGpuOption = 1,
 ) -> None:
     """Train the paper's headline configuration on one or all datasets, then print the headline table.
 
     Example: php-run reproduce --dataset CUHK-PEDES --data-root data --clip-weights ViT-B-16.pt
     """
     code = _run_spec(_spec_of_table(HEADLINE_TABLE), preset, _datasets_option(dataset), seeds, data_root,
-                     clip_weights, device, db, gpus)
+                     clip_weights, device, db, gpus, runs_per_gpu=runs_per_gpu)
     _print_tables([HEADLINE_TABLE], db, include_empty=True, as_json=False, preset=preset)
     raise typer.Exit(code)
 
@@ -262,6 +266,7 @@ def ablate(
     db: DbOption = None,
     device: DeviceOption = None,
     gpus: GpusOption = None,
+    runs_per_gpu: RunsPerGpuOption = 1,
 ) -> None:
     """Run one of the paper's ablations (or our coupling ablation), then print its table.
 
@@ -270,7 +275,7 @@ def ablate(
     if name not in ABLATIONS:
         raise InputError(f"ablation {name!r}: expected one of {', '.join(ABLATIONS)}")
     code = _run_spec(_spec_of_table(name), preset, _datasets_option(dataset), seeds, data_root, clip_weights,
-                     device, db, gpus)
+                     device, db, gpus, runs_per_gpu=runs_per_gpu)
     _print_tables([name], db, include_empty=True, as_json=False, preset=preset)
     raise typer.Exit(code)
 
@@ -286,6 +291,7 @@ def run_spec(
     db: DbOption = None,
     device: DeviceOption = None,
     gpus: GpusOption = None,
+    runs_per_gpu: RunsPerGpuOption = 1,
     restart: Annotated[list[str] | None, typer.Option(
         "--restart", help="Train this run (id or hash prefix, one of the spec's) again from scratch, deleting its "
         "checkpoints: the way on when its last.pth is damaged. Repeatable.", callback=check_run_refs)] = None,
@@ -297,7 +303,7 @@ def run_spec(
     from php_runner.experiment.specs import find_spec, load_spec
 
     raise typer.Exit(_run_spec(load_spec(find_spec(spec_path)), preset, _datasets_option(dataset), seeds, data_root,
-                               clip_weights, device, db, gpus, restart))
+                               clip_weights, device, db, gpus, restart, runs_per_gpu))
 
 
 # --------------------------------------------------------------------------------------------

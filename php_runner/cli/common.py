@@ -174,6 +174,9 @@ DeviceOption = Annotated[
     str | None, typer.Option("--device", help="Torch device: auto, cpu, cuda, cuda:1, ... (default: the preset's).",
                              callback=_check_device)
 ]
+RunsPerGpuOption = Annotated[int, typer.Option(
+    "--runs-per-gpu", min=1, help="Runs in flight on each GPU at once (each its own process); without --gpus, on "
+    "the default device.")]
 GpusOption = Annotated[
     str | None, typer.Option("--gpus", help="Run up to one worker per listed GPU in parallel, e.g. 0,1.")
 ]

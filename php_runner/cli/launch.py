@@ -18,6 +18,7 @@ from php_runner.cli.common import (
     DbOption,
     DeviceOption,
     GpusOption,
+    RunsPerGpuOption,
     PresetOption,
     SeedsOption,
     console,
@@ -104,6 +105,7 @@ def enqueue(
 @app.command()
 def worker(
     gpus: GpusOption = None,
+    runs_per_gpu: RunsPerGpuOption = 1,
     max_runs: Annotated[int | None, typer.Option("--max-runs", help="Stop after claiming this many runs.", min=1)]
     = None,
     idle_exit: Annotated[float | None, typer.Option("--idle-exit", help="Stop after this many seconds with nothing "
@@ -123,7 +125,8 @@ def worker(
     from php_runner.execute.provenance import command_line
 
     gpu_ids = parse_gpus(gpus)
-    settings = WorkerSettings(db_url=db, gpus=tuple(gpu_ids) if gpu_ids else None, max_runs=max_runs,
+    settings = WorkerSettings(db_url=db, gpus=tuple(gpu_ids) if gpu_ids else None, runs_per_gpu=runs_per_gpu,
+                              max_runs=max_runs,
                               idle_exit=idle_exit, stale_after=stale_after, command=command_line())
     runner = Worker(settings, on_outcome=_print_outcome)
     runner.stop_on(signal.SIGTERM)

@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 
 from php_runner.errors import InputError
 from php_runner.store.checksums import checkpoint_problem
-from php_runner.store.registry import Registry, RunRecord
+from php_runner.store.registry import Registry
+from php_runner.store.records import RunRecord
 
 if TYPE_CHECKING:
     from php_runner.experiment.schema import PlannedRun

@@ -30,8 +30,10 @@ from php_runner.experiment.build import (
     load_training_data,
 )
 from php_runner.store.checksums import file_sha256
-from php_runner.store.claims import HEARTBEAT_INTERVAL_S, Heartbeat
-from php_runner.store.registry import Registry, RunRecord, this_worker
+from php_runner.store.heartbeat import HEARTBEAT_INTERVAL_S, Heartbeat
+from php_runner.store.registry import Registry
+from php_runner.store.records import RunRecord
+from php_runner.store.claims import this_worker
 
 if TYPE_CHECKING:
     pass

@@ -12,7 +12,8 @@ import subprocess
 from collections.abc import Sequence
 
 from php_runner.errors import InputError
-from php_runner.store.registry import Registry, RunRecord
+from php_runner.store.registry import Registry
+from php_runner.store.records import RunRecord
 
 EXECUTORS = ("slurm", "local")
 SACCT_TIMEOUT_S = 30

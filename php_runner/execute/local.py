@@ -15,7 +15,8 @@ from php_runner.execute.pool import ExecutionSummary, RunOutcome, outcome_of
 from php_runner.execute.preflight import preflight_all
 from php_runner.execute.queue import plan_all
 from php_runner.execute.worker import Worker, WorkerSettings
-from php_runner.store.registry import Registry, resolve_url
+from php_runner.store.registry import Registry
+from php_runner.store.database import resolve_url
 
 if TYPE_CHECKING:
     from php_runner.experiment.schema import PlannedRun

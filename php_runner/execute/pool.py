@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from php_runner.execute.child import EXIT_NOT_CLAIMED
-from php_runner.store.claims import HEARTBEAT_INTERVAL_S
-from php_runner.store.registry import Registry, RunRecord
+from php_runner.store.heartbeat import HEARTBEAT_INTERVAL_S
+from php_runner.store.registry import Registry
+from php_runner.store.records import RunRecord
 
 if TYPE_CHECKING:
     pass

@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING
 
 from php_runner.errors import InputError
 from php_runner.execute.preflight import preflight_all
-from php_runner.store.registry import Registry, RunRecord, resolve_url, shown_url
+from php_runner.store.registry import Registry
+from php_runner.store.records import RunRecord
+from php_runner.store.database import resolve_url, shown_url
 
 if TYPE_CHECKING:
     from php_runner.experiment.schema import PlannedRun

@@ -29,7 +29,8 @@ from php_runner.errors import InputError
 from php_runner.execute.jobs import EXECUTORS
 from php_runner.execute.queue import check_registry_for, enqueue
 from php_runner.execute.worker import Worker, WorkerSettings
-from php_runner.store.registry import Registry, RunRecord
+from php_runner.store.registry import Registry
+from php_runner.store.records import RunRecord
 
 if TYPE_CHECKING:
     from php_runner.experiment.schema import PlannedRun

@@ -32,14 +32,11 @@ from php_runner.execute.pool import (
     outcome_of,
     spawn_run,
 )
-from php_runner.store.claims import HEARTBEAT_INTERVAL_S
-from php_runner.store.registry import (
-    DEFAULT_STALE_AFTER_S,
-    Registry,
-    RunRecord,
-    resolve_url,
-    this_worker,
-)
+from php_runner.store.heartbeat import HEARTBEAT_INTERVAL_S
+from php_runner.store.claims import DEFAULT_STALE_AFTER_S, this_worker
+from php_runner.store.registry import Registry
+from php_runner.store.records import RunRecord
+from php_runner.store.database import resolve_url
 
 NOOP_ENV = "PHP_RUN_NOOP_TRAINING"
 # A claimed run's process heartbeats this many times per stale period, so one late beat is no death.

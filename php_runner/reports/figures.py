@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from php_runner.store.registry import EpochMetrics
+    from php_runner.store.records import EpochMetrics
     from php_runner.reports.tables import TableView
 
 RULE_STYLES = {"best-on-test": ("#c0392b", "--"), "best-on-val": ("#27ae60", "-."), "last": ("#7f8c8d", ":")}

@@ -20,8 +20,9 @@ from pathlib import Path
 
 from rich.table import Table
 
-from php_runner.files import write_atomic
 from php_runner.experiment.paper import Footnote, load_paper_results
+from php_runner.files import write_atomic
+from php_runner.store.records import ResultRow
 
 RULE_PREFERENCE = ("best-on-test", "best-on-val", "last")  # best-on-test is the paper's own protocol
 KIND_ORDER = ("trained", "imported", "trial")
@@ -34,22 +35,6 @@ PAPER_PRESET = "paper"
 NOT_PAPER_SCALE_NOTE = ("Trained rows use the {preset!r} preset, not the paper's scale (model, weights, data or "
                         "epochs differ): they check the pipeline and are not comparable with the paper's values.")
 KIND_LABELS = {"trained": "trained", "imported": "imported", "trial": "tuning trial", REFERENCE: "paper only"}
-
-
-@dataclass
-class ResultRow:
-    """One selected result of one run (a run has one row per recorded selection rule)."""
-
-    table: str | None
-    spec_name: str
-    row_label: str
-    dataset: str
-    seed: int
-    rule: str
-    metrics: dict
-    kind: str
-    audit: dict | None
-    forced_test: bool = False
 
 
 @dataclass(frozen=True)

@@ -1,40 +1,64 @@
-"""Claims and heartbeats: who holds a run, and the background heartbeat that keeps a claim alive."""
+"""Claims: who holds a run (``host:pid``), when a claim may be taken over, and whether its holder is dead."""
 
 from __future__ import annotations
 
-import threading
-from typing import TYPE_CHECKING
+import os
+import socket
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from php_runner.store.registry import Registry
+from sqlalchemy import (
+    or_,
+)
+
+from php_runner.store.tables import Run
 
 if TYPE_CHECKING:
     pass
 
 
-HEARTBEAT_INTERVAL_S = 15.0
+# A running run whose worker has not written a heartbeat for this long is considered dead.
+DEFAULT_STALE_AFTER_S = 120.0
 
 
-class Heartbeat:
-    """Refreshes the run's heartbeat from a background thread; notices when the claim is lost."""
+def this_worker() -> str:
+    """The worker id of the calling process: ``host:pid``."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
-    def __init__(self, registry: Registry, run_id: int, worker: str, interval: float = HEARTBEAT_INTERVAL_S):
-        self.registry, self.run_id, self.worker, self.interval = registry, run_id, worker, interval
-        self.lost = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="php-run-heartbeat", daemon=True)
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.beat()
+def claimable_condition(now: float, stale_after: float):
+    """The SQL part of the claimable rule: queued, failed, or running with a stale heartbeat."""
+    return or_(
+        Run.status.in_(("queued", "failed")),
+        (Run.status == "running") & (Run.heartbeat_at < now - stale_after),
+    )
 
-    def beat(self) -> None:
-        if not self.registry.heartbeat(self.run_id, self.worker):
-            self.lost.set()
 
-    def __enter__(self) -> "Heartbeat":
-        self._thread.start()
-        return self
+def claim_values(worker: str, now: float) -> dict[str, Any]:
+    return dict(status="running", worker=worker, heartbeat_at=now, started_at=now, finished_at=None,
+                error=None, attempts=Run.attempts + 1)
 
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+
+def pid_is_dead(worker: str | None) -> bool:
+    """True when ``worker`` names a process on this host that no longer exists."""
+    if not worker or ":" not in worker:
+        return False
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return _is_zombie(int(pid))
+
+
+def _is_zombie(pid: int) -> bool:
+    """A killed process whose parent died too may wait unreaped (as a zombie) for a long time."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no procfs (not Linux), or it just vanished
+        return False
+    return stat.rpartition(")")[2].split()[0] == "Z"

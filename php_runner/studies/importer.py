@@ -26,7 +26,8 @@ from php_runner.engine.optim import SOLVERS, param_group_rule
 from php_runner.errors import InputError
 from php_runner.model.checkpoint import COUNTER_SUFFIXES
 from php_runner.model.config import ClipConfig, PHPConfig
-from php_runner.store.registry import Registry, this_worker
+from php_runner.store.registry import Registry
+from php_runner.store.claims import this_worker
 
 CHECKPOINT_NAME = "best.pth"
 YAML_NAME = "configs.yaml"

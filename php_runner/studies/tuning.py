@@ -34,7 +34,9 @@ from php_runner.engine.train import RULE_OF_SELECTION, EpochRecord, StopTraining
 from php_runner.errors import InputError
 from php_runner.model.checkpoint import load_model
 from php_runner.model.precision import apply_precision
-from php_runner.store.registry import Registry, RunRecord, shown_url
+from php_runner.store.registry import Registry
+from php_runner.store.records import RunRecord
+from php_runner.store.database import shown_url
 from php_runner.execute.child import EXIT_INTERRUPTED, EXIT_NOT_CLAIMED, execute_run
 from php_runner.experiment.build import load_training_data
 from php_runner.execute.preflight import preflight

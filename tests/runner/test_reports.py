@@ -11,7 +11,8 @@ from rich.console import Console
 
 from php_runner.reports import tables as reports
 from php_runner.experiment.paper import PAPER_RESULTS_FILE, load_paper_results, paper_value
-from php_runner.reports.tables import NOT_PAPER_SCALE_NOTE, ResultRow, build_table, render_csv, render_markdown, render_rich, write_reports
+from php_runner.reports.tables import NOT_PAPER_SCALE_NOTE, build_table, render_csv, render_markdown, render_rich, write_reports
+from php_runner.store.records import ResultRow
 
 R1S = {1: 80.0, 2: 82.0, 3: 84.5}
 

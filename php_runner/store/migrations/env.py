@@ -8,7 +8,8 @@ Alembic rewrites tables for SQLite's limited ``ALTER TABLE``.
 
 from alembic import context
 
-from php_runner.store.registry import VERSION_TABLE, Base
+from php_runner.store.database import VERSION_TABLE
+from php_runner.store.tables import Base
 
 connection = context.config.attributes["connection"]
 context.configure(
