@@ -40,6 +40,7 @@ from php_runner.errors import InputError
 from php_runner.store.registry import Registry
 from php_runner.store.records import RunRecord
 from php_runner.store.database import shown_url
+from php_runner.cli.common import datasets_option, runtime_values, spec_of_table
 
 if TYPE_CHECKING:
     from php_runner.experiment.schema import PlannedRun, Spec
@@ -60,22 +61,13 @@ app.add_typer(data_app, name="data")
 # --------------------------------------------------------------------------------------------
 
 
-def _runtime(data_root: Path | None, clip_weights: Path | None, device: str | None) -> dict:
-    """Command-line runtime values; None falls back to the preset's defaults."""
-    return {
-        "data_root": None if data_root is None else str(data_root),
-        "clip_weights": None if clip_weights is None else str(clip_weights),
-        "device": device,
-    }
-
-
 def _run_spec(spec: "Spec", preset: str, datasets: list[str] | None, seeds: str | None, data_root: Path | None,
               clip_weights: Path | None, device: str | None, db: str | None, gpus: str | None,
               restart: list[str] | None = None, runs_per_gpu: int = 1) -> int:
     """Plan a spec's runs and execute them (auditing them when the spec asks); returns the exit code."""
     from php_runner.experiment.specs import expand
 
-    planned = expand(spec, preset, datasets, parse_seeds(seeds), _runtime(data_root, clip_weights, device))
+    planned = expand(spec, preset, datasets, parse_seeds(seeds), runtime_values(data_root, clip_weights, device))
     if not planned:
         raise InputError(f"spec {spec.name}: no runs for preset {preset!r} and the given datasets/seeds")
     return _execute(planned, db, gpus, audit=spec.audit, device=device, restart=restart, runs_per_gpu=runs_per_gpu)
@@ -130,27 +122,6 @@ def _audit_done_runs(planned: list["PlannedRun"], db: str | None, device: str | 
         registry.close()
 
 
-def _spec_of_table(table: str) -> "Spec":
-    """The shipped spec that fills ``table``."""
-    from php_runner.experiment.specs import load_all_specs
-
-    matches = [spec for spec in load_all_specs(specs_folder()).values() if spec.table == table]
-    if len(matches) != 1:
-        found = ", ".join(sorted(s.name for s in matches)) or "none"
-        raise InputError(f"table {table!r}: expected exactly one shipped spec filling it, found {found}")
-    return matches[0]
-
-
-def _datasets_option(dataset: str) -> list[str] | None:
-    from php_runner.data.datasets import DATASET_NAMES
-
-    if dataset == "all":
-        return None
-    if dataset not in DATASET_NAMES:
-        raise InputError(f"--dataset: expected 'all' or one of {', '.join(DATASET_NAMES)}, got {dataset!r}")
-    return [dataset]
-
-
 def _damaged_checkpoints(registry: Registry, run_ids: list[int]) -> list[str]:
     """One line per recorded checkpoint of these runs whose file is missing or no longer has its sha256."""
     from php_runner.store.checksums import checkpoint_problem
@@ -171,6 +142,7 @@ def _print_tables(names: list[str], db: str | None, include_empty: bool, as_json
 
     Only runs of ``preset`` fill the trained lines (imported checkpoints are always shown).
     """
+    from php_runner.reports import publish, render
     from php_runner.reports import tables as reports
 
     registry = Registry(db)
@@ -185,15 +157,15 @@ def _print_tables(names: list[str], db: str | None, include_empty: bool, as_json
     registry.close()
     for line in damaged:
         err_console.print(f"[yellow]warning:[/yellow] {line}", highlight=False, soft_wrap=True)
-    written = [path for view in views for path in reports.write_reports(view, REPORTS_DIR)]
+    written = [path for view in views for path in publish.write_reports(view, REPORTS_DIR)]
     if index:
-        written.append(reports.write_index(views, REPORTS_DIR, preset))
+        written.append(publish.write_index(views, REPORTS_DIR, preset))
     if as_json:
         print_json([dataclasses.asdict(view) for view in views])
         return
     for view in views:
         if fmt == "rich":
-            console.print(reports.render_rich(view))
+            console.print(render.render_rich(view))
         else:
             typer.echo(reports.RENDERERS[fmt](view))
     if not views:
@@ -228,7 +200,7 @@ def demo(
         if not (root / name).exists():
             console.print(f"writing synthetic {name} under {root}")
             write_synthetic(root, name)
-    code = _run_spec(_spec_of_table(HEADLINE_TABLE), "tiny", None, seeds, root, None, device, db, gpus)
+    code = _run_spec(spec_of_table(HEADLINE_TABLE), "tiny", None, seeds, root, None, device, db, gpus)
     _print_tables([HEADLINE_TABLE], db, include_empty=True, as_json=False, preset="tiny")
     raise typer.Exit(code)
 
@@ -249,7 +221,7 @@ def reproduce(
 
     Example: php-run reproduce --dataset CUHK-PEDES --data-root data --clip-weights ViT-B-16.pt
     """
-    code = _run_spec(_spec_of_table(HEADLINE_TABLE), preset, _datasets_option(dataset), seeds, data_root,
+    code = _run_spec(spec_of_table(HEADLINE_TABLE), preset, datasets_option(dataset), seeds, data_root,
                      clip_weights, device, db, gpus, runs_per_gpu=runs_per_gpu)
     _print_tables([HEADLINE_TABLE], db, include_empty=True, as_json=False, preset=preset)
     raise typer.Exit(code)
@@ -274,7 +246,7 @@ def ablate(
     """
     if name not in ABLATIONS:
         raise InputError(f"ablation {name!r}: expected one of {', '.join(ABLATIONS)}")
-    code = _run_spec(_spec_of_table(name), preset, _datasets_option(dataset), seeds, data_root, clip_weights,
+    code = _run_spec(spec_of_table(name), preset, datasets_option(dataset), seeds, data_root, clip_weights,
                      device, db, gpus, runs_per_gpu=runs_per_gpu)
     _print_tables([name], db, include_empty=True, as_json=False, preset=preset)
     raise typer.Exit(code)
@@ -302,7 +274,7 @@ def run_spec(
     """
     from php_runner.experiment.specs import find_spec, load_spec
 
-    raise typer.Exit(_run_spec(load_spec(find_spec(spec_path)), preset, _datasets_option(dataset), seeds, data_root,
+    raise typer.Exit(_run_spec(load_spec(find_spec(spec_path)), preset, datasets_option(dataset), seeds, data_root,
                                clip_weights, device, db, gpus, restart, runs_per_gpu))
 
 
@@ -341,7 +313,7 @@ def table(
     known = list(table_names())
     if name is not None and name not in known:
         raise InputError(f"table {name!r}: expected one of {', '.join(known)}")
-    from php_runner.reports.tables import RENDERERS
+    from php_runner.reports.render import RENDERERS
 
     if fmt != "rich" and fmt not in RENDERERS:
         raise InputError(f"--format: expected rich, {', '.join(RENDERERS)}, got {fmt!r}")
@@ -660,7 +632,7 @@ def bench(
 
     import torch
 
-    from php_runner.reports import tables as reports
+    from php_runner.reports import bench
     from php_runner.cli.cache import parse_image_size
     from php_runner.engine.benchmark import BenchSizes, run_benchmark
     from php_runner.engine.train import resolve_device
@@ -688,7 +660,7 @@ def bench(
     record = {**result, "clip": clip, "device_name": provenance["device"], "host": provenance["host"],
               **{key: provenance[key] for key in ("git_commit", "git_dirty", "torch", "torchvision", "python")},
               "recorded": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    written = reports.record_benchmark(record, REPORTS_DIR)
+    written = bench.record_benchmark(record, REPORTS_DIR)
     if as_json:
         print_json(record)
         return

@@ -11,7 +11,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import click
 import typer
@@ -19,6 +19,9 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 from php_runner.errors import InputError
+
+if TYPE_CHECKING:
+    from php_runner.experiment.schema import Spec
 
 EXIT_OK = 0
 EXIT_RUN_FAILED = 1
@@ -181,3 +184,33 @@ GpusOption = Annotated[
     str | None, typer.Option("--gpus", help="Run up to one worker per listed GPU in parallel, e.g. 0,1.")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def runtime_values(data_root: Path | None, clip_weights: Path | None, device: str | None) -> dict:
+    """Command-line runtime values; None falls back to the preset's defaults."""
+    return {
+        "data_root": None if data_root is None else str(data_root),
+        "clip_weights": None if clip_weights is None else str(clip_weights),
+        "device": device,
+    }
+
+
+def spec_of_table(table: str) -> "Spec":
+    """The shipped spec that fills ``table``."""
+    from php_runner.experiment.specs import load_all_specs
+
+    matches = [spec for spec in load_all_specs(specs_folder()).values() if spec.table == table]
+    if len(matches) != 1:
+        found = ", ".join(sorted(s.name for s in matches)) or "none"
+        raise InputError(f"table {table!r}: expected exactly one shipped spec filling it, found {found}")
+    return matches[0]
+
+
+def datasets_option(dataset: str) -> list[str] | None:
+    from php_runner.data.datasets import DATASET_NAMES
+
+    if dataset == "all":
+        return None
+    if dataset not in DATASET_NAMES:
+        raise InputError(f"--dataset: expected 'all' or one of {', '.join(DATASET_NAMES)}, got {dataset!r}")
+    return [dataset]

@@ -53,13 +53,13 @@ FolderOption = Annotated[Path | None, typer.Option("--folder", help="submitit's 
 def plan_spec_or_table(spec_or_table: str, preset: str, dataset: str, seeds: str | None, data_root: Path | None,
                        clip_weights: Path | None, device: str | None) -> list["PlannedRun"]:
     """The runs of a spec file, or of the shipped spec filling a table."""
-    from php_runner.cli.commands import _datasets_option, _runtime, _spec_of_table
+    from php_runner.cli.common import datasets_option, runtime_values, spec_of_table
     from php_runner.experiment.specs import expand, load_spec
 
     path = Path(spec_or_table)
-    spec = load_spec(path) if path.suffix == ".toml" or path.is_file() else _spec_of_table(spec_or_table)
-    planned = expand(spec, preset, _datasets_option(dataset), parse_seeds(seeds),
-                     _runtime(data_root, clip_weights, device))
+    spec = load_spec(path) if path.suffix == ".toml" or path.is_file() else spec_of_table(spec_or_table)
+    planned = expand(spec, preset, datasets_option(dataset), parse_seeds(seeds),
+                     runtime_values(data_root, clip_weights, device))
     if not planned:
         raise InputError(f"spec {spec.name}: no runs for preset {preset!r} and the given datasets/seeds")
     return planned

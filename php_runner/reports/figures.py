@@ -15,9 +15,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from php_runner.files import write_atomic
+from php_runner.reports.tables import unique_items
+
 if TYPE_CHECKING:
+    from php_runner.reports.tables import TableView  # noqa: F401
     from php_runner.store.records import EpochMetrics
-    from php_runner.reports.tables import TableView
 
 RULE_STYLES = {"best-on-test": ("#c0392b", "--"), "best-on-val": ("#27ae60", "-."), "last": ("#7f8c8d", ":")}
 NOT_LOSSES = ("lr", "seconds")
@@ -120,3 +123,38 @@ def write_png(path: str | Path, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return write_atomic(path, data)
+
+
+def plot_module_chart(view: TableView, path: str | Path) -> Path:
+    """Grouped bars like the paper's module-ablation figure: paper against ours, per dataset and metric."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    keys = unique_items(line.row_key for line in view.lines)
+    displays = {line.row_key: line.row_display for line in view.lines}
+    figure = Figure(figsize=(4.2 * len(view.datasets), 3.2 * len(view.metrics)), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(len(view.metrics), len(view.datasets), squeeze=False)
+    width = 0.38
+    for i, metric in enumerate(view.metrics):
+        for j, dataset in enumerate(view.datasets):
+            ax = axes[i][j]
+            paper, ours, spread = [], [], []
+            for key in keys:
+                line = view.line(key, dataset)
+                cell = line.cell(metric) if line is not None else None
+                paper.append(_nan(cell.paper if cell else None))
+                ours.append(_nan(cell.mean if cell else None))
+                spread.append((cell.std or 0.0) if cell else 0.0)
+            positions = range(len(keys))
+            ax.bar([p - width / 2 for p in positions], paper, width, label="paper", color="#9aa5b1")
+            ax.bar([p + width / 2 for p in positions], ours, width, yerr=spread, capsize=3, label="ours (mean ± std)",
+                   color="#2f6db3")
+            ax.set_xticks(list(positions), [displays[key] for key in keys], rotation=20, ha="right", fontsize=8)
+            ax.set_title(f"{dataset} {metric}", fontsize=10)
+            ax.set_ylabel("%")
+    axes[0][0].legend(fontsize=8)
+    figure.suptitle(view.title, fontsize=11)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    return write_atomic(Path(path), buffer.getvalue())

@@ -352,7 +352,7 @@ def test_bench_json_has_the_keys_and_records_every_call(cli):
             value = value[key]
         assert value is None if path == "mfu" else value > 0, path
     assert record["clip"] == "tiny" and record["git_commit"] and record["torchvision"]
-    from php_runner.reports.tables import record_benchmark
+    from php_runner.reports.bench import record_benchmark
 
     record_benchmark({**record, "recorded": "later"}, "reports")  # a second call re-renders from every record
     records = [json.loads(line) for line in Path("reports/benchmarks.jsonl").read_text().splitlines()]

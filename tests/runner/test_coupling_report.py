@@ -7,7 +7,7 @@ import statistics
 import pytest
 from typer.testing import CliRunner
 
-from php_runner.reports.tables import coupling as coupling_report
+from php_runner.reports import coupling as coupling_report
 from php_runner.cli import app
 from php_runner.errors import InputError
 from php_runner.store.registry import Registry
