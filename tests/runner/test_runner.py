@@ -184,7 +184,8 @@ def test_the_parent_records_a_worker_that_died_without_recording(registry_url, s
     run = registry.plan_run(plan(spec_dir, "two_epochs", tmp_path)[0])
     suicide = (
         "import os, signal, sys\n"
-        "from php_runner.store.registry import Registry, this_worker\n"
+        "from php_runner.store.claims import this_worker\n"
+        "from php_runner.store.registry import Registry\n"
         f"assert Registry({registry_url!r}).claim_run({run.id}, this_worker())\n"
         "print('CUDA error: an illegal memory access was encountered', file=sys.stderr, flush=True)\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"
