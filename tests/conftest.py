@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from service_guard import service_missing
 
-from php_runner.specs import shipped_folder
+from php_runner.experiment.specs import shipped_folder
 
 TINY_TRAIN_IDS = 4
 BATCHING_TRAIN_IDS = 16  # test splits of 16 images / 32 captions (RSTPReid: 8 ids)

@@ -19,5 +19,5 @@ app = typer.Typer(
 )
 
 from php_runner.cli import (  # noqa: E402,F401  (they register commands)
-    audit, cache, catalog, commands, coupling_report, db, import_cmd, launch, plot, tune,
+    audit, cache, catalog, commands, db, importing, launch, plot, report, tune,
 )

@@ -41,8 +41,8 @@ def audit(
 
     Example: php-run audit 3   (or php-run audit --checkpoint best.pth --config configs.yaml --data-root data --dataset ICFG-PEDES --json)
     """
-    from php_runner.audit import audit_checkpoint, audit_run
-    from php_runner.registry import Registry
+    from php_runner.studies.audit import audit_checkpoint, audit_run
+    from php_runner.store.registry import Registry
 
     if (run is None) == (checkpoint is None):
         raise InputError("audit: give either a RUN or --checkpoint, not both and not neither")

@@ -44,7 +44,7 @@ def spec_header(path: Path) -> dict[str, str]:
 
 def catalog() -> list[dict[str, Any]]:
     """One entry per shipped spec: name, table, description, runs per seed, and its header entries."""
-    from php_runner.specs import load_all_specs
+    from php_runner.experiment.specs import load_all_specs
 
     entries = []
     for name, spec in sorted(load_all_specs().items()):
@@ -64,7 +64,8 @@ def resolved_spec(name_or_path: str, preset: str | None = None) -> tuple[dict[st
     same config hashes) as the original, under any preset, or under ``preset`` when one was applied.
     """
     from php_runner.errors import InputError
-    from php_runner.specs import SECTIONS, find_spec, load_presets, load_spec, presets_folder
+    from php_runner.experiment.schema import SECTIONS
+    from php_runner.experiment.specs import find_spec, load_presets, load_spec, presets_folder
 
     spec = load_spec(find_spec(name_or_path))
     comments = ["resolved from " + " -> ".join(str(path) for path in spec.chain)]

@@ -23,6 +23,7 @@ from php_runner.cli.common import (
     DbOption,
     DeviceOption,
     GpusOption,
+    RunsPerGpuOption,
     JsonOption,
     PresetOption,
     SeedsOption,
@@ -36,10 +37,13 @@ from php_runner.cli.common import (
     specs_folder,
 )
 from php_runner.errors import InputError
-from php_runner.registry import Registry, RunRecord, shown_url
+from php_runner.store.registry import Registry
+from php_runner.store.records import RunRecord
+from php_runner.store.database import shown_url
+from php_runner.cli.common import datasets_option, runtime_values, spec_of_table
 
 if TYPE_CHECKING:
-    from php_runner.specs import PlannedRun, Spec
+    from php_runner.experiment.schema import PlannedRun, Spec
 
 METRIC_NAMES = ("R1", "R5", "R10", "mAP", "mINP")
 ABLATIONS = ("cnum", "loss", "module", "beta", "sharing", "coupling")
@@ -57,34 +61,27 @@ app.add_typer(data_app, name="data")
 # --------------------------------------------------------------------------------------------
 
 
-def _runtime(data_root: Path | None, clip_weights: Path | None, device: str | None) -> dict:
-    """Command-line runtime values; None falls back to the preset's defaults."""
-    return {
-        "data_root": None if data_root is None else str(data_root),
-        "clip_weights": None if clip_weights is None else str(clip_weights),
-        "device": device,
-    }
-
-
 def _run_spec(spec: "Spec", preset: str, datasets: list[str] | None, seeds: str | None, data_root: Path | None,
               clip_weights: Path | None, device: str | None, db: str | None, gpus: str | None,
-              restart: list[str] | None = None) -> int:
+              restart: list[str] | None = None, runs_per_gpu: int = 1) -> int:
     """Plan a spec's runs and execute them (auditing them when the spec asks); returns the exit code."""
-    from php_runner.specs import expand
+    from php_runner.experiment.specs import expand
 
-    planned = expand(spec, preset, datasets, parse_seeds(seeds), _runtime(data_root, clip_weights, device))
+    planned = expand(spec, preset, datasets, parse_seeds(seeds), runtime_values(data_root, clip_weights, device))
     if not planned:
         raise InputError(f"spec {spec.name}: no runs for preset {preset!r} and the given datasets/seeds")
-    return _execute(planned, db, gpus, audit=spec.audit, device=device, restart=restart)
+    return _execute(planned, db, gpus, audit=spec.audit, device=device, restart=restart, runs_per_gpu=runs_per_gpu)
 
 
 def _execute(planned: list["PlannedRun"], db: str | None, gpus: str | None, audit: bool = False,
-             device: str | None = None, restart: list[str] | None = None) -> int:
+             device: str | None = None, restart: list[str] | None = None, runs_per_gpu: int = 1) -> int:
     """Execute ``planned`` and print a summary; returns the exit code (1 when a run failed).
 
     With ``audit`` (a spec field), every done run without an audit report is audited afterwards.
     """
-    from php_runner.runner import RunOutcome, command_line, execute_planned
+    from php_runner.execute.pool import RunOutcome
+    from php_runner.execute.provenance import command_line
+    from php_runner.execute.local import execute_planned
 
     gpu_ids = parse_gpus(gpus)
     console.print(f"[bold]{len(planned)} planned run(s)[/bold]")
@@ -99,7 +96,7 @@ def _execute(planned: list["PlannedRun"], db: str | None, gpus: str | None, audi
                       f"{outcome.dataset} {outcome.row_label} seed {outcome.seed}  {note}")
 
     summary = execute_planned(planned, db, gpu_ids, command=command_line(), on_outcome=on_outcome,
-                              restart=restart or ())
+                              restart=restart or (), runs_per_gpu=runs_per_gpu)
     counts = ", ".join(f"{summary.count(s)} {s}" for s in ("done", "skipped", "busy", "failed") if summary.count(s))
     console.print(f"[bold]runs:[/bold] {counts}")
     if audit:
@@ -109,7 +106,7 @@ def _execute(planned: list["PlannedRun"], db: str | None, gpus: str | None, audi
 
 def _audit_done_runs(planned: list["PlannedRun"], db: str | None, device: str | None) -> None:
     """Audit each done run of ``planned`` that has no audit report yet, and store the report."""
-    from php_runner.audit import audit_run, audit_summary
+    from php_runner.studies.audit import audit_run, audit_summary
 
     registry = Registry(db)
     try:
@@ -125,30 +122,9 @@ def _audit_done_runs(planned: list["PlannedRun"], db: str | None, device: str | 
         registry.close()
 
 
-def _spec_of_table(table: str) -> "Spec":
-    """The shipped spec that fills ``table``."""
-    from php_runner.specs import load_all_specs
-
-    matches = [spec for spec in load_all_specs(specs_folder()).values() if spec.table == table]
-    if len(matches) != 1:
-        found = ", ".join(sorted(s.name for s in matches)) or "none"
-        raise InputError(f"table {table!r}: expected exactly one shipped spec filling it, found {found}")
-    return matches[0]
-
-
-def _datasets_option(dataset: str) -> list[str] | None:
-    from php_runner.data.datasets import DATASET_NAMES
-
-    if dataset == "all":
-        return None
-    if dataset not in DATASET_NAMES:
-        raise InputError(f"--dataset: expected 'all' or one of {', '.join(DATASET_NAMES)}, got {dataset!r}")
-    return [dataset]
-
-
 def _damaged_checkpoints(registry: Registry, run_ids: list[int]) -> list[str]:
     """One line per recorded checkpoint of these runs whose file is missing or no longer has its sha256."""
-    from php_runner.runner import checkpoint_problem
+    from php_runner.store.checksums import checkpoint_problem
 
     lines = []
     for run_id in run_ids:
@@ -166,7 +142,8 @@ def _print_tables(names: list[str], db: str | None, include_empty: bool, as_json
 
     Only runs of ``preset`` fill the trained lines (imported checkpoints are always shown).
     """
-    from php_runner import reports
+    from php_runner.reports import publish, render
+    from php_runner.reports import tables as reports
 
     registry = Registry(db)
     views, run_ids = [], set()
@@ -180,15 +157,15 @@ def _print_tables(names: list[str], db: str | None, include_empty: bool, as_json
     registry.close()
     for line in damaged:
         err_console.print(f"[yellow]warning:[/yellow] {line}", highlight=False, soft_wrap=True)
-    written = [path for view in views for path in reports.write_reports(view, REPORTS_DIR)]
+    written = [path for view in views for path in publish.write_reports(view, REPORTS_DIR)]
     if index:
-        written.append(reports.write_index(views, REPORTS_DIR, preset))
+        written.append(publish.write_index(views, REPORTS_DIR, preset))
     if as_json:
         print_json([dataclasses.asdict(view) for view in views])
         return
     for view in views:
         if fmt == "rich":
-            console.print(reports.render_rich(view))
+            console.print(render.render_rich(view))
         else:
             typer.echo(reports.RENDERERS[fmt](view))
     if not views:
@@ -223,7 +200,7 @@ def demo(
         if not (root / name).exists():
             console.print(f"writing synthetic {name} under {root}")
             write_synthetic(root, name)
-    code = _run_spec(_spec_of_table(HEADLINE_TABLE), "tiny", None, seeds, root, None, device, db, gpus)
+    code = _run_spec(spec_of_table(HEADLINE_TABLE), "tiny", None, seeds, root, None, device, db, gpus)
     _print_tables([HEADLINE_TABLE], db, include_empty=True, as_json=False, preset="tiny")
     raise typer.Exit(code)
 
@@ -238,13 +215,14 @@ def reproduce(
     db: DbOption = None,
     device: DeviceOption = None,
     gpus: GpusOption = None,
+    runs_per_gpu: RunsPerGpuOption = 1,
 ) -> None:
     """Train the paper's headline configuration on one or all datasets, then print the headline table.
 
     Example: php-run reproduce --dataset CUHK-PEDES --data-root data --clip-weights ViT-B-16.pt
     """
-    code = _run_spec(_spec_of_table(HEADLINE_TABLE), preset, _datasets_option(dataset), seeds, data_root,
-                     clip_weights, device, db, gpus)
+    code = _run_spec(spec_of_table(HEADLINE_TABLE), preset, datasets_option(dataset), seeds, data_root,
+                     clip_weights, device, db, gpus, runs_per_gpu=runs_per_gpu)
     _print_tables([HEADLINE_TABLE], db, include_empty=True, as_json=False, preset=preset)
     raise typer.Exit(code)
 
@@ -260,6 +238,7 @@ def ablate(
     db: DbOption = None,
     device: DeviceOption = None,
     gpus: GpusOption = None,
+    runs_per_gpu: RunsPerGpuOption = 1,
 ) -> None:
     """Run one of the paper's ablations (or our coupling ablation), then print its table.
 
@@ -267,8 +246,8 @@ def ablate(
     """
     if name not in ABLATIONS:
         raise InputError(f"ablation {name!r}: expected one of {', '.join(ABLATIONS)}")
-    code = _run_spec(_spec_of_table(name), preset, _datasets_option(dataset), seeds, data_root, clip_weights,
-                     device, db, gpus)
+    code = _run_spec(spec_of_table(name), preset, datasets_option(dataset), seeds, data_root, clip_weights,
+                     device, db, gpus, runs_per_gpu=runs_per_gpu)
     _print_tables([name], db, include_empty=True, as_json=False, preset=preset)
     raise typer.Exit(code)
 
@@ -284,6 +263,7 @@ def run_spec(
     db: DbOption = None,
     device: DeviceOption = None,
     gpus: GpusOption = None,
+    runs_per_gpu: RunsPerGpuOption = 1,
     restart: Annotated[list[str] | None, typer.Option(
         "--restart", help="Train this run (id or hash prefix, one of the spec's) again from scratch, deleting its "
         "checkpoints: the way on when its last.pth is damaged. Repeatable.", callback=check_run_refs)] = None,
@@ -292,10 +272,10 @@ def run_spec(
 
     Example: php-run run cnum --preset tiny --seeds 1,2   (or a file: php-run run my_specs/cnum6.toml; --restart 7 retrains run 7)
     """
-    from php_runner.specs import find_spec, load_spec
+    from php_runner.experiment.specs import find_spec, load_spec
 
-    raise typer.Exit(_run_spec(load_spec(find_spec(spec_path)), preset, _datasets_option(dataset), seeds, data_root,
-                               clip_weights, device, db, gpus, restart))
+    raise typer.Exit(_run_spec(load_spec(find_spec(spec_path)), preset, datasets_option(dataset), seeds, data_root,
+                               clip_weights, device, db, gpus, restart, runs_per_gpu))
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,7 +303,7 @@ def table(
 
     Example: php-run table cnum --preset tiny     (or: php-run table tune my-study)
     """
-    from php_runner.paper import table_names
+    from php_runner.experiment.paper import table_names
 
     if name == "tune":
         _print_study(study, db, as_json)
@@ -333,7 +313,7 @@ def table(
     known = list(table_names())
     if name is not None and name not in known:
         raise InputError(f"table {name!r}: expected one of {', '.join(known)}")
-    from php_runner.reports import RENDERERS
+    from php_runner.reports.render import RENDERERS
 
     if fmt != "rich" and fmt not in RENDERERS:
         raise InputError(f"--format: expected rich, {', '.join(RENDERERS)}, got {fmt!r}")
@@ -344,7 +324,7 @@ def table(
 
 def _print_study(study: str | None, db: str | None, as_json: bool) -> None:
     """The tuning table of one Optuna study: trials, best parameters, importances, best trial's test metrics."""
-    from php_runner.tune import tune_table
+    from php_runner.studies.tuning import tune_table
 
     if study is None:
         raise InputError("table tune: give the study name, e.g. php-run table tune php-tiny")
@@ -384,7 +364,7 @@ def status(
 
     Example: php-run status --json
     """
-    from php_runner.launch.jobs import job_states
+    from php_runner.execute.jobs import job_states
 
     registry = Registry(db)
     entries = []
@@ -429,7 +409,7 @@ def status(
 
 
 def _run_details(registry: Registry, run: RunRecord) -> dict:
-    from php_runner.runner import checkpoint_problem
+    from php_runner.store.checksums import checkpoint_problem
 
     audit = registry.latest_audit(run.id)
     return {
@@ -506,7 +486,7 @@ def validate() -> None:
 
     Example: php-run validate
     """
-    from php_runner.specs import load_all_specs
+    from php_runner.experiment.specs import load_all_specs
 
     specs = load_all_specs(specs_folder())
     view = Table(title=f"{len(specs)} specs valid")
@@ -652,12 +632,12 @@ def bench(
 
     import torch
 
-    from php_runner import reports
+    from php_runner.reports import bench
     from php_runner.cli.cache import parse_image_size
     from php_runner.engine.benchmark import BenchSizes, run_benchmark
     from php_runner.engine.train import resolve_device
     from php_runner.model.config import ClipConfig, PHPConfig
-    from php_runner.runner import command_line, provenance_info
+    from php_runner.execute.provenance import command_line, provenance_info
 
     configs = {"ViT-B/16": PHPConfig(clip=ClipConfig()), "tiny": PHPConfig.tiny()}
     if clip not in configs:
@@ -680,7 +660,7 @@ def bench(
     record = {**result, "clip": clip, "device_name": provenance["device"], "host": provenance["host"],
               **{key: provenance[key] for key in ("git_commit", "git_dirty", "torch", "torchvision", "python")},
               "recorded": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    written = reports.record_benchmark(record, REPORTS_DIR)
+    written = bench.record_benchmark(record, REPORTS_DIR)
     if as_json:
         print_json(record)
         return

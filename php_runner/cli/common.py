@@ -11,7 +11,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import click
 import typer
@@ -19,6 +19,9 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 from php_runner.errors import InputError
+
+if TYPE_CHECKING:
+    from php_runner.experiment.schema import Spec
 
 EXIT_OK = 0
 EXIT_RUN_FAILED = 1
@@ -84,7 +87,7 @@ def _usage_error(err: Exception, program: str | None) -> typer.Exit:
 
 def specs_folder() -> Path:
     """The specs shipped inside the package (``php_runner/experiments``), from any working directory."""
-    from php_runner.specs import shipped_folder
+    from php_runner.experiment.specs import shipped_folder
 
     return shipped_folder()
 
@@ -98,7 +101,7 @@ def parse_seeds(text: str | None) -> list[int] | None:
     """``"1,2,3"`` -> ``[1, 2, 3]``; None keeps the spec's seeds."""
     if text is None:
         return None
-    from php_runner.specs import MAX_SEED
+    from php_runner.experiment.schema import MAX_SEED
 
     parts = [part.strip() for part in text.split(",") if part.strip()]
     if not all(re.fullmatch(r"[0-9]+", part) for part in parts):  # ASCII digits only: int() takes any script's
@@ -128,7 +131,7 @@ def _check_db(value: str | None) -> str | None:
 
 
 def _check_device(value: str | None) -> str | None:
-    from php_runner.specs import DEVICE_PATTERN
+    from php_runner.experiment.schema import DEVICE_PATTERN
 
     if value is not None and not re.fullmatch(DEVICE_PATTERN, value):
         raise typer.BadParameter(f"expected auto, cpu, mps, cuda or cuda:N, got {value!r}")
@@ -174,7 +177,40 @@ DeviceOption = Annotated[
     str | None, typer.Option("--device", help="Torch device: auto, cpu, cuda, cuda:1, ... (default: the preset's).",
                              callback=_check_device)
 ]
+RunsPerGpuOption = Annotated[int, typer.Option(
+    "--runs-per-gpu", min=1, help="Runs in flight on each GPU at once (each its own process); without --gpus, on "
+    "the default device.")]
 GpusOption = Annotated[
     str | None, typer.Option("--gpus", help="Run up to one worker per listed GPU in parallel, e.g. 0,1.")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def runtime_values(data_root: Path | None, clip_weights: Path | None, device: str | None) -> dict:
+    """Command-line runtime values; None falls back to the preset's defaults."""
+    return {
+        "data_root": None if data_root is None else str(data_root),
+        "clip_weights": None if clip_weights is None else str(clip_weights),
+        "device": device,
+    }
+
+
+def spec_of_table(table: str) -> "Spec":
+    """The shipped spec that fills ``table``."""
+    from php_runner.experiment.specs import load_all_specs
+
+    matches = [spec for spec in load_all_specs(specs_folder()).values() if spec.table == table]
+    if len(matches) != 1:
+        found = ", ".join(sorted(s.name for s in matches)) or "none"
+        raise InputError(f"table {table!r}: expected exactly one shipped spec filling it, found {found}")
+    return matches[0]
+
+
+def datasets_option(dataset: str) -> list[str] | None:
+    from php_runner.data.datasets import DATASET_NAMES
+
+    if dataset == "all":
+        return None
+    if dataset not in DATASET_NAMES:
+        raise InputError(f"--dataset: expected 'all' or one of {', '.join(DATASET_NAMES)}, got {dataset!r}")
+    return [dataset]

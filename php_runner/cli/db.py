@@ -22,7 +22,8 @@ def upgrade(db: DbOption = None) -> None:
 
     Example: php-run db upgrade --db postgresql+psycopg://user:password@host/php_run
     """
-    from php_runner.registry import Registry, resolve_url, stored_revision
+    from php_runner.store.registry import Registry
+    from php_runner.store.database import resolve_url, stored_revision
 
     before = stored_revision(db)
     registry = Registry(db)
@@ -38,7 +39,7 @@ def current(db: DbOption = None) -> None:
 
     Example: php-run db current
     """
-    from php_runner.registry import head_revision, resolve_url, stored_revision
+    from php_runner.store.database import head_revision, resolve_url, stored_revision
 
     revision = stored_revision(db)
     state = "up to date" if revision == head_revision() else f"php-run upgrades it to {head_revision()} on open"
@@ -51,7 +52,7 @@ def history() -> None:
 
     Example: php-run db history
     """
-    from php_runner.registry import head_revision, revision_history
+    from php_runner.store.database import head_revision, revision_history
 
     for revision, description in revision_history():
         marker = "  (head)" if revision == head_revision() else ""

@@ -18,6 +18,7 @@ from php_runner.cli.common import (
     DbOption,
     DeviceOption,
     GpusOption,
+    RunsPerGpuOption,
     PresetOption,
     SeedsOption,
     console,
@@ -27,8 +28,8 @@ from php_runner.cli.common import (
 from php_runner.errors import InputError
 
 if TYPE_CHECKING:
-    from php_runner.runner import RunOutcome
-    from php_runner.specs import PlannedRun
+    from php_runner.execute.pool import RunOutcome
+    from php_runner.experiment.schema import PlannedRun
 
 SpecOrTable = Annotated[str, typer.Argument(help="A spec file (TOML) or the name of a table, e.g. cnum.")]
 DatasetOption = Annotated[str, typer.Option("--dataset", help="CUHK-PEDES, ICFG-PEDES, RSTPReid or all.")]
@@ -52,20 +53,20 @@ FolderOption = Annotated[Path | None, typer.Option("--folder", help="submitit's 
 def plan_spec_or_table(spec_or_table: str, preset: str, dataset: str, seeds: str | None, data_root: Path | None,
                        clip_weights: Path | None, device: str | None) -> list["PlannedRun"]:
     """The runs of a spec file, or of the shipped spec filling a table."""
-    from php_runner.cli.commands import _datasets_option, _runtime, _spec_of_table
-    from php_runner.specs import expand, load_spec
+    from php_runner.cli.common import datasets_option, runtime_values, spec_of_table
+    from php_runner.experiment.specs import expand, load_spec
 
     path = Path(spec_or_table)
-    spec = load_spec(path) if path.suffix == ".toml" or path.is_file() else _spec_of_table(spec_or_table)
-    planned = expand(spec, preset, _datasets_option(dataset), parse_seeds(seeds),
-                     _runtime(data_root, clip_weights, device))
+    spec = load_spec(path) if path.suffix == ".toml" or path.is_file() else spec_of_table(spec_or_table)
+    planned = expand(spec, preset, datasets_option(dataset), parse_seeds(seeds),
+                     runtime_values(data_root, clip_weights, device))
     if not planned:
         raise InputError(f"spec {spec.name}: no runs for preset {preset!r} and the given datasets/seeds")
     return planned
 
 
 def job_options(partition, gpus_per_run, time_limit, array_parallelism, slurm_option, folder):
-    from php_runner.launch.slurm import DEFAULT_FOLDER, JobOptions, parse_slurm_options, parse_time
+    from php_runner.execute.slurm import DEFAULT_FOLDER, JobOptions, parse_slurm_options, parse_time
 
     parse_time(time_limit)  # bad input fails before anything is queued
     return JobOptions(partition=partition, gpus_per_run=gpus_per_run, time=time_limit,
@@ -94,7 +95,7 @@ def enqueue(
 
     Example: php-run enqueue cnum --preset tiny --dataset CUHK-PEDES --db postgresql+psycopg://php@db/php_run
     """
-    from php_runner.launch.queue import enqueue as enqueue_runs
+    from php_runner.execute.queue import enqueue as enqueue_runs
 
     runs = enqueue_runs(plan_spec_or_table(spec_or_table, preset, dataset, seeds, data_root, clip_weights, device), db)
     queued = sum(run.status != "done" for run in runs)
@@ -104,6 +105,7 @@ def enqueue(
 @app.command()
 def worker(
     gpus: GpusOption = None,
+    runs_per_gpu: RunsPerGpuOption = 1,
     max_runs: Annotated[int | None, typer.Option("--max-runs", help="Stop after claiming this many runs.", min=1)]
     = None,
     idle_exit: Annotated[float | None, typer.Option("--idle-exit", help="Stop after this many seconds with nothing "
@@ -119,11 +121,12 @@ def worker(
     """
     import signal
 
-    from php_runner.launch.worker import Worker, WorkerSettings
-    from php_runner.runner import command_line
+    from php_runner.execute.worker import Worker, WorkerSettings
+    from php_runner.execute.provenance import command_line
 
     gpu_ids = parse_gpus(gpus)
-    settings = WorkerSettings(db_url=db, gpus=tuple(gpu_ids) if gpu_ids else None, max_runs=max_runs,
+    settings = WorkerSettings(db_url=db, gpus=tuple(gpu_ids) if gpu_ids else None, runs_per_gpu=runs_per_gpu,
+                              max_runs=max_runs,
                               idle_exit=idle_exit, stale_after=stale_after, command=command_line())
     runner = Worker(settings, on_outcome=_print_outcome)
     runner.stop_on(signal.SIGTERM)
@@ -168,8 +171,8 @@ def submit(
     Example: php-run submit cnum --preset paper --data-root /shared/data --clip-weights /shared/ViT-B-16.pt
     --partition gpu --gpus-per-run 1 --time 08:00:00 --db postgresql+psycopg://php@db/php_run
     """
-    from php_runner.launch import slurm
-    from php_runner.runner import command_line
+    from php_runner.execute import slurm
+    from php_runner.execute.provenance import command_line
 
     options = job_options(partition, gpus_per_run, time_limit, array_parallelism, slurm_option, folder)
     planned = plan_spec_or_table(spec_or_table, preset, dataset, seeds, data_root, clip_weights, device)
@@ -187,7 +190,7 @@ def submit(
     _, problems = slurm.wait(submission.jobs)
     for line in problems:
         console.print(f"[yellow]{line}[/yellow]")
-    from php_runner.registry import Registry
+    from php_runner.store.registry import Registry
 
     registry = Registry(db)
     states = [registry.get_run(run.id) for run in submission.pending]
@@ -210,7 +213,7 @@ def cancel(
 
     Example: php-run cancel 12     (or: php-run cancel --all)
     """
-    from php_runner.launch.jobs import cancel as cancel_runs
+    from php_runner.execute.jobs import cancel as cancel_runs
 
     cancelled = cancel_runs(runs or [], db, every=all_runs)
     for run, job_id in cancelled:

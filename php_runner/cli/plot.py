@@ -10,7 +10,7 @@ import typer
 from php_runner.cli import app
 from php_runner.cli.common import DbOption, console
 from php_runner.errors import InputError
-from php_runner.registry import Registry
+from php_runner.store.registry import Registry
 
 CURVES_DIR = Path("reports") / "curves"
 
@@ -28,7 +28,7 @@ def plot(
 
     Example: php-run plot 3
     """
-    from php_runner.plots import plot_learning_curves, write_png
+    from php_runner.reports.figures import plot_learning_curves, write_png
 
     registry = Registry(db)
     try:

@@ -63,9 +63,9 @@ def tune_command(
     """
     import optuna
 
-    from php_runner.runner import command_line
-    from php_runner.specs import find_spec
-    from php_runner.tune import TrialRunFailed, tune
+    from php_runner.execute.provenance import command_line
+    from php_runner.experiment.specs import find_spec
+    from php_runner.studies.tuning import TrialRunFailed, tune
 
     # Each trial's progress is printed by tune(); Optuna's own per-trial log lines would repeat it.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -94,8 +94,8 @@ def tune_command(
 def _submit_tune(spec_path: Path, dataset: str, executor: str, workers: int, db: str | None, allow_sqlite: bool,
                  options, tune_options: dict) -> None:
     """Submit the tuning workers, wait for them, and print each one's summary."""
-    from php_runner.launch.slurm import wait
-    from php_runner.launch.tuning import submit_tune
+    from php_runner.execute.slurm import wait
+    from php_runner.studies.tuning_jobs import submit_tune
 
     jobs = submit_tune(spec_path, dataset, executor=executor, workers=workers, db_url=db,
                        allow_sqlite=allow_sqlite, options=options, **tune_options)

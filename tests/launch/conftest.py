@@ -15,8 +15,8 @@ import pytest
 from launch_helpers import plan
 from service_guard import service_missing
 
-from php_runner.registry import Registry
-from php_runner.runner import execute_planned
+from php_runner.store.registry import Registry
+from php_runner.execute.local import execute_planned
 
 
 @pytest.fixture

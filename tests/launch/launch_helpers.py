@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from php_runner.specs import expand, load_spec
+from php_runner.experiment.specs import expand, load_spec
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 JOB_TIMEOUT_S = 420  # outer limit on any wait for a worker or a job (a loaded 2-core CI machine)

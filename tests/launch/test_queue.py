@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from php_runner.errors import InputError
-from php_runner.launch.queue import check_registry_for
-from php_runner.registry import Registry
+from php_runner.execute.queue import check_registry_for
+from php_runner.store.registry import Registry
 
 
 def test_enqueue_records_queued_runs_and_executes_nothing(cli, registry_url, spec_dir, tiny_data_root, tmp_path):

@@ -13,9 +13,9 @@ import pytest
 from launch_helpers import EPOCH_PAUSE, JOB_TIMEOUT_S, php_run, php_run_env, plan, wait_for
 
 from php_runner.errors import InputError
-from php_runner.launch import slurm as slurm_launch
-from php_runner.launch.jobs import slurm_states
-from php_runner.registry import Registry
+from php_runner.execute import slurm as slurm_launch
+from php_runner.execute.jobs import slurm_states
+from php_runner.store.registry import Registry
 
 JOB_TIME = "00:15:00"
 

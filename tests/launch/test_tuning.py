@@ -8,7 +8,7 @@ import optuna
 import pytest
 from launch_helpers import JOB_TIMEOUT_S, php_run
 
-from php_runner.registry import Registry
+from php_runner.store.registry import Registry
 
 SPEC = """extends = "base"
 datasets = ["CUHK-PEDES"]

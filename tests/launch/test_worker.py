@@ -13,9 +13,9 @@ import pytest
 from launch_helpers import EPOCH_PAUSE, JOB_TIMEOUT_S, php_run, php_run_env, plan, wait_for
 
 from php_runner.errors import InputError
-from php_runner.launch.worker import Worker, WorkerSettings
-from php_runner.registry import Registry
-from php_runner.specs import config_hash
+from php_runner.execute.worker import Worker, WorkerSettings
+from php_runner.store.registry import Registry
+from php_runner.experiment.expand import config_hash
 
 
 STALE_AFTER_S = 3
@@ -102,3 +102,20 @@ def test_a_worker_that_cannot_see_a_run_s_folder_fails_clearly_and_queues_it_aga
     assert after.status == "queued" and after.attempts == 1 and not worker.active
     with pytest.raises(InputError, match="working folder .* is not visible"):
         Worker(WorkerSettings(db_url=registry_url, workdir=str(tmp_path / "nowhere"))).run()
+
+
+@pytest.mark.slow
+def test_two_runs_share_one_gpu_slot_set_at_once_with_the_metrics_of_each_run_alone(
+        spec_dir, tiny_data_root, tmp_path, local_reference):
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    packed = php_run("run", spec_dir / "two_seeds.toml", "--preset", "tiny", "--data-root", tiny_data_root,
+                     "--device", "cpu", "--db", url, "--gpus", "0", "--runs-per-gpu", 2, cwd=tmp_path)
+    output, _ = packed.communicate(timeout=JOB_TIMEOUT_S)
+    assert packed.returncode == 0, output
+    registry = Registry(url)
+    runs = registry.list_runs()
+    assert len(runs) == 2 and {run.status for run in runs} == {"done"}
+    assert max(run.started_at for run in runs) < min(run.finished_at for run in runs)  # both in flight at once
+    assert {registry.provenance(run.id)["cuda_visible_devices"] for run in runs} == {"0"}  # the one "GPU"
+    for run in runs:  # the same metrics as the run executed alone, one after another
+        assert registry.results(run.id) == local_reference[run.config_hash]

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from php_runner import audit
-from php_runner.audit import AuditSettings
+from php_runner.studies import audit
+from php_runner.studies.audit import AuditSettings
 from php_runner.data import read_dataset, write_synthetic
 from php_runner.engine.evaluate import EvalSettings
 
@@ -388,8 +388,8 @@ def _tiny_run_config(model, data_root) -> dict:
 def test_cli_audits_a_registry_run_and_stores_the_report(tmp_path, icfg, tiny_model, run_checkpoint):
     from types import SimpleNamespace
 
-    from php_runner.registry import Registry
-    from php_runner.runner import file_sha256
+    from php_runner.store.registry import Registry
+    from php_runner.store.checksums import file_sha256
 
     url = f"sqlite:///{tmp_path / 'registry.db'}"
     registry = Registry(url)

@@ -1,7 +1,7 @@
 """Bad input through the real command line: exit 2, one stderr line naming the file or field, no
 traceback, and every file the command was given left byte for byte as it was (issue 16).
 
-Training is stubbed at the process boundary: ``runner._spawn`` runs the real worker code
+Training is stubbed at the process boundary: the worker's ``spawn_run`` runs the real child code
 (``execute_run``) in-process instead of in a child process, and ``engine.train.train`` is replaced
 by a stub that writes the two checkpoints at once, so a spec that passes validation costs a
 registry round trip, not an epoch.
@@ -25,13 +25,13 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from php_runner import runner
+from php_runner.execute import child, pool, worker
 from php_runner.cli import app
 from php_runner.engine import train as train_module
 from php_runner.model.checkpoint import config_to_dict, save_atomic
 from php_runner.model.config import PHPConfig
 from php_runner.model.php import PHPModel
-from php_runner.registry import Registry
+from php_runner.store.registry import Registry
 
 PROPERTY_EXAMPLES = 30
 REAL_TRAIN = train_module.train
@@ -56,7 +56,7 @@ def assert_refused(code: int, stderr: str, expected: str, given: list[Path], bef
 
 
 class _FinishedWorker:
-    """What ``_finish`` reads of a worker process that already ran (in-process)."""
+    """What ``finish_run`` reads of a worker process that already ran (in-process)."""
 
     def __init__(self, code: int):
         self.returncode, self.pid = code, os.getpid()
@@ -84,11 +84,11 @@ def workspace(tmp_path, monkeypatch, spec_dir, tiny_data_root):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("PHP_RUN_DB", raising=False)
 
-    def spawn_in_process(run, db_url, gpu, parallel, command):
-        code = runner.execute_run(run.id, db_url, command)
-        return runner._Active(run, _FinishedWorker(code), deque(), [], gpu)
+    def spawn_in_process(run, db_url, gpu, parallel, command, claimed_by=None, heartbeat=None):
+        code = child.execute_run(run.id, db_url, command, claimed_by=claimed_by)
+        return pool.ActiveRun(run, _FinishedWorker(code), deque(), [], gpu, claimed_by)
 
-    monkeypatch.setattr(runner, "_spawn", spawn_in_process)
+    monkeypatch.setattr(worker, "spawn_run", spawn_in_process)
     monkeypatch.setattr(train_module, "train", _stub_train)
     specs = tmp_path / "specs"
     shutil.copytree(spec_dir, specs)

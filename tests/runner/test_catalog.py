@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from php_runner.cli import app
 from php_runner.cli.catalog import spec_header
-from php_runner.specs import expand, load_spec, shipped_folder
+from php_runner.experiment.specs import expand, load_spec, shipped_folder
 
 CHECKOUT = Path(__file__).resolve().parents[2]
 SHIPPED = shipped_folder()

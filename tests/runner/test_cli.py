@@ -12,8 +12,8 @@ import typer
 
 from php_runner.cli import app
 from php_runner.data import read_dataset
-from php_runner.registry import Registry
-from php_runner.specs import expand, load_spec, shipped_folder
+from php_runner.store.registry import Registry
+from php_runner.experiment.specs import expand, load_spec, shipped_folder
 
 EXPERIMENTS = shipped_folder()
 METRIC_NAMES = ["R1", "R5", "R10", "mAP", "mINP"]
@@ -352,7 +352,7 @@ def test_bench_json_has_the_keys_and_records_every_call(cli):
             value = value[key]
         assert value is None if path == "mfu" else value > 0, path
     assert record["clip"] == "tiny" and record["git_commit"] and record["torchvision"]
-    from php_runner.reports import record_benchmark
+    from php_runner.reports.bench import record_benchmark
 
     record_benchmark({**record, "recorded": "later"}, "reports")  # a second call re-renders from every record
     records = [json.loads(line) for line in Path("reports/benchmarks.jsonl").read_text().splitlines()]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from php_runner.registry import head_revision
+from php_runner.store.database import head_revision
 
 VIEWS = (["status"], ["show", "1"], ["table", "module"])
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from php_runner import audit
-from php_runner.audit import AuditSettings
+from php_runner.studies import audit
+from php_runner.studies.audit import AuditSettings
 from php_runner.data import TestSplitSize, read_dataset, write_synthetic
 from php_runner.engine.evaluate import EvalSettings
 from php_runner.engine.train import TrainSettings, seed_everything, train

@@ -7,11 +7,11 @@ import statistics
 import pytest
 from typer.testing import CliRunner
 
-from php_runner import coupling_report
+from php_runner.reports import coupling as coupling_report
 from php_runner.cli import app
 from php_runner.errors import InputError
-from php_runner.registry import Registry
-from php_runner.specs import PlannedRun
+from php_runner.store.registry import Registry
+from php_runner.experiment.schema import PlannedRun
 
 SIZES = ("1", "8", "64", "256")
 

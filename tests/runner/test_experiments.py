@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from php_runner.model.config import PHPConfig
-from php_runner.paper import load_paper_results
-from php_runner.specs import expand, load_all_specs, load_presets, shipped_folder
+from php_runner.experiment.paper import load_paper_results
+from php_runner.experiment.specs import expand, load_all_specs, load_presets, shipped_folder
 
 EXPERIMENTS = shipped_folder()
 PAPER_RUNTIME = {"data_root": "/data", "clip_weights": "/weights/ViT-B-16.pt"}

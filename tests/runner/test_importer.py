@@ -13,23 +13,13 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from php_runner import importer, reports
-from php_runner.importer import (
-    Cell,
-    ImportOptions,
-    ReleasedRun,
-    UnknownFolderError,
-    assign_headline,
-    disagreements,
-    infer_released_config,
-    interpret_folder,
-    parameter_names,
-    solver_era,
-)
+from php_runner.studies import importer
+from php_runner.reports import tables as reports
+from php_runner.studies.importer import Cell, ImportOptions, ReleasedRun, UnknownFolderError, assign_headline, disagreements, infer_released_config, interpret_folder, parameter_names, solver_era
 from php_runner.model.config import PHPConfig
 from php_runner.model.php import PHPModel
 from php_runner.model.precision import apply_precision
-from php_runner.registry import Registry
+from php_runner.store.registry import Registry
 
 LR = 3e-6
 MOE_FACTOR = 2.0
@@ -185,7 +175,7 @@ def test_unknown_folder_names_are_refused_never_guessed(name):
 
 
 def test_every_cell_the_importer_fills_is_a_row_of_paper_results():
-    from php_runner.paper import load_paper_results
+    from php_runner.experiment.paper import load_paper_results
 
     paper = load_paper_results()
     released = ["itc+aux", "sdm+aux", "sdm+itc+aux", "sdm+itc+aux_cnum3", "sdm+itc+aux_cnum6", "sdm+itc+aux_cnum9",

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from php_runner.errors import InputError
-from php_runner.paper import PAPER_RESULTS_FILE, load_paper_results, paper_value, table_names
+from php_runner.experiment.paper import PAPER_RESULTS_FILE, load_paper_results, paper_value, table_names
 
 HEADLINE_CONFIG_ROWS = {  # the row of each table that is the paper's headline configuration
     "module": "full", "loss": "sdm+itc+aux", "cnum": "9", "beta": "0.5", "sharing": "shared",

@@ -11,8 +11,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from php_runner.cli import app
-from php_runner.registry import Registry
-from php_runner.specs import expand, find_spec, load_spec
+from php_runner.store.registry import Registry
+from php_runner.experiment.specs import expand, find_spec, load_spec
 
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
 

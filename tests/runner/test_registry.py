@@ -36,17 +36,10 @@ from sqlalchemy import (
 )
 
 from php_runner.errors import InputError
-from php_runner.registry import (
-    VERSION_TABLE,
-    Base,
-    Registry,
-    current_revision,
-    head_revision,
-    resolve_url,
-    revision_history,
-    upgrade,
-)
-from php_runner.specs import PlannedRun
+from php_runner.store.database import VERSION_TABLE, current_revision, head_revision, resolve_url, revision_history, upgrade
+from php_runner.store.tables import Base
+from php_runner.store.registry import Registry
+from php_runner.experiment.schema import PlannedRun
 
 METRICS = {"R1": 61.5, "R5": 80.25, "R10": 86.0, "mAP": 55.5, "mINP": 40.125}
 

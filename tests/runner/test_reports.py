@@ -9,10 +9,13 @@ import subprocess
 import pytest
 from rich.console import Console
 
-from php_runner import reports
-from php_runner.paper import PAPER_RESULTS_FILE, load_paper_results, paper_value
-from php_runner.reports import (NOT_PAPER_SCALE_NOTE, ResultRow, build_table, render_csv, render_markdown, render_rich,
-                                write_reports)
+from php_runner.reports import publish, render
+from php_runner.reports import tables as reports
+from php_runner.experiment.paper import PAPER_RESULTS_FILE, load_paper_results, paper_value
+from php_runner.reports.tables import NOT_PAPER_SCALE_NOTE, build_table
+from php_runner.reports.render import render_csv, render_markdown, render_rich
+from php_runner.reports.publish import write_reports
+from php_runner.store.records import ResultRow
 
 R1S = {1: 80.0, 2: 82.0, 3: 84.5}
 
@@ -191,7 +194,7 @@ def latex_rows(text: str) -> list[str]:
 
 def test_latex_is_a_booktabs_table_with_ours_paper_delta_and_footnotes():
     view = build_table("cnum", seeds_rows(), preset="tiny")
-    text = reports.render_latex(view)
+    text = render.render_latex(view)
     assert text.index("\\toprule") < text.index("\\midrule") < text.index("\\bottomrule") < text.index("\\end{tabular}")
     assert "\\begin{tabular}{lll" + "r" * 3 * len(view.metrics) + "}" in text
     rows = latex_rows(text)
@@ -203,12 +206,12 @@ def test_latex_is_a_booktabs_table_with_ours_paper_delta_and_footnotes():
     assert ours == f"${mean:.2f} \\pm {std:.2f}$" and paper == "82.80" and delta == f"${mean - 82.80:+.2f}$"
     assert "6 & CUHK-PEDES & trained & -- & 82.31 & --" in text
     note = NOT_PAPER_SCALE_NOTE.format(preset="tiny")
-    assert f"\\textsuperscript{{1}}{reports.latex_escape(note)}\\\\" in text
-    assert "\\caption{" + reports.latex_escape(view.title) + "\\textsuperscript{1}}" in text
+    assert f"\\textsuperscript{{1}}{render.latex_escape(note)}\\\\" in text
+    assert "\\caption{" + render.latex_escape(view.title) + "\\textsuperscript{1}}" in text
 
 
 def test_latex_escape_leaves_no_bare_specials():
-    assert reports.latex_escape("a_b & 5% ± Δ #1 {x}") == "a\\_b \\& 5\\% $\\pm$ $\\Delta$ \\#1 \\{x\\}"
+    assert render.latex_escape("a_b & 5% ± Δ #1 {x}") == "a\\_b \\& 5\\% $\\pm$ $\\Delta$ \\#1 \\{x\\}"
 
 
 @pytest.mark.skipif(shutil.which("pdflatex") is None, reason="no LaTeX engine (pdflatex) installed")
@@ -219,7 +222,7 @@ def test_latex_of_every_table_compiles_with_pdflatex(tmp_path):
                           row(table="loss", label="sdm_itc 5% & #2 ± Δ")]  # specials must be escaped
     inputs = []
     for name in load_paper_results().tables:
-        (tmp_path / f"{name}.tex").write_text(reports.render_latex(build_table(name, rows, preset="tiny")))
+        (tmp_path / f"{name}.tex").write_text(render.render_latex(build_table(name, rows, preset="tiny")))
         inputs.append(f"\\input{{{name}.tex}}\\clearpage")
     document = ("\\documentclass{article}\n\\usepackage[a3paper,landscape,margin=1cm]{geometry}\n"
                 "\\usepackage{booktabs}\n\\begin{document}\n" + "\n".join(inputs) + "\n\\end{document}\n")
@@ -236,7 +239,7 @@ def test_index_lists_every_table_its_figures_filled_cells_and_audit_verdicts(tmp
     audit = {"batch_dependent": True, "r1_gap": 1.5, "r1_ordered": 10.0, "r1_shuffled": 8.5}
     rows = seeds_rows() + [row(table="coupling", label="official", dataset="ICFG-PEDES", audit=audit)]
     views = [build_table(name, rows, preset="tiny") for name in load_paper_results().tables]
-    path = reports.write_index(views, tmp_path, "tiny")
+    path = publish.write_index(views, tmp_path, "tiny")
     assert path == tmp_path / "index_tiny.md"
     text = path.read_text()
     lines = {line.split("](", 1)[0].lstrip("| ["): line for line in text.splitlines() if line.startswith("| [")}

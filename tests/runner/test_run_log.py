@@ -6,10 +6,11 @@ import re
 
 import pytest
 
-from php_runner.registry import Registry
-from php_runner.run_log import TRAIN_LOG, TrainLog
-from php_runner.runner import execute_run, plan_all
-from php_runner.specs import expand, load_spec
+from php_runner.store.registry import Registry
+from php_runner.execute.run_log import TRAIN_LOG, TrainLog
+from php_runner.execute.child import execute_run
+from php_runner.execute.queue import plan_all
+from php_runner.experiment.specs import expand, load_spec
 
 STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"
 

@@ -22,18 +22,12 @@ import pytest
 
 from php_runner.errors import InputError
 from php_runner.model.config import ClipConfig, PHPConfig
-from php_runner.registry import Registry
-from php_runner.runner import (
-    _Active,
-    _finish,
-    _pump,
-    build_model,
-    build_php_config,
-    build_train_settings,
-    execute_planned,
-    preflight,
-)
-from php_runner.specs import expand, load_spec
+from php_runner.store.registry import Registry
+from php_runner.execute.pool import ActiveRun, finish_run, pump_lines
+from php_runner.experiment.build import build_model, build_php_config, build_train_settings
+from php_runner.execute.local import execute_planned
+from php_runner.execute.preflight import preflight
+from php_runner.experiment.specs import expand, load_spec
 
 
 def plan(spec_dir: Path, name: str, data_root: Path):
@@ -190,17 +184,18 @@ def test_the_parent_records_a_worker_that_died_without_recording(registry_url, s
     run = registry.plan_run(plan(spec_dir, "two_epochs", tmp_path)[0])
     suicide = (
         "import os, signal, sys\n"
-        "from php_runner.registry import Registry, this_worker\n"
+        "from php_runner.store.claims import this_worker\n"
+        "from php_runner.store.registry import Registry\n"
         f"assert Registry({registry_url!r}).claim_run({run.id}, this_worker())\n"
         "print('CUDA error: an illegal memory access was encountered', file=sys.stderr, flush=True)\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"
     )
     process = subprocess.Popen([sys.executable, "-c", suicide], stderr=subprocess.PIPE, text=True)
     tail = deque(maxlen=20)
-    pump = threading.Thread(target=_pump, args=(process.stderr, io.StringIO(), "", tail))
+    pump = threading.Thread(target=pump_lines, args=(process.stderr, io.StringIO(), "", tail))
     pump.start()
     process.wait()
-    outcome = _finish(registry, _Active(run, process, tail, [pump], None))
+    outcome = finish_run(registry, ActiveRun(run, process, tail, [pump], None))
     assert outcome.status == "failed"
     assert outcome.error == "worker killed by signal 9: CUDA error: an illegal memory access was encountered"
     assert registry.get_run(run.id).status == "failed"

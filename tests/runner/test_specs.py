@@ -10,22 +10,9 @@ from php_runner.engine.train import TrainSettings
 from php_runner.errors import InputError
 from php_runner.model.config import PHPConfig
 from php_runner.model.losses import LossConfig
-from php_runner.specs import (
-    DataSection,
-    ModelSection,
-    LossSection,
-    RunConfig,
-    RuntimeSection,
-    TrainSection,
-    config_hash,
-    expand,
-    load_all_specs,
-    load_spec,
-    find_spec,
-    override,
-    shipped_folder,
-    shipped_spec_names,
-)
+from php_runner.experiment.schema import DataSection, ModelSection, LossSection, RunConfig, RuntimeSection, TrainSection
+from php_runner.experiment.expand import config_hash, override
+from php_runner.experiment.specs import expand, load_all_specs, load_spec, find_spec, shipped_folder, shipped_spec_names
 
 EXPERIMENTS = shipped_folder()
 RUNTIME = {"data_root": "/data", "clip_weights": "/w/ViT-B-16.pt", "device": None, "num_workers": None}

@@ -15,21 +15,10 @@ from rich.console import Console
 from php_runner.data import write_synthetic
 from php_runner.engine.train import EpochRecord, StopTraining
 from php_runner.errors import InputError
-from php_runner.registry import Registry
-from php_runner.specs import expand, load_spec, shipped_folder
-from php_runner import tune as tune_module
-from php_runner.tune import (
-    Objective,
-    PruningReporter,
-    build_pruner,
-    check_objective,
-    requeue_interrupted,
-    sample_params,
-    storage_note,
-    study_data,
-    tune,
-    tune_table,
-)
+from php_runner.store.registry import Registry
+from php_runner.experiment.specs import expand, load_spec, shipped_folder
+from php_runner.studies import tuning as tune_module
+from php_runner.studies.tuning import Objective, PruningReporter, build_pruner, check_objective, requeue_interrupted, sample_params, storage_note, study_data, tune, tune_table
 
 EXPERIMENTS = shipped_folder()
 TEST_EPOCHS = 2

@@ -1,0 +1,220 @@
+"""Executing planned runs: one worker process per run, claimed atomically in the registry, resumable.
+
+The parent (``execute_planned``) records each planned run in the registry, skips the done ones and
+starts a worker process for each of the others, one at a time or one per GPU. The worker
+(``python -m php_runner.execute.child RUN_ID --db URL``, entry point ``execute_run``) claims the run, builds
+the library objects from the run's resolved config, trains with a callback that writes every epoch to
+the registry, and records the selected results, checkpoints and provenance. A crash, a CUDA error or a
+SIGKILL ends one worker only; its run stays resumable from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from php_runner.errors import InputError
+from php_runner.execute.checkpoints import restart_hint, run_dir_of
+from php_runner.execute.preflight import ensure_data
+from php_runner.execute.provenance import provenance_info
+from php_runner.experiment.build import (
+    build_model,
+    build_train_settings,
+    load_training_data,
+)
+from php_runner.store.checksums import file_sha256
+from php_runner.store.heartbeat import HEARTBEAT_INTERVAL_S, Heartbeat
+from php_runner.store.registry import Registry
+from php_runner.store.records import RunRecord
+from php_runner.store.claims import this_worker
+
+if TYPE_CHECKING:
+    pass
+
+# Worker exit codes beyond 0 (done) and 1 (failed).
+EXIT_NOT_CLAIMED = 3  # done already, or another live process owns the run
+EXIT_INTERRUPTED = 130
+# Test-only: seconds to wait after each epoch is recorded, so that interruption tests (scancel, preemption,
+# SIGKILL) can land between epochs however fast the machine trains.
+EPOCH_PAUSE_ENV = "PHP_RUN_TEST_EPOCH_PAUSE_S"
+
+
+class LostClaim(Exception):
+    """Another process took over this run (our heartbeat went stale); stop without recording."""
+
+
+# --------------------------------------------------------------------------------------------
+# Building library objects from a resolved config
+# --------------------------------------------------------------------------------------------
+
+
+# --------------------------------------------------------------------------------------------
+# The worker
+# --------------------------------------------------------------------------------------------
+
+
+def _record_training(registry: Registry, run_id: int, settings, result) -> None:
+    from php_runner.engine.train import RULE_OF_SELECTION
+
+    for rule, (epoch, split, metrics) in result.selected.items():
+        registry.record_result(run_id, rule, epoch, split, metrics)
+    chosen = result.selected.get(RULE_OF_SELECTION[settings.selection])
+    roles = (
+        ("best", result.best_checkpoint, chosen[0] if chosen else None),
+        ("last", result.last_checkpoint, result.history[-1].epoch if result.history else None),
+    )
+    for role, path, epoch in roles:
+        if Path(path).is_file():
+            registry.record_checkpoint(run_id, str(Path(path).resolve()), file_sha256(path), epoch, role)
+
+
+def execute_run(run_id: int, db_url: str | None = None, command: str | None = None,
+                on_epoch: Callable[[Any], None] | None = None, claimed_by: str | None = None,
+                heartbeat_interval: float = HEARTBEAT_INTERVAL_S) -> int:
+    """Claim run ``run_id`` and train it; returns the worker exit code (0 done, 1 failed, 3 not claimed).
+
+    ``on_epoch`` is called with each ``EpochRecord`` after it is recorded; it may raise
+    ``engine.train.StopTraining`` to end the run early (tuning trials run this in-process to prune).
+    ``claimed_by`` trains a run that this worker id claimed already (a queue worker, ``launch.worker``),
+    heartbeating and recording failures under that id.
+    """
+    registry = Registry(db_url)
+    try:
+        return _claim_and_train(registry, run_id, command, on_epoch, claimed_by, heartbeat_interval)
+    finally:
+        registry.close()
+
+
+def _claim_and_train(registry: Registry, run_id: int, command: str | None,
+                     on_epoch: Callable[[Any], None] | None, claimed_by: str | None = None,
+                     heartbeat_interval: float = HEARTBEAT_INTERVAL_S) -> int:
+    worker = claimed_by or this_worker()
+    if claimed_by is None and not registry.claim_run(run_id, worker):
+        run = registry.get_run(run_id)
+        print(f"run {run_id} ({run.short_hash}) is {run.status} (worker {run.worker}); not executing it", file=sys.stderr)
+        return EXIT_NOT_CLAIMED
+    run = registry.get_run(run_id)
+    if run.status != "running" or run.worker != worker:
+        print(f"run {run_id} ({run.short_hash}) is {run.status} (worker {run.worker}), not held by {worker}; "
+              "not executing it", file=sys.stderr)
+        return EXIT_NOT_CLAIMED
+    heartbeat = Heartbeat(registry, run_id, worker, heartbeat_interval)
+    try:
+        with heartbeat:
+            _train_claimed(registry, run, heartbeat, command, on_epoch)
+    except LostClaim:
+        print(f"run {run_id}: another process took over this run; stopping", file=sys.stderr)
+        return EXIT_NOT_CLAIMED
+    except KeyboardInterrupt:
+        registry.mark_failed(run_id, "interrupted (resumes from its last checkpoint)", worker=worker)
+        return EXIT_INTERRUPTED
+    except Exception as err:  # noqa: BLE001 - every failure is recorded on the run, then reported
+        if not isinstance(err, InputError):
+            traceback.print_exc()
+        message = str(err).strip().splitlines()[-1] if str(err).strip() else ""
+        from php_runner.engine.train import LAST_CHECKPOINT
+
+        if str(run_dir_of(run) / LAST_CHECKPOINT) in message:  # its resume state is unusable
+            message += f"; {restart_hint(run)}"
+        registry.mark_failed(run_id, f"{type(err).__name__}: {message}", worker=worker)
+        print(f"run {run_id} failed: {type(err).__name__}: {message}", file=sys.stderr)
+        return 1
+    registry.mark_done(run_id)
+    return 0
+
+
+def _train_claimed(registry: Registry, run: RunRecord, heartbeat: Heartbeat, command: str | None,
+                   then: Callable[[Any], None] | None) -> None:
+    from php_runner.data.datasets import dataset_statistics
+    from php_runner.engine.train import resolve_device, seed_everything, train
+    from php_runner.execute.run_log import TrainLog
+
+    config = run.config
+    settings = build_train_settings(config)
+    registry.record_provenance(run.id, provenance_info(str(resolve_device(settings.device)), command))
+    ensure_data(config)
+    dataset = load_training_data(config)
+    seed_everything(settings.seed)  # the initial weights are a function of the run's seed, as officially
+    model = build_model(config, dataset.num_classes)
+    run_dir = run_dir_of(run)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    registry.set_run_dir(run.id, str(run_dir))
+    log = TrainLog(run_dir)  # the official-format train_log.txt beside the checkpoints
+    epoch_pause = float(os.environ.get(EPOCH_PAUSE_ENV) or 0)
+    log.dataset_statistics(config["data"]["dataset"], dataset_statistics(dataset))
+
+    def on_epoch(record) -> None:
+        if heartbeat.lost.is_set():
+            raise LostClaim()
+        train_values = {**{k: float(v) for k, v in record.losses.items()}, "lr": float(record.lr),
+                        "seconds": float(record.seconds)}
+        registry.record_epoch(run.id, record.epoch, "train", train_values)
+        for split, metrics in record.metrics.items():
+            registry.record_epoch(run.id, record.epoch, split, {k: float(v) for k, v in metrics.items()})
+        log.epoch(record.epoch, record.losses, record.lr, record.metrics)
+        heartbeat.beat()
+        if then is not None:
+            then(record)
+        time.sleep(epoch_pause)
+
+    try:
+        result = train(model, dataset, settings, run_dir, on_epoch=on_epoch)
+        if "best-on-test" in result.selected:
+            epoch, _split, metrics = result.selected["best-on-test"]
+            log.best(metrics["R1"], epoch)
+    finally:
+        log.close()
+    if heartbeat.lost.is_set():
+        raise LostClaim()
+    _record_training(registry, run.id, settings, result)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m php_runner.execute.child", description="Execute one registry run (the php-run worker process)."
+    )
+    parser.add_argument("run_id", type=int)
+    parser.add_argument("--db", default=None, help="registry URL (default: $PHP_RUN_DB or sqlite:///registry.db)")
+    parser.add_argument("--command", default=None, help="the php-run command line, for provenance")
+    parser.add_argument("--claimed-by", default=None,
+                        help="the worker id (host:pid of the parent) that claimed the run for this process")
+    parser.add_argument("--heartbeat", type=float, default=HEARTBEAT_INTERVAL_S, help="seconds between heartbeats")
+    args = parser.parse_args(argv)
+    if args.claimed_by:
+        die_with_parent(args.claimed_by)
+    try:
+        return execute_run(args.run_id, args.db, args.command, claimed_by=args.claimed_by,
+                           heartbeat_interval=args.heartbeat)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def die_with_parent(owner: str) -> None:
+    """End this process when the worker that claimed its run dies (Linux), so that a killed worker's
+    runs go stale instead of training on unowned; exits at once when that worker is gone already."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    host, _, pid = owner.rpartition(":")
+    if host == socket.gethostname() and pid.isdigit() and os.getppid() != int(pid):
+        sys.exit(EXIT_NOT_CLAIMED)
+
+
+# --------------------------------------------------------------------------------------------
+# The parent: planning and scheduling workers
+# --------------------------------------------------------------------------------------------
+
+
+if __name__ == "__main__":
+    sys.exit(main())

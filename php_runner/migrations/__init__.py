@@ -1,1 +1,0 @@
-"""The registry's Alembic migrations (``versions/``), run by ``php_runner.registry.upgrade``."""

@@ -1,0 +1,464 @@
+"""The run registry: runs, per-epoch metrics, selected results, checkpoints, provenance and audits.
+
+SQLAlchemy 2 ORM over any SQLAlchemy URL; the default is ``sqlite:///registry.db`` in the working
+directory, ``$PHP_RUN_DB`` overrides it. Every public method returns plain dataclass snapshots,
+never live ORM objects, so callers can keep them after the session closes.
+
+The ORM models below are the current schema; every change to them comes with an Alembic revision in
+``php_runner/store/migrations/versions`` (frozen history: each defines the step as it was), applied on
+open, so a database of any earlier version upgrades in place. A test compares the models with the
+migrated schema, so a model change without its revision fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import (
+    JSON,
+    Text,
+    delete,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from php_runner.errors import InputError
+from php_runner.store.claims import (
+    DEFAULT_STALE_AFTER_S,
+    claim_values,
+    claimable_condition,
+    pid_is_dead,
+)
+from php_runner.store.database import (
+    BadJSON,
+    check_sqlite_file,
+    first_line,
+    make_engine,
+    resolve_url,
+    shown_url,
+    upgrade,
+)
+from php_runner.store.records import (
+    AuditRecord,
+    CheckpointRecord,
+    EpochMetrics,
+    RunRecord,
+)
+from php_runner.store.rows import checked_metrics, damaged_error, run_record
+from php_runner.store.tables import (
+    PROVENANCE_FIELDS,
+    RULES,
+    RUN_KINDS,
+    Audit,
+    Base,
+    Checkpoint,
+    EpochMetric,
+    Provenance,
+    Result,
+    Run,
+    RunLabel,
+)
+
+if TYPE_CHECKING:
+    from php_runner.experiment.schema import PlannedRun
+    from php_runner.store.records import ResultRow
+
+
+# --------------------------------------------------------------------------------------------
+# ORM model: the current schema
+# --------------------------------------------------------------------------------------------
+
+
+# --------------------------------------------------------------------------------------------
+# Migrations: Alembic revisions in php_runner/migrations/versions, applied on open
+# --------------------------------------------------------------------------------------------
+
+
+# --------------------------------------------------------------------------------------------
+# Snapshots
+# --------------------------------------------------------------------------------------------
+
+
+# --------------------------------------------------------------------------------------------
+# The registry
+# --------------------------------------------------------------------------------------------
+
+
+class Registry:
+    """Access to one registry database. Opening it creates or upgrades the schema."""
+
+    def __init__(self, url: str | None = None, stale_after: float = DEFAULT_STALE_AFTER_S):
+        self.url = resolve_url(url)
+        self.stale_after = stale_after
+        try:
+            check_sqlite_file(self.url)
+            self.engine = make_engine(self.url)
+            upgrade(self.engine)
+        except InputError:
+            raise
+        except Exception as err:  # a bad URL or an unreadable file is bad input, named by its URL
+            raise InputError(f"registry {shown_url(self.url)}: cannot open ({first_line(err)})") from err
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[Session]:
+        try:
+            with self._sessions.begin() as session:
+                yield session
+        except BadJSON:
+            raise self._locate_bad_json() from None
+
+    def _locate_bad_json(self) -> InputError:
+        """The first stored JSON value that does not parse, named by table, row and column."""
+        with self.engine.connect() as conn:
+            for table in Base.metadata.sorted_tables:
+                for column in (c for c in table.columns if isinstance(c.type, JSON)):
+                    for row_id, value in conn.execute(select(table.c.id, column.cast(Text))):
+                        try:
+                            json.loads(value)
+                        except (TypeError, ValueError):
+                            return damaged_error(self.url, table.name, row_id, f"{column.name} is not valid JSON")
+        return InputError(f"registry {shown_url(self.url)}: a stored JSON value does not parse; the database is damaged")
+
+    # ---- runs -------------------------------------------------------------------------------
+
+    def plan_run(self, planned: "PlannedRun", kind: str = "trained") -> RunRecord:
+        """Insert ``planned`` as a queued run when its hash is new, else return the existing run.
+
+        Either way the run gets ``planned``'s label (spec, table, row), so a config planned by several
+        specs fills a cell in each of their tables. An existing run that is not done and not running
+        takes the new ``runtime`` section (data root, weights, device): it is outside the hash, and the
+        latest invocation knows where the data lives now. The returned record keeps the labels of
+        the run's first planning.
+        """
+        if kind not in RUN_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(RUN_KINDS)}, got {kind!r}")
+        try:
+            with self._session() as s:
+                row = s.scalars(select(Run).where(Run.config_hash == planned.config_hash)).one_or_none()
+                if row is None:
+                    row = Run(
+                        config_hash=planned.config_hash, config=planned.config, kind=kind,
+                        dataset=planned.dataset, spec_name=planned.spec_name, table_name=planned.table,
+                        row_label=planned.row_label, seed=planned.seed, preset=planned.preset,
+                        status="queued", created_at=time.time(), attempts=0,
+                    )
+                    s.add(row)
+                elif row.status in ("queued", "failed") and "runtime" in planned.config:
+                    row.config = {**row.config, "runtime": planned.config["runtime"]}
+                s.flush()
+                label = select(RunLabel).where(
+                    RunLabel.run_id == row.id, RunLabel.spec_name == planned.spec_name,
+                    RunLabel.row_label == planned.row_label,
+                )
+                if s.scalars(label).first() is None:
+                    s.add(RunLabel(run_id=row.id, spec_name=planned.spec_name, table_name=planned.table,
+                                   row_label=planned.row_label))
+                return run_record(row, self.url)
+        except IntegrityError:  # another process inserted the same hash between our select and insert
+            return self.get_run(planned.config_hash)
+
+    def claim_run(self, run_id: int, worker: str, stale_after: float | None = None) -> bool:
+        """Atomically make ``worker`` the owner of a queued, failed or abandoned running run.
+
+        A running run is abandoned when its heartbeat is older than ``stale_after`` seconds, or when
+        its worker was a process on this host that no longer exists (killed, crashed). One UPDATE
+        with the claimable condition in its WHERE clause decides; exactly one concurrent caller sees
+        a changed row.
+        """
+        stale_after = self.stale_after if stale_after is None else stale_after
+        now = time.time()
+        claimable = claimable_condition(now, stale_after)
+        current = self.get_run(run_id)
+        if current.status == "running" and pid_is_dead(current.worker):
+            # Compare-and-swap on the dead owner's identity: a concurrent claimer changes it first.
+            claimable = or_(
+                claimable,
+                (Run.status == "running") & (Run.worker == current.worker)
+                & (Run.heartbeat_at == current.heartbeat_at),
+            )
+        with self._session() as s:
+            result = s.execute(
+                update(Run).where(Run.id == run_id, claimable).values(**claim_values(worker, now))
+                .execution_options(synchronize_session=False)
+            )
+            return result.rowcount == 1
+
+    def claim_next(
+        self, worker: str, stale_after: float | None = None, run_ids: Sequence[int] | None = None
+    ) -> RunRecord | None:
+        """Atomically claim the oldest claimable run (the rule of ``claim_run``) among ``run_ids``.
+
+        ``run_ids=None`` means any run; imported runs are never claimed (they never train). On PostgreSQL
+        the candidate row is selected ``FOR UPDATE SKIP LOCKED``, so concurrent workers take
+        different runs without waiting on each other; on SQLite the transaction is ``BEGIN
+        IMMEDIATE`` (see ``make_engine``), which serialises claimers. Runs held by a dead local
+        process are claimed through ``claim_run``'s compare-and-swap. Returns the claimed run, or
+        None when nothing is claimable.
+        """
+        if run_ids is not None and not run_ids:
+            return None
+        stale_after = self.stale_after if stale_after is None else stale_after
+        scope = [Run.kind.in_(("trained", "trial"))] + ([] if run_ids is None else [Run.id.in_(list(run_ids))])
+        now = time.time()
+        with self._session() as s:
+            candidate = s.scalars(
+                select(Run.id).where(*scope, claimable_condition(now, stale_after)).order_by(Run.id).limit(1)
+                .with_for_update(skip_locked=True)
+            ).first()
+            if candidate is not None:
+                s.execute(update(Run).where(Run.id == candidate).values(**claim_values(worker, now))
+                          .execution_options(synchronize_session=False))
+                return run_record(s.get(Run, candidate), self.url)
+            orphans = s.execute(
+                select(Run.id, Run.worker).where(*scope, Run.status == "running").order_by(Run.id)
+            ).all()
+        for run_id, owner in orphans:
+            if pid_is_dead(owner) and self.claim_run(run_id, worker, stale_after):
+                return self.get_run(run_id)
+        return None
+
+    def set_job(self, run_id: int, executor: str | None, job_id: str | None) -> None:
+        """Record the executor (``local``, ``slurm``) and job id that will run, or runs, ``run_id``."""
+        with self._session() as s:
+            s.execute(update(Run).where(Run.id == run_id).values(executor=executor, job_id=job_id))
+
+    def requeue(self, run_id: int, worker: str | None = None) -> bool:
+        """Put a running run back in the queue (preempted, cancelled); with ``worker``, only its own.
+
+        The run directory stays, so the next claimer resumes from its last checkpoint.
+        """
+        condition = [Run.id == run_id, Run.status == "running"]
+        if worker is not None:
+            condition.append(Run.worker == worker)
+        with self._session() as s:
+            result = s.execute(
+                update(Run).where(*condition).values(status="queued", worker=None, heartbeat_at=None)
+                .execution_options(synchronize_session=False)
+            )
+            return result.rowcount == 1
+
+    def is_claimable(self, run: RunRecord, stale_after: float | None = None) -> bool:
+        """Whether ``claim_run`` would currently succeed for ``run`` (a hint; claim_run decides)."""
+        stale_after = self.stale_after if stale_after is None else stale_after
+        if run.status in ("queued", "failed"):
+            return True
+        if run.status != "running":
+            return False
+        stale = run.heartbeat_at is None or run.heartbeat_at < time.time() - stale_after
+        return stale or pid_is_dead(run.worker)
+
+    def heartbeat(self, run_id: int, worker: str) -> bool:
+        """Refresh the heartbeat; False when ``worker`` no longer owns the running run."""
+        with self._session() as s:
+            result = s.execute(
+                update(Run)
+                .where(Run.id == run_id, Run.worker == worker, Run.status == "running")
+                .values(heartbeat_at=time.time())
+                .execution_options(synchronize_session=False)
+            )
+            return result.rowcount == 1
+
+    def set_run_dir(self, run_id: int, run_dir: str) -> None:
+        with self._session() as s:
+            s.execute(update(Run).where(Run.id == run_id).values(run_dir=run_dir))
+
+    def mark_done(self, run_id: int) -> None:
+        with self._session() as s:
+            s.execute(
+                update(Run).where(Run.id == run_id).values(status="done", error=None, finished_at=time.time())
+            )
+
+    def mark_failed(self, run_id: int, error: str, worker: str | None = None) -> bool:
+        """Record a failure. With ``worker``, only while that worker still owns the running run."""
+        condition = [Run.id == run_id]
+        if worker is not None:
+            condition += [Run.worker == worker, Run.status == "running"]
+        with self._session() as s:
+            result = s.execute(
+                update(Run).where(*condition).values(status="failed", error=error, finished_at=time.time())
+            )
+            return result.rowcount == 1
+
+    def get_run(self, ref: int | str) -> RunRecord:
+        """A run by id or by a unique prefix of its config hash."""
+        with self._session() as s:
+            key = str(ref).strip()
+            if key.isdigit():
+                row = s.get(Run, int(key))
+                if row is not None:
+                    return run_record(row, self.url)
+            if not key:
+                raise InputError("run: empty run reference")
+            rows = s.scalars(select(Run).where(Run.config_hash.startswith(key.lower())).limit(2)).all()
+            if not rows:
+                raise InputError(f"run {key!r}: no run with this id or config-hash prefix in {shown_url(self.url)}")
+            if len(rows) > 1:
+                raise InputError(f"run {key!r}: the hash prefix matches several runs; give more characters")
+            return run_record(rows[0], self.url)
+
+    def list_runs(
+        self,
+        *,
+        status: str | Iterable[str] | None = None,
+        kind: str | Iterable[str] | None = None,
+        dataset: str | None = None,
+        spec_name: str | None = None,
+        table: str | None = None,
+        preset: str | None = None,
+        config_hashes: Iterable[str] | None = None,
+    ) -> list[RunRecord]:
+        """Runs matching every given filter, in id order; ``spec_name`` and ``table`` match any label."""
+        query = select(Run).order_by(Run.id)
+        for column, value in ((Run.status, status), (Run.kind, kind)):
+            if value is not None:
+                query = query.where(column.in_([value] if isinstance(value, str) else list(value)))
+        for column, value in ((Run.dataset, dataset), (Run.preset, preset)):
+            if value is not None:
+                query = query.where(column == value)
+        for column, value in ((RunLabel.spec_name, spec_name), (RunLabel.table_name, table)):
+            if value is not None:
+                query = query.where(select(RunLabel.id).where(RunLabel.run_id == Run.id, column == value).exists())
+        if config_hashes is not None:
+            query = query.where(Run.config_hash.in_(list(config_hashes)))
+        with self._session() as s:
+            return [run_record(row, self.url) for row in s.scalars(query)]
+
+    # ---- metrics and results ----------------------------------------------------------------
+
+    def record_epoch(self, run_id: int, epoch: int, split: str, metrics: dict[str, float]) -> None:
+        """Store one epoch's values for ``split``, replacing any earlier values (a resumed epoch)."""
+        with self._session() as s:
+            s.execute(
+                delete(EpochMetric).where(
+                    EpochMetric.run_id == run_id, EpochMetric.epoch == epoch, EpochMetric.split == split
+                )
+            )
+            s.add_all(
+                EpochMetric(run_id=run_id, epoch=epoch, split=split, name=name, value=float(value))
+                for name, value in metrics.items()
+            )
+
+    def epochs(self, run_id: int) -> list[EpochMetrics]:
+        """Per-epoch values, ordered by epoch then split."""
+        query = (
+            select(EpochMetric)
+            .where(EpochMetric.run_id == run_id)
+            .order_by(EpochMetric.epoch, EpochMetric.split, EpochMetric.id)
+        )
+        grouped: dict[tuple[int, str], dict[str, float]] = {}
+        with self._session() as s:
+            for row in s.scalars(query):
+                grouped.setdefault((row.epoch, row.split), {})[row.name] = row.value
+        return [EpochMetrics(epoch, split, values) for (epoch, split), values in grouped.items()]
+
+    def record_result(self, run_id: int, rule: str, epoch: int, split: str, metrics: dict[str, float]) -> None:
+        if rule not in RULES:
+            raise ValueError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
+        with self._session() as s:
+            s.execute(delete(Result).where(Result.run_id == run_id, Result.rule == rule))
+            s.add(Result(run_id=run_id, rule=rule, epoch=epoch, split=split,
+                         metrics={k: float(v) for k, v in metrics.items()}))
+
+    def results(self, run_id: int) -> dict[str, dict]:
+        """``{rule: {"epoch": e, "split": s, "metrics": {R1, R5, R10, mAP, mINP}}}``."""
+        with self._session() as s:
+            rows = s.scalars(select(Result).where(Result.run_id == run_id).order_by(Result.id))
+            return {r.rule: {"epoch": r.epoch, "split": r.split,
+                             "metrics": checked_metrics(self.url, "results", r.id, r.metrics)} for r in rows}
+
+    def record_checkpoint(self, run_id: int, path: str, sha256: str, epoch: int | None, role: str) -> None:
+        with self._session() as s:
+            s.execute(delete(Checkpoint).where(Checkpoint.run_id == run_id, Checkpoint.role == role))
+            s.add(Checkpoint(run_id=run_id, role=role, path=str(path), sha256=sha256, epoch=epoch))
+
+    def checkpoints(self, run_id: int) -> list[CheckpointRecord]:
+        with self._session() as s:
+            rows = s.scalars(select(Checkpoint).where(Checkpoint.run_id == run_id).order_by(Checkpoint.id))
+            return [CheckpointRecord(r.role, r.path, r.sha256, r.epoch) for r in rows]
+
+    def record_provenance(self, run_id: int, info: dict[str, Any]) -> None:
+        """Store where and with what a run executed; keys outside ``PROVENANCE_FIELDS`` go to ``extra``."""
+        known = {k: info.get(k) for k in PROVENANCE_FIELDS}
+        extra = {k: v for k, v in info.items() if k not in PROVENANCE_FIELDS}
+        with self._session() as s:
+            s.execute(delete(Provenance).where(Provenance.run_id == run_id))
+            s.add(Provenance(run_id=run_id, recorded_at=time.time(), extra=extra, **known))
+
+    def provenance(self, run_id: int) -> dict[str, Any] | None:
+        with self._session() as s:
+            row = s.scalars(select(Provenance).where(Provenance.run_id == run_id)).one_or_none()
+            if row is None:
+                return None
+            if not isinstance(row.extra, dict):
+                raise damaged_error(self.url, "provenance", row.id, "extra is not a mapping")
+            return {**{k: getattr(row, k) for k in PROVENANCE_FIELDS}, "recorded_at": row.recorded_at, **row.extra}
+
+    def record_audit(self, run_id: int, report: dict) -> AuditRecord:
+        with self._session() as s:
+            row = Audit(run_id=run_id, report=report, created_at=time.time())
+            s.add(row)
+            s.flush()
+            return AuditRecord(row.id, row.run_id, row.report, row.created_at)
+
+    def latest_audit(self, run_id: int) -> AuditRecord | None:
+        with self._session() as s:
+            row = s.scalars(
+                select(Audit).where(Audit.run_id == run_id).order_by(Audit.created_at.desc(), Audit.id.desc())
+            ).first()
+            return None if row is None else AuditRecord(row.id, row.run_id, row.report, row.created_at)
+
+    # ---- tables -----------------------------------------------------------------------------
+
+    def result_rows(self, table: str | None = None, preset: str | None = None) -> list["ResultRow"]:
+        """One ``reports.ResultRow`` per (done run, label, recorded rule), optionally for one table.
+
+        With ``preset``, runs of other presets are left out (imported runs are always kept: they are
+        released checkpoints, shown on lines of their own), so a table never averages a tiny-preset
+        run with a paper-scale one. ``forced_test`` marks tuning trials that selected on the test
+        split: their settings were chosen by test labels.
+        """
+        from php_runner.store.records import ResultRow
+
+        query = (
+            select(Run, RunLabel, Result)
+            .join(RunLabel, RunLabel.run_id == Run.id)
+            .join(Result, Result.run_id == Run.id)
+            .where(Run.status == "done")
+            .order_by(Run.id, RunLabel.id, Result.id)
+        )
+        if table is not None:
+            query = query.where(RunLabel.table_name == table)
+        if preset is not None:
+            query = query.where((Run.preset == preset) | (Run.kind == "imported"))
+        with self._session() as s:
+            triples = s.execute(query).all()
+            audits: dict[int, dict] = {}
+            run_ids = sorted({run.id for run, _, _ in triples})
+            if run_ids:
+                for audit in s.scalars(
+                    select(Audit).where(Audit.run_id.in_(run_ids)).order_by(Audit.created_at, Audit.id)
+                ):
+                    audits[audit.run_id] = audit.report  # ascending order: the latest wins
+            records = {run.id: run_record(run, self.url) for run, _, _ in triples}
+            return [
+                ResultRow(
+                    table=label.table_name, spec_name=label.spec_name, row_label=label.row_label,
+                    dataset=run.dataset, seed=run.seed, rule=result.rule,
+                    metrics=checked_metrics(self.url, "results", result.id, result.metrics),
+                    kind=run.kind, audit=audits.get(run.id),
+                    forced_test=run.kind == "trial"
+                    and records[run.id].config.get("train", {}).get("selection") == "test",
+                )
+                for run, label, result in triples
+            ]
