@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from php_runner.model.clip import (
@@ -106,12 +107,37 @@ class MoELayer(nn.Module):
         # Dense dispatch: every expert runs on every row, scaled by its routing weight (zero where the row did
         # not choose it). Like the official per-expert call on a possibly empty selection, every expert then
         # gets a gradient each step (exactly zero when unchosen), so Adam steps it; and no host sync is needed.
-        # Unchosen experts add exact zeros, so the sum equals the official ascending-expert accumulation.
         gates = torch.zeros_like(logits).scatter(-1, top_index, route_weights)
-        out = torch.zeros_like(flat)
-        for expert_index, expert in enumerate(self.experts):
-            out = out + (gates[:, expert_index, None] * expert(flat)).to(out.dtype)
+        if self.experts[0].down.weight.dtype == torch.float16:
+            # The official fp16 regime calls the experts one by one: a batched computation rounds differently in
+            # fp16 (its LayerNorm affine and batched GEMMs), and this regime keeps the official rounding.
+            weighted = [gates[:, index, None] * expert(flat) for index, expert in enumerate(self.experts)]
+        else:
+            weighted = gates.t().unsqueeze(-1) * self.all_experts(flat)
+        # Summed in ascending expert order, one add at a time as the official accumulation; unchosen experts
+        # add exact zeros.
+        out = weighted[0]
+        for expert_output in weighted[1:]:
+            out = out + expert_output
         return out.reshape(u.shape), aux.float()
+
+    def all_experts(self, flat: Tensor) -> Tensor:
+        """Every expert on every row of ``flat`` (N, D) as one batched computation: ``(E, N, D)``.
+
+        The experts keep their own parameter tensors (official keys and optimiser groups); they are stacked
+        here, per call, and the LayerNorm statistics shared by all experts are computed once.
+        """
+        experts = self.experts
+        norm_weight = torch.stack([expert.norm.weight for expert in experts]).unsqueeze(1)
+        norm_bias = torch.stack([expert.norm.bias for expert in experts]).unsqueeze(1)
+        down_weight = torch.stack([expert.down.weight for expert in experts]).transpose(1, 2)
+        down_bias = torch.stack([expert.down.bias for expert in experts]).unsqueeze(1)
+        up_weight = torch.stack([expert.up.weight for expert in experts]).transpose(1, 2)
+        up_bias = torch.stack([expert.up.bias for expert in experts]).unsqueeze(1)
+        first = experts[0]
+        normed = torch.addcmul(norm_bias, F.layer_norm(flat, flat.shape[-1:], eps=first.norm.eps), norm_weight)
+        hidden = first.dropout(first.act(torch.baddbmm(down_bias, normed, down_weight)))
+        return flat + first.dropout(torch.baddbmm(up_bias, hidden, up_weight))
 
 
 class EFPBlock(nn.Module):
