@@ -59,10 +59,19 @@ class CRFM(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         """``(B, L, D)`` -> ``(B, cnum, D)``; no mask, so padding positions are pooled too (as official)."""
-        queries = self.part_tokens.to(tokens.dtype)
-        weights = (queries @ tokens.transpose(1, 2)).softmax(dim=-1)  # unscaled logits (spec 2.3)
-        pooled = (weights @ tokens) / self.scaling
-        return self.feed(pooled)
+        return self.feed(self.pool(tokens))
+
+    def forward_parts(self, parts: Sequence[Tensor]) -> list[Tensor]:
+        """Several parts (B_i, L_i, D): each pooled alone, then the feed-forward once on all their slots."""
+        fed = self.feed(torch.cat([self.pool(tokens) for tokens in parts]))
+        return list(fed.split([tokens.shape[0] for tokens in parts]))
+
+    def pool(self, tokens: Tensor) -> Tensor:
+        """The learned queries' softmax pooling of ``tokens``, scaled: ``(B, cnum, D)``."""
+        # No cast of the queries: their dtype is the tokens' in every regime but autocast, whose matmul casts
+        # them once per step (a cached cast of a parameter).
+        weights = (self.part_tokens @ tokens.transpose(1, 2)).softmax(dim=-1)  # unscaled logits (spec 2.3)
+        return (weights @ tokens) / self.scaling
 
 
 class Adapter(nn.Module):
@@ -107,7 +116,9 @@ class MoELayer(nn.Module):
         num_experts = len(self.experts)
         flat = u.reshape(-1, u.shape[-1])
         # A 0-dim fp32 alpha does not promote the fp16 gate logits, as in the official fp16 run.
-        logits = (1 - self.alpha) * self.input_gate(flat) + self.alpha * self.task_gate(task_vector)
+        # The task vector takes the gate's dtype (fp16 officially, spec 2.4); under autocast the gate casts it.
+        task_logits = self.task_gate(task_vector.to(self.task_gate.weight.dtype))
+        logits = (1 - self.alpha) * self.input_gate(flat) + self.alpha * task_logits
         top_values, top_index = logits.topk(self.topk, dim=-1)
         route_weights = top_values.float().softmax(dim=-1).to(logits.dtype)
         probs = logits.float().softmax(dim=-1).to(logits.dtype)
@@ -204,7 +215,7 @@ class EFPBlock(nn.Module):
         """Packed parts as in ``attend_parts``: (rows, aux per part ``(len(shapes),)``)."""
         x = rows + self.attend_parts(self.ln_1(rows), shapes, coupling)
         part_rows = [batch * slots for batch, slots in shapes]
-        moe_out, aux = self.feed_forward(self.ln_3(x), self.comb_param.to(x.dtype), part_rows)
+        moe_out, aux = self.feed_forward(self.ln_3(x), self.comb_param, part_rows)
         return x + self.mlp(self.ln_2(x)) + moe_out, aux
 
 
@@ -320,21 +331,28 @@ class PHPModel(nn.Module):
         if encoder == "base":
             return features, aux
         heads = [self._head(modality) for modality in modalities]
+        if len(heads) > 1 and self.config.sharing == "shared" and not keeps_official_rounding(self.safl.feed[1]):
+            return self._fuse_shared(features, tokens, encoder)
         if encoder in ("crfm", "full"):
             tokens = [crfm(part) for (crfm, _), part in zip(heads, tokens)]
         if encoder in ("efp", "full"):
-            tokens, part_aux = self._efp(tokens, [efp for _, efp in heads])
-            aux = part_aux.sum()
+            results = [efp(part, self._coupling) for (_, efp), part in zip(heads, tokens)]
+            tokens = [out for out, _ in results]
+            aux = torch.stack([part_aux for _, part_aux in results]).sum()
         return [feature + part.mean(dim=1) for feature, part in zip(features, tokens)], aux
 
-    def _efp(self, parts: list[Tensor], efps: list[EFPTransformer]) -> tuple[list[Tensor], Tensor]:
-        """Each part through its EFP head; parts sharing one head go through it in one pass (attention and aux
-        stay within each part), which equals separate passes and launches half the kernels. In fp16 one pass
-        would round the shared weights' gradients once instead of per modality, so that regime keeps two."""
-        if all(efp is efps[0] for efp in efps) and not keeps_official_rounding(efps[0].resblocks[0].mlp.c_fc):
-            return efps[0].forward_parts(parts, self._coupling)
-        results = [efp(part, self._coupling) for efp, part in zip(efps, parts)]
-        return [out for out, _ in results], torch.stack([aux for _, aux in results])
+    def _fuse_shared(self, features: list[Tensor], tokens: Sequence[Tensor], encoder: str) -> tuple[list[Tensor], Tensor]:
+        """``_fuse`` for modalities sharing the head, in one pass through its per-token layers (CRFM feed-forward,
+        EFP projections, MLPs and experts) while pooling, attention and the aux term stay within each modality:
+        equal to one pass per modality, with half the kernel launches. Not in fp16: one pass would round each
+        shared weight's gradient once where the official code rounds it per modality."""
+        aux = torch.zeros((), device=features[0].device)
+        if encoder in ("crfm", "full"):
+            tokens = self.safl.forward_parts(tokens)
+        if encoder in ("efp", "full"):
+            tokens, part_aux = self.shared_transformer.forward_parts(tokens, self._coupling)
+            aux = part_aux.sum()
+        return [feature + part.mean(dim=1) for feature, part in zip(features, tokens)], aux
 
     def _text_tokens(self, token_ids: Tensor) -> tuple[Tensor, Tensor]:
         """(global EOT token (B, D), all tokens (B, context, D)); the EOT position is the argmax of the ids."""
