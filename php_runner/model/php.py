@@ -1,5 +1,11 @@
 """The PHP model: CLIP backbone, CRFM (spec 2.3), the EFP mixture-of-experts transformer (spec 2.4), and
-the variant / sharing / coupling switches (spec 2.5-2.7), with the official key layout (spec 3)."""
+the variant / sharing / coupling switches (spec 2.5-2.7), with the official key layout (spec 3).
+
+Two computation paths with equal results: with fp32 weights (the fast regime, bf16 autocast on CUDA) the
+experts run as one batched computation and, in training, image and text go through a shared head in one
+pass; with fp16 weights (the official regime) the experts are called one by one and each modality has its
+own pass, as the official code rounds (``keeps_official_rounding``).
+"""
 
 from __future__ import annotations
 
@@ -330,9 +336,9 @@ class PHPModel(nn.Module):
         aux = torch.zeros((), device=features[0].device)
         if encoder == "base":
             return features, aux
-        heads = [self._head(modality) for modality in modalities]
-        if len(heads) > 1 and self.config.sharing == "shared" and not keeps_official_rounding(self.safl.feed[1]):
+        if len(modalities) > 1 and self.config.sharing == "shared" and not keeps_official_rounding(self.safl.feed[1]):
             return self._fuse_shared(features, tokens, encoder)
+        heads = [self._head(modality) for modality in modalities]
         if encoder in ("crfm", "full"):
             tokens = [crfm(part) for (crfm, _), part in zip(heads, tokens)]
         if encoder in ("efp", "full"):
