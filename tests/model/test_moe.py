@@ -108,7 +108,7 @@ def test_unchosen_expert_is_stepped_by_adam_with_zero_loss_gradient():
         u = torch.randn(4, 3, WIDTH, generator=generator)
         task = torch.randn(WIDTH, generator=generator).abs() + 0.5  # positive, so the -10 task-gate row stays last
         y, aux = moe(u, task)
-        _, top_index = (((1 - moe.alpha) * moe.input_gate(u) + moe.alpha * moe.task_gate(task))).topk(TOPK, dim=-1)
+        _, top_index = ((1 - moe.alpha) * moe.input_gate(u) + moe.alpha * moe.task_gate(task)).topk(TOPK, dim=-1)
         assert not (top_index == EXPERTS - 1).any(), "the construction must leave the last expert unchosen"
         optimizer.zero_grad()
         ((y * torch.randn(y.shape, generator=generator)).sum() + aux).backward()

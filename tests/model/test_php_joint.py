@@ -4,7 +4,6 @@ within each modality; fewer ops than two passes; the official fp16 regime keeps 
 
 from __future__ import annotations
 
-import collections
 import math
 
 import pytest
