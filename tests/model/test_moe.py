@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from php_runner.engine.optim import build_optimizer, build_param_groups
 from php_runner.model.php import MoELayer
+from php_runner.model.precision import apply_precision
 
 WIDTH, EXPERTS, TOPK, REDUCTION = 16, 4, 2, 4
 
@@ -107,7 +108,7 @@ def test_unchosen_expert_is_stepped_by_adam_with_zero_loss_gradient():
         u = torch.randn(4, 3, WIDTH, generator=generator)
         task = torch.randn(WIDTH, generator=generator).abs() + 0.5  # positive, so the -10 task-gate row stays last
         y, aux = moe(u, task)
-        _, top_index = (((1 - moe.alpha) * moe.input_gate(u) + moe.alpha * moe.task_gate(task))).topk(TOPK, dim=-1)
+        _, top_index = ((1 - moe.alpha) * moe.input_gate(u) + moe.alpha * moe.task_gate(task)).topk(TOPK, dim=-1)
         assert not (top_index == EXPERTS - 1).any(), "the construction must leave the last expert unchosen"
         optimizer.zero_grad()
         ((y * torch.randn(y.shape, generator=generator)).sum() + aux).backward()
@@ -129,3 +130,62 @@ def test_unchosen_expert_is_stepped_by_adam_with_zero_loss_gradient():
         if "bias" not in name:  # weights decay, so they moved; biases have weight decay 0 and stay put
             assert not torch.equal(param.detach(), before[name]), name
     assert math.isclose(group_of[id(unchosen["down.bias"])]["weight_decay"], 0.0)
+
+
+def _dense_dispatch_reference(moe: MoELayer, u, task):
+    """The per-expert dense dispatch in the layer's dtype: every expert called on every row with its own
+    LayerNorm and linears, weighted by its gate (zero when unchosen), accumulated in ascending expert order."""
+    flat = u.reshape(-1, WIDTH)
+    logits = (1 - moe.alpha) * F.linear(flat, moe.input_gate.weight) + moe.alpha * F.linear(task, moe.task_gate.weight)
+    top_values, top_index = logits.topk(TOPK, dim=-1)
+    gates = torch.zeros_like(logits).scatter(-1, top_index, top_values.float().softmax(-1).to(logits.dtype))
+    out = torch.zeros_like(flat)
+    for index, expert in enumerate(moe.experts):
+        normed = F.layer_norm(flat, (WIDTH,), expert.norm.weight, expert.norm.bias, eps=1e-5)
+        adapted = flat + F.linear(F.gelu(F.linear(normed, expert.down.weight, expert.down.bias)), expert.up.weight, expert.up.bias)
+        out = out + gates[:, index, None] * adapted
+    return out.reshape(u.shape)
+
+
+def _outputs_and_gradients(moe: MoELayer, forward, dtype):
+    generator = torch.Generator().manual_seed(5)
+    u = torch.randn(6, 3, WIDTH, generator=generator).to(dtype).requires_grad_()
+    task = torch.randn(WIDTH, generator=generator).to(dtype).requires_grad_()
+    projection = torch.randn(6, 3, WIDTH, generator=generator).to(dtype)
+    inputs = [u, task, *moe.parameters()]
+    y = forward(u, task)
+    grads = torch.autograd.grad((y * projection).float().sum(), inputs, allow_unused=True)
+    names = ["u", "task", *(name for name, _ in moe.named_parameters())]
+    return y, {name: grad for name, grad in zip(names, grads) if name != "alpha"}  # alpha: only through aux
+
+
+def test_batched_experts_equal_per_expert_dense_dispatch_in_fp32():
+    """Outputs bit-equal; gradients within 2e-6 of the largest entry of each (stacked GEMMs sum in another order)."""
+    moe = _random_moe(seed=6)
+    y, grads = _outputs_and_gradients(moe, lambda u, task: moe(u, task)[0], torch.float32)
+    expected_y, expected_grads = _outputs_and_gradients(moe, lambda u, task: _dense_dispatch_reference(moe, u, task), torch.float32)
+    assert torch.equal(y, expected_y)
+    for name, expected in expected_grads.items():
+        scale = float(expected.abs().max())
+        assert scale > 0, name
+        torch.testing.assert_close(grads[name], expected, atol=2e-6 * scale, rtol=0, msg=f"gradient of {name}")
+
+
+def test_batched_expert_outputs_equal_each_adapter_called_alone():
+    moe = _random_moe(seed=7)
+    flat = torch.randn(10, WIDTH)
+    stacked = moe.all_experts(flat)
+    assert stacked.shape == (EXPERTS, 10, WIDTH)
+    for index in range(EXPERTS):
+        torch.testing.assert_close(stacked[index], _reference_expert(moe, index, flat), atol=1e-6, rtol=1e-6)
+
+
+def test_official_fp16_experts_are_bit_equal_to_the_per_expert_dispatch():
+    """fp16 weights (the official regime) keep the per-expert calls: outputs and gradients bit for bit."""
+    moe = apply_precision(_random_moe(seed=8), "official")
+    assert moe.experts[0].down.weight.dtype == torch.float16
+    y, grads = _outputs_and_gradients(moe, lambda u, task: moe(u, task)[0], torch.float16)
+    expected_y, expected_grads = _outputs_and_gradients(moe, lambda u, task: _dense_dispatch_reference(moe, u, task), torch.float16)
+    assert y.dtype == torch.float16 and torch.equal(y, expected_y)
+    for name, expected in expected_grads.items():
+        assert torch.equal(grads[name], expected), f"gradient of {name}"
