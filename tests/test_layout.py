@@ -1,5 +1,5 @@
 """The package layout: the library never imports the runner layer; the runner's packages import in one
-direction (cli -> reports/studies -> execute/interop -> store -> experiment -> library); no import cycle
+direction (cli -> reports/studies -> execute -> interop -> store -> experiment -> library); no import cycle
 between the runner's modules; no private name (``_x``) imported from another module.
 
 Every import counts, including those inside functions (a lazy import is still a dependency)."""
@@ -15,7 +15,7 @@ PACKAGE = Path(php_runner.__file__).resolve().parent
 LIBRARY = ("model", "data", "engine")
 # The floor of each top-level part of php_runner; a module may import its own floor or lower ones.
 FLOORS = {"errors": 0, "files": 0, "model": 1, "data": 1, "engine": 1, "experiment": 2, "experiments": 2,
-          "store": 3, "execute": 4, "interop": 4, "studies": 5, "reports": 5, "cli": 6, "__main__": 7}
+          "store": 3, "interop": 4, "execute": 5, "studies": 6, "reports": 6, "cli": 7, "__main__": 8}
 
 
 def module_name(path: Path) -> str:

@@ -134,7 +134,7 @@ def _train_claimed(registry: Registry, run: RunRecord, heartbeat: Heartbeat, com
                    then: Callable[[Any], None] | None) -> None:
     from php_runner.data.datasets import dataset_statistics
     from php_runner.engine.train import resolve_device, seed_everything, train
-    from php_runner.execute.run_log import TrainLog
+    from php_runner.interop.run_log import TrainLog
 
     config = run.config
     settings = build_train_settings(config)

@@ -15,14 +15,12 @@ if TYPE_CHECKING:
 
 
 def clip_config(name: str):
-    """The ``ClipConfig`` of a CLIP name (``model.clip``: ``ViT-B/16`` or ``tiny``); the one place names become configs."""
-    from php_runner.model.config import ClipConfig, PHPConfig
+    """The ``ClipConfig`` of a CLIP name (``model.clip``: a key of ``model.config.CLIP_PRESETS``)."""
+    from php_runner.model.config import CLIP_PRESETS
 
-    if name == "tiny":
-        return PHPConfig.tiny().clip
-    if name == "ViT-B/16":
-        return ClipConfig()
-    raise InputError(f"model.clip: expected one of {', '.join(CLIP_NAMES)}, got {name!r}")
+    if name not in CLIP_PRESETS:
+        raise InputError(f"model.clip: expected one of {', '.join(CLIP_NAMES)}, got {name!r}")
+    return CLIP_PRESETS[name]
 
 
 def build_php_config(model_section: dict, num_classes: int = 0):

@@ -25,11 +25,11 @@ from php_runner.engine.optim import OPTIMIZERS, SOLVERS
 from php_runner.engine.train import SELECTIONS
 from php_runner.errors import InputError
 from php_runner.experiment.paper import METRICS
-from php_runner.model.config import COUPLINGS, SHARINGS, VARIANTS, ClipConfig, PHPConfig
+from php_runner.model.config import CLIP_PRESETS, COUPLINGS, SHARINGS, VARIANTS, ClipConfig, PHPConfig
 from php_runner.model.losses import LOSS_NAMES
 from php_runner.model.precision import PRECISIONS
 
-CLIP_NAMES = ("ViT-B/16", "tiny")
+CLIP_NAMES = tuple(CLIP_PRESETS)
 # "synthetic" is the default synthetic set; "synthetic-NAME" a named variant of data/synthetic.py.
 DATA_SOURCES = ("real", "synthetic", *(f"synthetic-{name}" for name in SYNTHETIC_VARIANTS))
 DATA_PIPELINES = ("cache", "pil")  # decoded-image cache + batch augmentation on the device, or per-sample PIL

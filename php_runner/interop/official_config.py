@@ -22,6 +22,7 @@ import yaml
 
 from php_runner.errors import InputError
 from php_runner.files import write_atomic
+from php_runner.model.config import CLIP_PRESETS
 
 CONFIGS_YAML = "configs.yaml"
 PHP_RUN_KEY = "php_run"
@@ -58,11 +59,9 @@ def _section(config: Mapping, name: str) -> Mapping:
 
 
 def _stride(clip_name: str) -> int:
-    from php_runner.importer import BACKBONES
-
-    if clip_name not in BACKBONES:
-        raise InputError(f"run config: model.clip: expected one of {', '.join(BACKBONES)}, got {clip_name!r}")
-    return BACKBONES[clip_name].stride
+    if clip_name not in CLIP_PRESETS:
+        raise InputError(f"run config: model.clip: expected one of {', '.join(CLIP_PRESETS)}, got {clip_name!r}")
+    return CLIP_PRESETS[clip_name].stride
 
 
 def official_args(config: Mapping, *, output_dir: str | Path, name: str, log_period: int = DEFAULT_LOG_PERIOD,

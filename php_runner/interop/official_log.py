@@ -21,7 +21,7 @@ from types import TracebackType
 from typing import Any
 
 from php_runner.interop.records import EpochLike, StepLike, official_meters
-from php_runner.run_log import DATASET_CLASSES, LOG_FORMAT, metrics_table, statistics_table
+from php_runner.interop.run_log import DATASET_CLASSES, LOG_FORMAT, metrics_table, statistics_table
 
 TRAIN_LOG = "train_log.txt"
 # The official namespace held tuples here; the dump shows them as the official log does.

@@ -76,3 +76,8 @@ class PHPConfig:
         )
         base = cls(clip=clip, cnum=3, num_experts=4, topk=2, reduction=4, efp_layers=2, efp_heads=2)
         return replace(base, **changes)
+
+
+# The CLIP backbones a config can name (``model.clip`` in a spec, the released checkpoints' widths): the one
+# table of named architectures, read by the spec schema, the config builder, the importer and the run folder.
+CLIP_PRESETS: dict[str, ClipConfig] = {"ViT-B/16": ClipConfig(), "tiny": PHPConfig.tiny().clip}

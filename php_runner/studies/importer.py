@@ -25,7 +25,7 @@ from php_runner.data import DATASET_NAMES, PedesDataset, read_dataset
 from php_runner.engine.optim import SOLVERS, param_group_rule
 from php_runner.errors import InputError
 from php_runner.model.checkpoint import COUNTER_SUFFIXES
-from php_runner.model.config import ClipConfig, PHPConfig
+from php_runner.model.config import CLIP_PRESETS, ClipConfig, PHPConfig
 from php_runner.store.registry import Registry
 from php_runner.store.claims import this_worker
 
@@ -40,7 +40,6 @@ CHECKPOINT_ROLE = "released"
 
 # Substrings of the parameters that only the V1-era solver gives their own learning rate (spec 5).
 MOE_KEYS = ("feed_forward.experts", "feed_forward.input_gate", "feed_forward.task_gate")
-BACKBONES = {"ViT-B/16": ClipConfig(), "tiny": PHPConfig.tiny().clip}
 
 # Folder-name patterns of spec 8. NS runs come from Correction's train_ns.py, which names its output
 # <YYYYmmdd_HHMMSS>_<name>_ns; the README shortens that to <date>_php_ns, so the time is optional.
@@ -207,10 +206,10 @@ def infer_released_config(state_dict: dict, yaml_values: dict) -> PHPConfig:
     conv = state_dict.get("base_model.visual.conv1.weight")
     projection = state_dict.get("base_model.text_projection")
     widths = None if conv is None or projection is None else (conv.shape[0], *projection.shape)
-    named = next((clip for clip in BACKBONES.values()
+    named = next((clip for clip in CLIP_PRESETS.values()
                   if widths == (clip.vision_width, clip.text_width, clip.embed_dim)), None)
     if named is None:
-        raise CheckpointError(f"checkpoint: backbone widths {widths} match neither {', '.join(BACKBONES)}")
+        raise CheckpointError(f"checkpoint: backbone widths {widths} match neither {', '.join(CLIP_PRESETS)}")
     shape_keys = ("cnum", "num_experts", "moe_layers")
     return infer_config(state_dict, {key: value for key, value in yaml_values.items() if key not in shape_keys},
                         vision_heads=named.vision_heads, text_heads=named.text_heads)
@@ -314,7 +313,7 @@ def plain(value: Any) -> Any:
 
 def backbone_name(clip: ClipConfig) -> str | None:
     """The ``model.clip`` name whose dimensions ``clip`` has (the image size is separate), or None."""
-    for name, named in BACKBONES.items():
+    for name, named in CLIP_PRESETS.items():
         if replace(clip, image_size=named.image_size) == named:
             return name
     return None
@@ -324,7 +323,7 @@ def model_section(config: PHPConfig) -> dict:
     """The ``model`` section of a run config: PHPConfig fields plus the backbone name and image size."""
     name = backbone_name(config.clip)
     if name is None:
-        raise InputError(f"checkpoint: backbone dimensions {config.clip} match neither {', '.join(BACKBONES)}")
+        raise InputError(f"checkpoint: backbone dimensions {config.clip} match neither {', '.join(CLIP_PRESETS)}")
     section = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in ("clip", "num_classes")}
     return {**section, "clip": name, "image_size": list(config.clip.image_size)}
 

@@ -21,7 +21,7 @@ MODEL_CHANGES = {"cnum": 5, "num_experts": 4, "topk": 1, "reduction": 8, "efp_la
 @pytest.fixture(scope="session")
 def planned_run(tiny_data_root):
     """The headline spec's RSTPReid run under the tiny preset, with ``MODEL_CHANGES``."""
-    from php_runner.specs import expand, find_spec, load_spec
+    from php_runner.experiment.specs import expand, find_spec, load_spec
 
     runtime = {"data_root": str(tiny_data_root), "clip_weights": None, "device": "cpu", "num_workers": 0}
     (run,) = expand(load_spec(find_spec("headline")), "tiny", ["RSTPReid"], [1], runtime)

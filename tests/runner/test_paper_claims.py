@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[2] / "php_runner"
+PACKAGE = Path(__file__).resolve().parents[2] / "php_runner" / "experiment"
 CLAIM_KEYS = {"table", "row", "reference", "dataset", "metric", "direction", "against", "paper"}
 
 

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from php_runner.store.registry import Registry
-from php_runner.execute.run_log import TRAIN_LOG, TrainLog
+from php_runner.interop.run_log import TRAIN_LOG, TrainLog
 from php_runner.execute.child import execute_run
 from php_runner.execute.queue import plan_all
 from php_runner.experiment.specs import expand, load_spec
