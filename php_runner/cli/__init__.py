@@ -19,5 +19,19 @@ app = typer.Typer(
 )
 
 from php_runner.cli import (  # noqa: E402,F401  (they register commands)
-    audit, cache, catalog, commands, db, importing, launch, plot, report, tune,
+    audit,
+    bench,
+    cache,
+    catalog,
+    data,
+    db,
+    evaluate,
+    importing,
+    launch,
+    plot,
+    report,
+    running,
+    status,
+    tables,
+    tune,
 )

@@ -1,4 +1,5 @@
-"""``php-run ls`` and ``php-run cat``: the shipped specs, and one spec resolved (the torchtune ls/cat pattern).
+"""``php-run ls``, ``php-run cat`` and ``php-run validate``: the shipped specs, one spec resolved, every spec
+checked (the torchtune ls/cat/validate pattern).
 
 Each shipped spec opens with a comment header whose ``# Runs:``, ``# Fills:`` and ``# Cost:``
 entries (continued on indented comment lines) say how to run it, what it fills and what it costs;
@@ -16,7 +17,7 @@ import typer
 from rich.table import Table
 
 from php_runner.cli import app
-from php_runner.cli.common import JsonOption, console, print_json
+from php_runner.cli.common import JsonOption, console, print_json, specs_folder
 
 HEADER_KEYS = ("Runs", "Fills", "Cost")
 _ENTRY = re.compile(rf"^#\s*({'|'.join(HEADER_KEYS)}):\s*(.*)$")
@@ -147,3 +148,20 @@ def cat_spec(
 
     resolved, comments = resolved_spec(spec, preset)
     typer.echo("".join(f"# {line}\n" for line in comments) + "\n" + tomli_w.dumps(resolved), nl=False)
+
+
+@app.command()
+def validate() -> None:
+    """Load and check every shipped spec; errors name the file and the field.
+
+    Example: php-run validate
+    """
+    from php_runner.experiment.specs import load_all_specs
+
+    specs = load_all_specs(specs_folder())
+    view = Table(title=f"{len(specs)} specs valid")
+    for column in ("spec", "table", "description"):
+        view.add_column(column)
+    for name, spec in sorted(specs.items()):
+        view.add_row(name, spec.table or "-", getattr(spec, "description", "") or "")
+    console.print(view)

@@ -27,6 +27,8 @@ EXIT_OK = 0
 EXIT_RUN_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+SYNTHETIC_ROOT = Path("data/synthetic")  # where --preset tiny expects (and the demo writes) synthetic data
+REPORTS_DIR = Path("reports")
 MAX_RUN_ID = 2**63 - 1  # the registry's integer ids (SQLite and PostgreSQL BIGINT)
 # click's ClickException: recent Typer raises its vendored copy (typer._click), older Typer click's own.
 CLICK_ERRORS = tuple({click.ClickException, *(cls for cls in typer.BadParameter.__mro__

@@ -25,7 +25,7 @@ def coupling(
 
     Example: php-run report coupling --dataset ICFG-PEDES --preset tiny-icfg-scale
     """
-    from php_runner.cli.commands import REPORTS_DIR
+    from php_runner.cli.common import REPORTS_DIR
     from php_runner.reports.coupling import write_report
     from php_runner.store.registry import Registry
 
