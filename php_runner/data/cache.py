@@ -44,7 +44,7 @@ import torchvision
 from torchvision import transforms as T
 
 from php_runner.data.datasets import LAYOUTS, PedesDataset
-from php_runner.data.loaders import read_image
+from php_runner.data.images import read_image
 from php_runner.errors import InputError
 
 CACHE_ENV = "PHP_RUN_CACHE"
