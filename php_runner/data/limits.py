@@ -70,12 +70,13 @@ def value_depth(value: object) -> int:
     """The nesting depth of parsed lists and mappings (a scalar has 0), without recursion; stops counting
     once past ``MAX_NESTING``."""
     limit = MAX_NESTING.value()
-    deepest, pending = 0, [(value, 0)]
+    deepest, pending, seen = 0, [(value, 0)], set()
     while pending:
         item, depth = pending.pop()
         children = item.values() if isinstance(item, dict) else item if isinstance(item, (list, tuple)) else None
-        if children is None:
+        if children is None or (id(item), depth) in seen:  # YAML aliases share one object many times
             continue
+        seen.add((id(item), depth))
         deepest = max(deepest, depth + 1)
         if deepest > limit:  # deep enough to refuse; no need to walk the rest
             return deepest
