@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-
 _HOST = socket.gethostname().replace(".", "_").replace("-pid", "_pid")
 _TEMPORARY = re.compile(r"^\..+\.(?P<host>[^.]+)-pid(?P<pid>[0-9]+)\.[^.]+\.tmp$")
 

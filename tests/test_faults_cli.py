@@ -10,14 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import zlib
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from php_runner.data import write_synthetic
 
@@ -48,7 +46,7 @@ def assert_refused(code: int, stderr: str, expected: str) -> None:
 
 
 def php_run(*args, env: dict | None = None) -> tuple[int, str, str]:
-    done = subprocess.run([sys.executable, "-m", "php_runner", *map(str, args)], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "php_runner", *map(str, args)], capture_output=True, text=True, check=False,
                           env={**os.environ, **(env or {})}, timeout=300)
     return done.returncode, done.stdout, done.stderr
 
@@ -191,12 +189,12 @@ def test_damaged_cache_fails_check_and_is_rebuilt(damage, cli, data, built):
     sound = snapshot(built)
     damage_cache(built)
     damaged = snapshot(built)
-    code, out, err = cache_check(cli, data)
+    code, _, err = cache_check(cli, data)
     assert code == 2 and "Traceback" not in err and expected in err, err
     assert snapshot(built) == damaged  # checking changes nothing
-    code, out, err = cache_build(cli, data)
+    code, _, err = cache_build(cli, data)
     assert code == 0 and "rebuilding image cache" in err, err
-    assert snapshot(built) == {path: digest for path, digest in sound.items()}  # rebuilt byte for byte
+    assert snapshot(built) == sound  # rebuilt byte for byte
     assert cache_check(cli, data)[0] == 0
 
 
@@ -216,7 +214,8 @@ def tmpfs(tmp_path):
     """Mount a 2 MiB tmpfs (root only); yields (folder, remount(options))."""
     folder = tmp_path / "mnt"
     folder.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(folder)], capture_output=True).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(folder)], capture_output=True,
+                      check=False).returncode:
         pytest.skip("cannot mount a tmpfs here (needs root): the read-only and full-disk cases are not tried")
 
     def remount(options: str) -> None:
@@ -247,7 +246,7 @@ def test_cache_build_onto_a_full_file_system_is_one_line_with_the_bytes_needed(c
     before = snapshot(data)
     code, _, err = php_run("cache", "build", "--data-root", data, "--dataset", DATASET, "--image-size", "512x256",
                            "--workers", 1, env={"PHP_RUN_CACHE": str(folder)})
-    assert_refused(code, err, f"the cache needs")  # a SIGBUS would be code -7
+    assert_refused(code, err, "the cache needs")  # a SIGBUS would be code -7
     assert f"bytes in {folder}" in err
     assert snapshot(data) == before and not [p for p in folder.iterdir() if not p.name.endswith(".lock")]
 
@@ -275,16 +274,13 @@ def test_huge_image_size_is_refused_before_allocating(cli, data, cache_root):
 # ---- item 5: configs.yaml nested very deep -----------------------------------------------------------
 
 @pytest.mark.parametrize("body", ["a: " + "[" * 50_000 + "]" * 50_000, "a:\n" + "".join(" " * i + "- \n" for i in range(1, 400)),
-                                  "a: " + "[" * 100 + "]" * 100])
+                                  "a: " + "[" * 100 + "]" * 100], ids=["flow-50000", "block-400", "flow-100"])
 def test_deeply_nested_configs_yaml_is_one_line(body, cli, data, tmp_path):
-    from php_runner.model.checkpoint import save_atomic  # noqa: F401 - the checkpoint is never read first
-
     config = tmp_path / "configs.yaml"
     config.write_text(body)
     checkpoint = tmp_path / "best.pth"
     checkpoint.write_bytes(b"unused")
-    before = snapshot(tmp_path / "configs.yaml", tmp_path / "best.pth") if False else {
-        str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in (config, checkpoint)}
+    before = {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in (config, checkpoint)}
     code, _, err = cli("evaluate", "--checkpoint", checkpoint, "--config", config, "--data-root", data,
                        "--dataset", DATASET)
     assert_refused(code, err, f"{config}: YAML nested")

@@ -290,13 +290,15 @@ def _build_lock(folder: Path) -> Iterator[None]:
     """The exclusive lock of one cache folder's builders; a cache root without write access is one line."""
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(folder.parent / f".{folder.name}.lock", "w")
+        descriptor = os.open(folder.parent / f".{folder.name}.lock", os.O_WRONLY | os.O_CREAT, 0o666)
     except OSError as err:
         raise CacheError(f"{folder}: the cache must be (re)built but {folder.parent} is not writable "
                          f"({err.strerror or err}); set ${CACHE_ENV} to a writable folder") from None
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
         yield
+    finally:
+        os.close(descriptor)
 
 
 def _remove_stale_staging(folder: Path) -> None:
@@ -310,7 +312,13 @@ def _remove_stale_staging(folder: Path) -> None:
 def _progress(total: int, enabled: bool, description: str):
     if enabled and sys.stderr.isatty():
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
 
         return Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         console=Console(stderr=True), transient=False)

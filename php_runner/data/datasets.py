@@ -16,7 +16,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from php_runner.data.limits import MAX_ANNOTATION_BYTES, MAX_NESTING, MAX_PERSON_ID, json_depth
+from php_runner.data.limits import (
+    MAX_ANNOTATION_BYTES,
+    MAX_NESTING,
+    MAX_PERSON_ID,
+    json_depth,
+)
 from php_runner.errors import InputError
 
 DATASET_NAMES = ("CUHK-PEDES", "ICFG-PEDES", "RSTPReid")

@@ -113,7 +113,7 @@ def read_official_yaml(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: config file not found")
     try:
         with open(path, encoding="utf-8") as handle:
-            values = yaml.load(handle, Loader=OfficialYamlLoader)  # noqa: S506 - SafeLoader subclass
+            values = yaml.load(handle, Loader=OfficialYamlLoader)
     except yaml.YAMLError as error:
         problem = getattr(error, "problem", None) or _first_line(error)
         mark = getattr(error, "problem_mark", None)

@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from php_runner.model.losses import LossConfig, cmpm_loss, compute_losses, id_loss, itc_loss, sdm_loss
+from php_runner.model.losses import (
+    LossConfig,
+    cmpm_loss,
+    compute_losses,
+    id_loss,
+    itc_loss,
+    sdm_loss,
+)
 from php_runner.model.php import PHPOutput
 
 SCALE = 50.0
