@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zlib
@@ -285,3 +286,40 @@ def test_deeply_nested_configs_yaml_is_one_line(body, cli, data, tmp_path):
                        "--dataset", DATASET)
     assert_refused(code, err, f"{config}: YAML nested")
     assert {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in (config, checkpoint)} == before
+
+
+# ---- training through `php-run run` ------------------------------------------------------------------
+
+@pytest.fixture
+def one_run_spec(tmp_path, spec_dir) -> Path:
+    specs = tmp_path / "specs"
+    shutil.copytree(spec_dir, specs)
+    spec = specs / "one.toml"
+    spec.write_text('extends = "base"\ndatasets = ["RSTPReid"]\nseeds = [1]\n')
+    return spec
+
+
+def test_run_refuses_a_deep_annotation_and_a_huge_id_in_one_line(cli, data, cache_root, one_run_spec, tmp_path):
+    """The runner's preflight only checks that the dataset folder exists, so today the worker reads the
+    annotation and the run fails (exit 1) with the one-line DatasetError; exit 2 needs the runner to read
+    the dataset in its preflight (runner-owned)."""
+    text = annotation(data).read_text()
+    for body, expected in (("[" * 5000 + "]" * 5000, "JSON nested 5000 deep, over the limit of 64"),
+                           (text.replace('"id": 0', '"id": 1000000000000', 1), "field 'id' is outside")):
+        annotation(data).write_text(body)
+        before = snapshot(data)
+        code, out, err = cli("run", one_run_spec, "--preset", "tiny", "--data-root", data, "--db",
+                             f"sqlite:///{tmp_path / 'r.db'}")
+        assert code in (1, 2) and "Traceback" not in out + err, err
+        assert f"{annotation(data)}: " in err and expected in err and snapshot(data) == before
+
+
+def test_run_refuses_a_truncated_image_by_path_instead_of_training_on_grey_rows(data, cache_root, one_run_spec,
+                                                                                 tmp_path):
+    """The run is recorded first (preflight reads the annotation only), then fails naming the image."""
+    image = first_image(data)
+    truncate(image)
+    code, out, err = php_run("run", one_run_spec, "--preset", "tiny", "--data-root", data, "--db",
+                             f"sqlite:///{tmp_path / 'r.db'}", env={"PHP_RUN_CACHE": str(cache_root)})
+    assert code != 0 and "Traceback" not in out + err
+    assert f"{image}: cannot be read as an image (image file is truncated" in out + err
