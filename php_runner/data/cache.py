@@ -10,15 +10,18 @@ One cache is a folder ``<cache root>/<dataset>-<H>x<W>-<hash of the dataset fold
 to the dataset folder -> row) and ``manifest.json``. The manifest records what the pixels depend on
 (dataset name, annotation file sha256, a fingerprint of every image file's size and mtime, image
 size, resize rule, Pillow/torchvision/numpy versions) and what the array must be (shape, byte size,
-one CRC32 per chunk of rows). A cache is used only when its manifest equals the one the current
-dataset and settings call for, its array has exactly the recorded size (truncation), and every chunk's
-CRC32 matches (corruption). CRC32 runs at well over 1 GB/s per core and the pass also warms the page
+one CRC32 per chunk of rows, the sha256 of ``index.json``). A cache is used only when its manifest
+equals the one the current dataset and settings call for, ``index.json`` has the recorded sha256 and
+maps the paths one-to-one onto the rows, its array has exactly the recorded size (truncation or extra
+bytes), and every chunk's CRC32 matches (corruption). CRC32 runs at well over 1 GB/s per core and the pass also warms the page
 cache that training reads next, so verifying everything on open costs seconds for CUHK-PEDES (about
 6 GB) and nothing is ever used unchecked; per-chunk values let ``php-run cache check`` say where a
 cache is damaged. A cache that fails any check is rebuilt.
 
 Building writes into a temporary folder next to the final one and renames it into place, so a
-reader never sees a half-written cache. The cache root is ``$PHP_RUN_CACHE`` when set, else
+reader never sees a half-written cache; the array's space is reserved first (``posix_fallocate``),
+and staging folders of killed builders are removed under the build lock. Opening a sound cache
+writes nothing, so a cache on a read-only mount is usable; only building takes the lock. The cache root is ``$PHP_RUN_CACHE`` when set, else
 ``$XDG_CACHE_HOME/php-run`` (``~/.cache/php-run``): the data root may be read-only.
 """
 
