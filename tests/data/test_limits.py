@@ -76,3 +76,17 @@ def test_first_gaps_are_the_first_missing_pids(pids):
 
 def test_first_gaps_of_a_huge_pid_are_found_at_once():
     assert _first_gaps([0, 10**12]) == [1, 2, 3, 4]
+
+
+@settings(max_examples=100, deadline=None)
+@given(JSON_VALUES, st.integers(1, 7))
+def test_json_depth_is_the_same_when_scanned_in_small_chunks(value, chunk):
+    from php_runner.data import limits
+
+    text = json.dumps(value).encode()
+    whole = json_depth(text)
+    saved, limits._SCAN_CHUNK = limits._SCAN_CHUNK, chunk
+    try:
+        assert json_depth(text) == whole == reference_depth(value)
+    finally:
+        limits._SCAN_CHUNK = saved
