@@ -52,18 +52,26 @@ LIMITS = (
 )
 MAX_NESTING, MAX_ANNOTATION_BYTES, MAX_PERSON_ID, MAX_IMAGE_PIXELS, MAX_INPUT_PIXELS = LIMITS
 
-_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+# A string, or an unterminated one running to the end: every quote starts a match that cannot fail, and
+# the possessive repeat never backtracks, so the scan is linear even on hostile text such as '"\\' * n.
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*+(?:"|\\?\Z)', re.DOTALL)
 _OPENERS, _CLOSERS = b"[{", b"]}"
+_SCAN_CHUNK = 1 << 24
 
 
 def json_depth(text: bytes) -> int:
     """The deepest bracket nesting of a JSON text, found without recursion (strings are skipped)."""
     codes = np.frombuffer(_JSON_STRING.sub(b'""', text), dtype=np.uint8)
-    steps = np.zeros(len(codes), dtype=np.int64)
-    for opener, closer in zip(_OPENERS, _CLOSERS):
-        steps[codes == opener] = 1
-        steps[codes == closer] = -1
-    return int(np.cumsum(steps).max(initial=0))
+    deepest, depth = 0, 0
+    for start in range(0, len(codes), _SCAN_CHUNK):  # in chunks: bounded memory for a large file
+        chunk = codes[start:start + _SCAN_CHUNK]
+        steps = np.zeros(len(chunk), dtype=np.int64)
+        for opener, closer in zip(_OPENERS, _CLOSERS):
+            steps[chunk == opener] = 1
+            steps[chunk == closer] = -1
+        running = np.cumsum(steps) + depth
+        deepest, depth = max(deepest, int(running.max())), int(running[-1])
+    return deepest
 
 
 def value_depth(value: object) -> int:
