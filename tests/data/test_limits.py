@@ -90,3 +90,12 @@ def test_json_depth_is_the_same_when_scanned_in_small_chunks(value, chunk):
         assert json_depth(text) == whole == reference_depth(value)
     finally:
         limits._SCAN_CHUNK = saved
+
+
+def test_json_depth_is_linear_on_unterminated_strings():
+    """Hostile text where a naive string pattern retries from every quote (quadratic: minutes here)."""
+    import time
+
+    started = time.perf_counter()
+    assert json_depth(b'["' + b'"\\' * 200_000) == 1
+    assert time.perf_counter() - started < 2.0
