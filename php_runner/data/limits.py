@@ -42,7 +42,7 @@ LIMITS = (
     Limit("JSON/YAML nesting depth", 64, "PHP_RUN_MAX_NESTING",
           "annotation files and configs.yaml (the official formats need 3)"),
     Limit("annotation file size (bytes)", 2 * 2**30, "PHP_RUN_MAX_ANNOTATION_BYTES",
-          "the dataset's annotation JSON (CUHK-PEDES's is about 90 MB)"),
+          "the dataset's annotation JSON, checked before it is read"),
     Limit("person id", 10**7, "PHP_RUN_MAX_PERSON_ID",
           "the 'id' field of an annotation entry (the ID loss sizes its classifier by the ids)"),
     Limit("image pixels", 89_478_485, "PHP_RUN_MAX_IMAGE_PIXELS",
