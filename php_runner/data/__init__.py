@@ -10,7 +10,8 @@ from php_runner.data.datasets import (
     dataset_statistics,
     read_dataset,
 )
-from php_runner.data.loaders import ImageSet, TextSet, TrainPairs, read_image
+from php_runner.data.images import read_image
+from php_runner.data.loaders import ImageSet, TextSet, TrainPairs
 from php_runner.data.synthetic import TestSplitSize, write_synthetic, write_variant
 from php_runner.data.tokenizer import EOT_ID, SOT_ID, tokenize, tokenize_all
 from php_runner.data.transforms import CLIP_MEAN, CLIP_STD, build_transform
@@ -19,12 +20,12 @@ __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
     "DATASET_NAMES",
-    "DatasetError",
     "EOT_ID",
+    "SOT_ID",
+    "DatasetError",
     "EvalSplit",
     "ImageSet",
     "PedesDataset",
-    "SOT_ID",
     "TestSplitSize",
     "TextSet",
     "TrainItem",

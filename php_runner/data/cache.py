@@ -10,15 +10,18 @@ One cache is a folder ``<cache root>/<dataset>-<H>x<W>-<hash of the dataset fold
 to the dataset folder -> row) and ``manifest.json``. The manifest records what the pixels depend on
 (dataset name, annotation file sha256, a fingerprint of every image file's size and mtime, image
 size, resize rule, Pillow/torchvision/numpy versions) and what the array must be (shape, byte size,
-one CRC32 per chunk of rows). A cache is used only when its manifest equals the one the current
-dataset and settings call for, its array has exactly the recorded size (truncation), and every chunk's
-CRC32 matches (corruption). CRC32 runs at well over 1 GB/s per core and the pass also warms the page
+one CRC32 per chunk of rows, the sha256 of ``index.json``). A cache is used only when its manifest
+equals the one the current dataset and settings call for, ``index.json`` has the recorded sha256 and
+maps the paths one-to-one onto the rows, its array has exactly the recorded size (truncation or extra
+bytes), and every chunk's CRC32 matches (corruption). CRC32 runs at well over 1 GB/s per core and the pass also warms the page
 cache that training reads next, so verifying everything on open costs seconds for CUHK-PEDES (about
 6 GB) and nothing is ever used unchecked; per-chunk values let ``php-run cache check`` say where a
 cache is damaged. A cache that fails any check is rebuilt.
 
 Building writes into a temporary folder next to the final one and renames it into place, so a
-reader never sees a half-written cache. The cache root is ``$PHP_RUN_CACHE`` when set, else
+reader never sees a half-written cache; the array's space is reserved first (``posix_fallocate``),
+and staging folders of killed builders are removed under the build lock. Opening a sound cache
+writes nothing, so a cache on a read-only mount is usable; only building takes the lock. The cache root is ``$PHP_RUN_CACHE`` when set, else
 ``$XDG_CACHE_HOME/php-run`` (``~/.cache/php-run``): the data root may be read-only.
 """
 
@@ -32,8 +35,9 @@ import shutil
 import sys
 import tempfile
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +48,8 @@ import torchvision
 from torchvision import transforms as T
 
 from php_runner.data.datasets import LAYOUTS, PedesDataset
-from php_runner.data.loaders import read_image
+from php_runner.data.images import read_image
+from php_runner.data.limits import check_input_size
 from php_runner.errors import InputError
 
 CACHE_ENV = "PHP_RUN_CACHE"
@@ -56,6 +61,10 @@ ARRAY_FILE, INDEX_FILE, MANIFEST_FILE = "images.npy", "index.json", "manifest.js
 
 class CacheError(InputError):
     """A cache folder that cannot be used (missing, stale, truncated or corrupt)."""
+
+
+class CacheSpaceError(InputError):
+    """Not enough free space where the cache is to be built."""
 
 
 def cache_root() -> Path:
@@ -178,6 +187,8 @@ def _problems(folder: Path, source: dict | None, workers: int) -> list[str]:
         manifest = json.loads(manifest_path.read_text())
         recorded = manifest["source"]
         shape, nbytes, crcs = manifest["array"]["shape"], manifest["array"]["bytes"], manifest["array"]["chunk_crc32"]
+        if not (_is_ints(shape) and len(shape) == 4 and _is_ints([nbytes]) and _is_ints(crcs)):
+            raise TypeError("array shape, bytes or chunk_crc32 are not integers")
     except (OSError, ValueError, KeyError, TypeError) as err:
         return [f"{manifest_path}: unreadable manifest ({err})"]
     problems = []
@@ -187,6 +198,9 @@ def _problems(folder: Path, source: dict | None, workers: int) -> list[str]:
             return [f"{folder}: stale, manifest differs in {', '.join(stale)}"]
     if not array_path.is_file() or not (folder / INDEX_FILE).is_file():
         return problems + [f"{folder}: {ARRAY_FILE} or {INDEX_FILE} missing"]
+    index_problem = _index_problem(folder, manifest, shape[0])
+    if index_problem:
+        return problems + [index_problem]
     if array_path.stat().st_size != nbytes:
         return problems + [f"{array_path}: {array_path.stat().st_size} bytes, the manifest says {nbytes} (truncated?)"]
     try:
@@ -204,38 +218,69 @@ def _problems(folder: Path, source: dict | None, workers: int) -> list[str]:
     return problems
 
 
+def _is_ints(values: object) -> bool:
+    return isinstance(values, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+
+
+def _index_problem(folder: Path, manifest: dict, rows: int) -> str | None:
+    """Why ``index.json`` may not be trusted: its sha256 differs from the manifest's, or it is not a
+    one-to-one map of paths to the rows ``0..rows-1``."""
+    index_path = folder / INDEX_FILE
+    if _sha256(index_path) != manifest["array"].get("index_sha256"):
+        return f"{index_path}: sha256 differs from the manifest's (modified or damaged)"
+    try:
+        index = json.loads(index_path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as err:
+        return f"{index_path}: unreadable ({err})"
+    if not isinstance(index, dict) or not _is_ints(list(index.values())) or sorted(index.values()) != list(range(rows)):
+        return f"{index_path}: not a map of image paths to the rows 0..{rows - 1}"
+    return None
+
+
 def check_cache(folder: Path, dataset: PedesDataset | None = None, image_size: tuple[int, int] | None = None,
                 workers: int | None = None) -> list[str]:
     """Problems of the cache in ``folder``; with a dataset and size, also whether it is stale for them."""
     source = None
     if dataset is not None and image_size is not None:
+        check_input_size(*image_size)
         source = expected_source(dataset, image_size, dataset_images(dataset))
     return _problems(Path(folder), source, workers or os.cpu_count() or 1)
 
 
 def _open(folder: Path, dataset_root: Path) -> ImageCache:
+    """Open a cache verified just before; the index read is the one whose sha256 the manifest holds."""
     manifest = json.loads((folder / MANIFEST_FILE).read_text())
-    rows = json.loads((folder / INDEX_FILE).read_text())
+    index_bytes = (folder / INDEX_FILE).read_bytes()
+    if hashlib.sha256(index_bytes).hexdigest() != manifest["array"]["index_sha256"]:
+        raise CacheError(f"{folder / INDEX_FILE}: changed while the cache was opened; run again")
     array = np.load(folder / ARRAY_FILE, mmap_mode="r")
-    return ImageCache(folder=folder, array=array, rows=rows, dataset_root=Path(dataset_root), manifest=manifest)
+    return ImageCache(folder=folder, array=array, rows=json.loads(index_bytes), dataset_root=Path(dataset_root),
+                      manifest=manifest)
 
 
 def open_cache(dataset: PedesDataset, image_size: tuple[int, int], root: Path | None = None,
                workers: int | None = None, progress: bool = True, rebuild: bool = False) -> ImageCache:
-    """The verified cache of ``dataset`` at ``image_size``, built (or rebuilt) first when needed."""
+    """The verified cache of ``dataset`` at ``image_size``, built (or rebuilt) first when needed.
+
+    A sound cache is opened without writing anything (the cache root may be read-only); only a build
+    takes the lock, which needs write access.
+    """
     image_size = (int(image_size[0]), int(image_size[1]))
     workers = workers or os.cpu_count() or 1
-    folder = cache_dir_for(dataset, image_size, root)
     paths = dataset_images(dataset)
+    check_input_size(*image_size, rows=len(paths))
+    folder = cache_dir_for(dataset, image_size, root)
     source = expected_source(dataset, image_size, paths)
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    problems = ["rebuild asked"] if rebuild else _problems(folder, source, workers)
+    if not problems:
+        return _open(folder, Path(dataset.root))
     # One builder at a time (parallel workers on one machine share caches); the others wait, then reuse it.
-    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _build_lock(folder):
         problems = ["rebuild asked"] if rebuild else _problems(folder, source, workers)
         if problems:
             if folder.exists() and not rebuild:
                 print(f"rebuilding image cache: {problems[0]}", file=sys.stderr, flush=True)
+            _remove_stale_staging(folder)
             build_cache(folder, paths, source, image_size, workers, progress)
             problems = _problems(folder, source, workers)
             if problems:
@@ -243,10 +288,40 @@ def open_cache(dataset: PedesDataset, image_size: tuple[int, int], root: Path | 
         return _open(folder, Path(dataset.root))
 
 
+@contextmanager
+def _build_lock(folder: Path) -> Iterator[None]:
+    """The exclusive lock of one cache folder's builders; a cache root without write access is one line."""
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(folder.parent / f".{folder.name}.lock", os.O_WRONLY | os.O_CREAT, 0o666)
+    except OSError as err:
+        raise CacheError(f"{folder}: the cache must be (re)built but {folder.parent} is not writable "
+                         f"({err.strerror or err}); set ${CACHE_ENV} to a writable folder") from None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
+
+
+def _remove_stale_staging(folder: Path) -> None:
+    """Delete staging and retired folders of ``folder`` left by a killed builder; the caller holds the
+    build lock, so no live builder of this folder owns any of them."""
+    for leftover in folder.parent.glob(f".{folder.name}.*"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 def _progress(total: int, enabled: bool, description: str):
     if enabled and sys.stderr.isatty():
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
 
         return Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         console=Console(stderr=True), transient=False)
@@ -260,10 +335,12 @@ def build_cache(folder: Path, paths: Sequence[str], source: dict, image_size: tu
     folder.parent.mkdir(parents=True, exist_ok=True)
     height, width = image_size
     resize = T.Resize((height, width), interpolation=T.InterpolationMode.BILINEAR)
+    check_input_size(height, width, rows=len(paths))
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         array = np.lib.format.open_memmap(staging / ARRAY_FILE, mode="w+", dtype=np.uint8,
                                           shape=(len(paths), height, width, 3))
+        _reserve(staging / ARRAY_FILE, folder)
 
         def decode(row: int) -> None:
             array[row] = np.asarray(resize(read_image(paths[row])), dtype=np.uint8)
@@ -288,13 +365,28 @@ def build_cache(folder: Path, paths: Sequence[str], source: dict, image_size: tu
             "source": source,
             "array": {"file": ARRAY_FILE, "shape": [len(paths), height, width, 3], "dtype": "uint8",
                       "bytes": (staging / ARRAY_FILE).stat().st_size, "rows_per_chunk": ROWS_PER_CHUNK,
-                      "chunk_crc32": crcs},
+                      "chunk_crc32": crcs, "index_sha256": _sha256(staging / INDEX_FILE)},
         }
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
         _replace_folder(staging, folder)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _reserve(path: Path, folder: Path) -> None:
+    """Allocate the memory-mapped file's blocks now: writing through a map past the free space is a
+    SIGBUS, not an error, so a full file system must be found before the first pixel is written."""
+    size = path.stat().st_size
+    descriptor = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(descriptor, 0, size)
+    except OSError as err:
+        free = shutil.disk_usage(path.parent).free
+        raise CacheSpaceError(f"{folder}: the cache needs {size} bytes in {folder.parent}, {free} are free "
+                              f"({err.strerror or err}); free space or set ${CACHE_ENV} elsewhere") from None
+    finally:
+        os.close(descriptor)
 
 
 def _replace_folder(staging: Path, folder: Path) -> None:

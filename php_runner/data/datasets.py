@@ -16,6 +16,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from php_runner.data.limits import (
+    MAX_ANNOTATION_BYTES,
+    MAX_NESTING,
+    MAX_PERSON_ID,
+    json_depth,
+)
 from php_runner.errors import InputError
 
 DATASET_NAMES = ("CUHK-PEDES", "ICFG-PEDES", "RSTPReid")
@@ -103,14 +109,30 @@ def read_dataset(data_root: str | Path, name: str) -> PedesDataset:
     return dataset
 
 
-def check_dataset(data_root: str | Path, name: str) -> tuple[list[dict], list[str]]:
+def check_dataset(data_root: str | Path, name: str, decode_images: bool = True,
+                  progress: bool = True) -> tuple[list[dict], list[str]]:
     """Statistics rows and every problem found, one line each. Raises only for an unknown name.
 
-    The statistics cover the entries that could be read; they are empty when the annotation file
-    itself cannot be read.
+    With ``decode_images`` every existing image is decoded once (a progress bar on a terminal) and
+    each unreadable, truncated or oversized one is a problem line naming its path. The statistics
+    cover the entries that could be read; they are empty when the annotation file cannot be read.
     """
     dataset, problems = _parse(data_root, name)
-    return (dataset_statistics(dataset) if dataset is not None else []), problems
+    if dataset is None:
+        return [], problems
+    if decode_images:
+        problems += _decode_problems(dataset, progress)
+    return dataset_statistics(dataset), problems
+
+
+def _decode_problems(dataset: PedesDataset, progress: bool) -> list[str]:
+    from php_runner.data.images import counting_bar, image_problems
+
+    paths = sorted({item.img_path for item in dataset.train}
+                   | {p for split in (dataset.val, dataset.test) if split is not None for p in split.img_paths})
+    paths = [path for path in paths if os.path.isfile(path)]  # missing ones are reported already
+    with counting_bar(len(paths), f"decoding {dataset.name} images", enabled=progress) as advance:
+        return [problem for _, problem in image_problems(paths, workers=os.cpu_count() or 1, on_done=advance)]
 
 
 def dataset_statistics(ds: PedesDataset) -> list[dict]:
@@ -149,12 +171,9 @@ def _parse(data_root: str | Path, name: str) -> tuple[PedesDataset | None, list[
         expected = " or ".join(layout.annotation_files)
         return None, [f"{folder}: annotation file {expected} not found"]
     try:
-        with annotation.open("r", encoding="utf-8") as handle:
-            raw = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        return None, [f"{annotation}: malformed JSON ({err})"]
-    except OSError as err:
-        return None, [f"{annotation}: cannot be read ({err.strerror or err})"]
+        raw = _read_annotation(annotation)
+    except DatasetError as err:
+        return None, [str(err)]
     if not isinstance(raw, list):
         return None, [f"{annotation}: expected a JSON list of per-image entries, got {type(raw).__name__}"]
 
@@ -164,6 +183,26 @@ def _parse(data_root: str | Path, name: str) -> tuple[PedesDataset | None, list[
     dataset = _build(name, folder, entries, layout)
     problems += _split_problems(dataset, annotation, layout)
     return dataset, problems
+
+
+def _read_annotation(annotation: Path) -> object:
+    """The parsed annotation JSON, its size and nesting checked against the stated limits first."""
+    try:
+        size = annotation.stat().st_size
+        if size > MAX_ANNOTATION_BYTES.value():
+            raise DatasetError(f"{annotation}: {size} bytes, over the limit of {MAX_ANNOTATION_BYTES.value()} "
+                               f"(${MAX_ANNOTATION_BYTES.env})")
+        text = annotation.read_bytes()
+    except OSError as err:
+        raise DatasetError(f"{annotation}: cannot be read ({err.strerror or err})") from None
+    depth = json_depth(text)
+    if depth > MAX_NESTING.value():
+        raise DatasetError(f"{annotation}: JSON nested {depth} deep, over the limit of {MAX_NESTING.value()} "
+                           f"(${MAX_NESTING.env}); the official format nests 3 deep")
+    try:
+        return json.loads(text.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DatasetError(f"{annotation}: malformed JSON ({err})") from None
 
 
 def _validated_entries(raw: list, annotation: Path, layout: Layout, img_dir: Path,
@@ -198,8 +237,11 @@ def _entry_defect(entry: object, layout: Layout) -> str | None:
     if not layout.has_val and entry["split"] not in ("train", "test"):
         return "field 'split' is neither 'train' nor 'test' (this format has no val split)"
     raw_id = entry["id"]
-    if isinstance(raw_id, bool) or not (isinstance(raw_id, int) or (isinstance(raw_id, str) and raw_id.isdigit())):
+    if isinstance(raw_id, bool) or not (isinstance(raw_id, int) or (isinstance(raw_id, str) and raw_id.isascii()
+                                                                    and raw_id.isdecimal())):
         return "field 'id' is not an integer"
+    if not 0 <= int(raw_id) <= MAX_PERSON_ID.value():
+        return f"field 'id' is outside 0..{MAX_PERSON_ID.value()} (${MAX_PERSON_ID.env})"
     if not isinstance(entry[layout.path_field], str) or not entry[layout.path_field]:
         return f"field {layout.path_field!r} is not a non-empty string"
     captions = entry["captions"]
@@ -254,7 +296,7 @@ def _split_problems(dataset: PedesDataset, annotation: Path, layout: Layout) -> 
         problems.append(f"{annotation}: the test split has no captions")
     pids = sorted({item.pid for item in dataset.train})
     if pids and pids != list(range(len(pids))):
-        gaps = sorted(set(range(max(pids[-1] + 1, len(pids)))) - set(pids))
+        gaps = _first_gaps(pids)
         rule = "id - 1" if layout.train_pid_offset else "id"
         detail = f"missing {_examples(gaps)}" if gaps and pids[0] >= 0 else f"smallest {pids[0]}"
         problems.append(
@@ -262,6 +304,18 @@ def _split_problems(dataset: PedesDataset, annotation: Path, layout: Layout) -> 
             f"pids from {pids[0]} to {pids[-1]} ({detail})"
         )
     return problems
+
+
+def _first_gaps(sorted_pids: list[int]) -> list[int]:
+    """The first missing values of 0..max in ``sorted_pids`` (enough to quote), without building the range."""
+    gaps, expected = [], 0
+    for pid in sorted_pids:
+        if pid > expected:
+            gaps.extend(range(expected, min(pid, expected + _EXAMPLES_SHOWN + 1)))
+            if len(gaps) > _EXAMPLES_SHOWN:
+                break
+        expected = max(expected, pid + 1)
+    return gaps
 
 
 def _examples(values: list) -> str:

@@ -14,26 +14,14 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
-from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 
 from php_runner.data.batch_transforms import BatchAugment, to_normalised
-from php_runner.data.datasets import DatasetError, TrainItem
+from php_runner.data.datasets import TrainItem
+from php_runner.data.images import read_image
 from php_runner.data.tokenizer import CONTEXT_LENGTH, tokenize_all
 
 PIPELINES = ("cache", "pil")  # where training and evaluation images come from (spec field data.pipeline)
-
-# The official reader accepts truncated image files.
-ImageFile.LOAD_TRUNCATED_IMAGES = True
-
-
-def read_image(path: str) -> Image.Image:
-    """The RGB image at ``path``; a file that cannot be read gives a one-line ``DatasetError``."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except OSError as err:
-        raise DatasetError(f"{path}: cannot be read as an image ({err})") from err
 
 
 class TrainPairs(Dataset):

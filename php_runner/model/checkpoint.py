@@ -21,6 +21,7 @@ import torch
 import yaml
 from torch import Tensor
 
+from php_runner.data.limits import MAX_NESTING, value_depth
 from php_runner.errors import InputError
 from php_runner.files import atomic_path
 from php_runner.model.clip import clip_config_from_state_dict
@@ -112,7 +113,7 @@ def read_official_yaml(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: config file not found")
     try:
         with open(path, encoding="utf-8") as handle:
-            values = yaml.load(handle, Loader=OfficialYamlLoader)  # noqa: S506 - SafeLoader subclass
+            values = yaml.load(handle, Loader=OfficialYamlLoader)
     except yaml.YAMLError as error:
         problem = getattr(error, "problem", None) or _first_line(error)
         mark = getattr(error, "problem_mark", None)
@@ -120,6 +121,12 @@ def read_official_yaml(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: refused YAML{where} ({' '.join(str(problem).split())})") from None
     except (OSError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{path}: cannot read ({_first_line(error)})") from None
+    except RecursionError:  # the YAML composer recurses once per level of nesting
+        raise CheckpointError(f"{path}: YAML nested too deep for the parser (the limit is {MAX_NESTING.value()} "
+                              f"levels, ${MAX_NESTING.env})") from None
+    if value_depth(values) > MAX_NESTING.value():
+        raise CheckpointError(f"{path}: YAML nested more than the limit of {MAX_NESTING.value()} levels "
+                              f"(${MAX_NESTING.env})")
     if not isinstance(values, dict):
         raise CheckpointError(f"{path}: expected a mapping at the top level")
     _check_yaml_fields(path, values)

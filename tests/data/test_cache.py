@@ -162,3 +162,20 @@ def test_clear_and_default_location(data, monkeypatch, tmp_path):
     assert not any(root.iterdir())
     monkeypatch.setenv("PHP_RUN_CACHE", str(tmp_path / "elsewhere"))
     assert cache_root() == tmp_path / "elsewhere"
+
+
+def test_an_index_that_is_not_one_to_one_is_refused_even_with_a_matching_hash(data):
+    """Issue 24 item 7: two paths on one row (and a row left out) is refused though the manifest agrees."""
+    import hashlib
+
+    cache = build(*data)
+    index = json.loads((cache.folder / "index.json").read_text())
+    first, second = list(index)[:2]
+    index[second] = index[first]
+    text = json.dumps(index).encode()
+    (cache.folder / "index.json").write_bytes(text)
+    manifest = json.loads((cache.folder / "manifest.json").read_text())
+    manifest["array"]["index_sha256"] = hashlib.sha256(text).hexdigest()
+    (cache.folder / "manifest.json").write_text(json.dumps(manifest))
+    problems = check_cache(cache.folder, workers=1)
+    assert problems and "not a map of image paths to the rows" in problems[0]

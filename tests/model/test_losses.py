@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from php_runner.model.losses import LossConfig, cmpm_loss, compute_losses, id_loss, itc_loss, sdm_loss
+from php_runner.model.losses import (
+    LossConfig,
+    cmpm_loss,
+    compute_losses,
+    id_loss,
+    itc_loss,
+    sdm_loss,
+)
 from php_runner.model.php import PHPOutput
 
 SCALE = 50.0
@@ -139,3 +146,24 @@ def test_losses_backpropagate_through_model(tiny_model, tiny_images, tiny_token_
     losses = compute_losses(model(tiny_images(4), tiny_token_ids(4)), torch.tensor([0, 1, 0, 2]), LossConfig())
     losses["total"].backward()
     assert model.shared_transformer.resblocks[0].feed_forward.input_gate.weight.grad.abs().sum() > 0
+
+
+def infonce_at_scale(image, text, scale):
+    """CLIP InfoNCE from its definition: mean over both directions of -log softmax of the matching pair."""
+    img, txt = _unit(image), _unit(text)
+    total = 0.0
+    for rows in ([[scale * float(i @ t) for t in txt] for i in img], [[scale * float(t @ i) for i in img] for t in txt]):
+        for index, row in enumerate(rows):
+            total += -(row[index] - math.log(sum(math.exp(v) for v in row))) / len(rows)
+    return total / 2
+
+
+@pytest.mark.parametrize("temperature", [0.02, 0.5])
+def test_itc_loss_uses_the_configured_temperature(batch, temperature):
+    """Issue 24 item 17: the ITC term of compute_losses is 5 x InfoNCE at scale 1/temperature (a fixed
+    scale would match at most one of the two temperatures)."""
+    image, text, pids = batch
+    output = PHPOutput(image, text, torch.tensor(0.0))
+    losses = compute_losses(output, pids, LossConfig(names=("itc",), temperature=temperature))
+    expected = 5.0 * infonce_at_scale(image, text, 1.0 / temperature)
+    assert losses["itc_loss"].item() == pytest.approx(expected, rel=1e-5)
