@@ -210,7 +210,7 @@ def open_run_folder(run: RunRecord, run_dir: Path, provenance: dict | None) -> t
     yaml_path = recorded / CONFIGS_YAML
     if (run_dir / LAST_CHECKPOINT).is_file() and yaml_path.is_file():
         return OfficialRunFolder(recorded, read_official_yaml(yaml_path)), False
-    identity = {"run_id": run.id, "config_hash": run.config_hash, "preset": run.preset}
+    identity = {"run_id": run.id, "config_hash": run.config_hash, "preset": run.preset, "table": run.table}
     folder = OfficialRunFolder.create(run_dir.parent.parent / LOGS_FOLDER, run.config, spec=run.spec_name,
                                       row=run.row_label, seed=run.seed, identity=identity)
     return folder, True

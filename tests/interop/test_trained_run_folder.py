@@ -6,6 +6,7 @@ same folder."""
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import signal
 import subprocess
@@ -150,3 +151,66 @@ def test_a_killed_run_resumes_into_the_same_folder(spec_dir, tiny_data_root, tmp
     assert eval_blocks(text) == eval_blocks(stamped((trained["folder"] / "train_log.txt").read_text()))
     assert scalars(folder)["test/R1"] == scalars(trained["folder"])["test/R1"]
     assert (folder / "best.pth").resolve().is_file()
+
+
+# ---- php-run export mlflow ------------------------------------------------------------------------
+
+def test_export_mlflow_through_the_cli_reads_back_from_a_local_store(cli, trained, tmp_path):
+    pytest.importorskip("mlflow", reason="the mlflow extra is not installed (pip install 'php-runner[mlflow]')")
+    from mlflow.tracking import MlflowClient
+
+    run, registry = trained["run"], trained["registry"]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code, out, err = cli("export", "mlflow", "--tracking-uri", uri, "--db", trained["url"], str(run.id))
+    assert code == 0, err
+    assert f"exported run {run.id} -> MLflow run " in out and "1 exported, 0 unchanged" in out
+    client = MlflowClient(tracking_uri=uri)
+    [found] = client.search_runs([client.get_experiment_by_name("php-run").experiment_id])
+    assert found.info.run_name == trained["folder"].name and found.info.status == "FINISHED"
+    assert found.data.params["model.cnum"] == str(run.config["model"]["cnum"])
+    assert found.data.tags["php_run.config_hash"] == run.config_hash
+    history = {m.step: m.value for m in client.get_metric_history(found.info.run_id, "test/R1")}
+    assert history == {e.epoch: e.metrics["R1"] for e in registry.epochs(run.id) if e.split == "test"}
+    losses = {m.step: m.value for m in client.get_metric_history(found.info.run_id, "epoch/loss")}
+    assert losses == {e.epoch: e.metrics["total"] for e in registry.epochs(run.id) if e.split == "train"}
+    assert found.data.metrics["best-on-test/R1"] == registry.results(run.id)["best-on-test"]["metrics"]["R1"]
+    assert sorted(a.path for a in client.list_artifacts(found.info.run_id)) == ["configs.yaml", "train_log.txt"]
+    code, out, _ = cli("export", "mlflow", "--tracking-uri", uri, "--db", trained["url"])
+    assert code == 0 and "0 exported, 1 unchanged" in out
+
+
+def test_export_mlflow_without_the_extra_is_a_one_line_error(cli, trained, tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_mlflow(name, *args, **kwargs):
+        if name.startswith("mlflow"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_mlflow)
+    code, out, err = cli("export", "mlflow", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", "--db", trained["url"])
+    assert code == 2 and out == ""
+    assert err == "error: MLflow export needs the mlflow extra: pip install 'php-runner[mlflow]'\n"
+
+
+# ---- php-run import of a php-run logs/ tree -------------------------------------------------------
+
+def test_import_of_the_logs_tree_round_trips_config_hash_and_metrics(cli, trained, tiny_data_root, tmp_path):
+    run, registry = trained["run"], trained["registry"]
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    code, out, err = cli("import", trained["workdir"] / "logs", "--data-root", tiny_data_root, "--no-audit",
+                         "--device", "cpu", "--db", url, "--json")
+    assert code == 0, err
+    [outcome] = json.loads(out)
+    assert outcome["status"] == "imported", outcome
+    fresh = Registry(url)
+    try:
+        [imported] = fresh.list_runs()
+        assert imported.kind == "imported" and imported.config_hash == run.config_hash
+        best = registry.results(run.id)["best-on-test"]
+        assert fresh.results(imported.id)["best-on-test"]["metrics"] == best["metrics"]
+        assert fresh.results(imported.id)["best-on-test"]["epoch"] == best["epoch"]
+    finally:
+        fresh.close()
