@@ -26,6 +26,7 @@ from php_runner.cli import (  # noqa: E402,F401  (they register commands)
     data,
     db,
     evaluate,
+    export,
     importing,
     launch,
     plot,

@@ -11,6 +11,8 @@ SIGKILL ends one worker only; its run stays resumable from its last checkpoint.
 from __future__ import annotations
 
 import argparse
+import inspect
+import math
 import os
 import socket
 import sys
@@ -29,6 +31,10 @@ from php_runner.experiment.build import (
     build_train_settings,
     load_training_data,
 )
+from php_runner.interop.official_config import CONFIGS_YAML
+from php_runner.interop.run_folder import OfficialRunFolder
+from php_runner.interop.tensorboard import TensorBoardWriter
+from php_runner.model.checkpoint import read_official_yaml
 from php_runner.store.checksums import file_sha256
 from php_runner.store.heartbeat import HEARTBEAT_INTERVAL_S, Heartbeat
 from php_runner.store.registry import Registry
@@ -44,6 +50,9 @@ EXIT_INTERRUPTED = 130
 # Test-only: seconds to wait after each epoch is recorded, so that interruption tests (scancel, preemption,
 # SIGKILL) can land between epochs however fast the machine trains.
 EPOCH_PAUSE_ENV = "PHP_RUN_TEST_EPOCH_PAUSE_S"
+# The official run folders live in logs/ beside checkpoints/; the provenance key naming a run's folder.
+LOGS_FOLDER = "logs"
+RUN_FOLDER_KEY = "run_folder"
 
 
 class LostClaim(Exception):
@@ -134,46 +143,77 @@ def _train_claimed(registry: Registry, run: RunRecord, heartbeat: Heartbeat, com
                    then: Callable[[Any], None] | None) -> None:
     from php_runner.data.datasets import dataset_statistics
     from php_runner.engine.train import resolve_device, seed_everything, train
-    from php_runner.interop.run_log import TrainLog
 
     config = run.config
     settings = build_train_settings(config)
-    registry.record_provenance(run.id, provenance_info(str(resolve_device(settings.device)), command))
-    ensure_data(config)
-    dataset = load_training_data(config)
-    seed_everything(settings.seed)  # the initial weights are a function of the run's seed, as officially
-    model = build_model(config, dataset.num_classes)
+    device = resolve_device(settings.device)
     run_dir = run_dir_of(run)
     run_dir.mkdir(parents=True, exist_ok=True)
     registry.set_run_dir(run.id, str(run_dir))
-    log = TrainLog(run_dir)  # the official-format train_log.txt beside the checkpoints
-    epoch_pause = float(os.environ.get(EPOCH_PAUSE_ENV) or 0)
-    log.dataset_statistics(config["data"]["dataset"], dataset_statistics(dataset))
+    folder, fresh = open_run_folder(run, run_dir, registry.provenance(run.id))
+    registry.record_provenance(run.id, {**provenance_info(str(device), command), RUN_FOLDER_KEY: str(folder.path)})
+    with folder, TensorBoardWriter(folder.path) as board:
+        ensure_data(config)
+        dataset = load_training_data(config)
+        seed_everything(settings.seed)  # the initial weights are a function of the run's seed, as officially
+        model = build_model(config, dataset.num_classes)
+        if fresh:
+            folder.start(total_params=sum(p.numel() for p in model.parameters()),
+                         num_gpus=int(device.type == "cuda"), statistics=dataset_statistics(dataset))
+        iterations = math.ceil(len(dataset.train) / settings.batch_size)  # the loader keeps the last batch
+        epoch_pause = float(os.environ.get(EPOCH_PAUSE_ENV) or 0)
 
-    def on_epoch(record) -> None:
+        def on_step(step) -> None:
+            folder.on_step(step)
+            board.on_step(step)
+
+        def on_epoch(record) -> None:
+            if heartbeat.lost.is_set():
+                raise LostClaim()
+            train_values = {**{k: float(v) for k, v in record.losses.items()}, "lr": float(record.lr),
+                            "seconds": float(record.seconds)}
+            registry.record_epoch(run.id, record.epoch, "train", train_values)
+            for split, metrics in record.metrics.items():
+                registry.record_epoch(run.id, record.epoch, split, {k: float(v) for k, v in metrics.items()})
+            folder.on_epoch(record, iterations)
+            board.on_epoch(record)
+            heartbeat.beat()
+            if then is not None:
+                then(record)
+            time.sleep(epoch_pause)
+
+        result = train(model, dataset, settings, run_dir, on_epoch=on_epoch, **step_hook(train, on_step))
         if heartbeat.lost.is_set():
             raise LostClaim()
-        train_values = {**{k: float(v) for k, v in record.losses.items()}, "lr": float(record.lr),
-                        "seconds": float(record.seconds)}
-        registry.record_epoch(run.id, record.epoch, "train", train_values)
-        for split, metrics in record.metrics.items():
-            registry.record_epoch(run.id, record.epoch, split, {k: float(v) for k, v in metrics.items()})
-        log.epoch(record.epoch, record.losses, record.lr, record.metrics)
-        heartbeat.beat()
-        if then is not None:
-            then(record)
-        time.sleep(epoch_pause)
-
-    try:
-        result = train(model, dataset, settings, run_dir, on_epoch=on_epoch)
-        if "best-on-test" in result.selected:
-            epoch, _split, metrics = result.selected["best-on-test"]
-            log.best(metrics["R1"], epoch)
-    finally:
-        log.close()
-    if heartbeat.lost.is_set():
-        raise LostClaim()
+        best = result.selected.get("best-on-test")
+        if Path(result.best_checkpoint).is_file():
+            folder.finish(result.best_checkpoint, *((best[2]["R1"], best[0]) if best else ()))
     _record_training(registry, run.id, settings, result)
+
+
+def step_hook(train: Callable, on_step: Callable[[Any], None]) -> dict[str, Any]:
+    """``{"on_step": on_step}`` where ``engine.train.train`` takes per-iteration records (its ``on_step``,
+    coming with the speed-engine2 branch), else nothing: the log and the events then hold epochs only."""
+    return {"on_step": on_step} if "on_step" in inspect.signature(train).parameters else {}
+
+
+def open_run_folder(run: RunRecord, run_dir: Path, provenance: dict | None) -> tuple[OfficialRunFolder, bool]:
+    """The run's official folder ``logs/<dataset>/<name>/`` beside ``checkpoints/``, and whether it is new.
+
+    A run resuming from its ``last.pth`` reopens the folder its provenance names (its log continues);
+    a run starting from scratch (first try, ``--restart``, or killed before its first epoch was saved)
+    gets a new folder, so no log mixes two trainings.
+    """
+    from php_runner.engine.train import LAST_CHECKPOINT
+
+    recorded = Path((provenance or {}).get(RUN_FOLDER_KEY) or run_dir / "missing")
+    yaml_path = recorded / CONFIGS_YAML
+    if (run_dir / LAST_CHECKPOINT).is_file() and yaml_path.is_file():
+        return OfficialRunFolder(recorded, read_official_yaml(yaml_path)), False
+    identity = {"run_id": run.id, "config_hash": run.config_hash, "preset": run.preset, "table": run.table}
+    folder = OfficialRunFolder.create(run_dir.parent.parent / LOGS_FOLDER, run.config, spec=run.spec_name,
+                                      row=run.row_label, seed=run.seed, identity=identity)
+    return folder, True
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,18 +20,49 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from prettytable import PrettyTable
+
 from php_runner.interop.records import EpochLike, StepLike, official_meters
-from php_runner.interop.run_log import DATASET_CLASSES, LOG_FORMAT, metrics_table, statistics_table
 
 TRAIN_LOG = "train_log.txt"
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s: %(message)s"
+METRIC_COLUMNS = ("R1", "R5", "R10", "mAP", "mINP")
+# The official dataset class names, which its statistics line names.
+DATASET_CLASSES = {"CUHK-PEDES": "CUHKPEDES", "ICFG-PEDES": "ICFGPEDES", "RSTPReid": "RSTPReid"}
 # The official namespace held tuples here; the dump shows them as the official log does.
 TUPLE_OPTIONS = ("img_size", "milestones")
+
+
+def statistics_table(rows: list[Mapping]) -> str:
+    """The official ``subset | ids | images | captions`` table (default PrettyTable style)."""
+    table = PrettyTable(["subset", "ids", "images", "captions"])
+    for row in rows:
+        table.add_row([row["subset"], row["ids"], row["images"], row["captions"]])
+    return table.get_string()
+
+
+def metrics_table(metrics: Mapping[str, float], i2t: Mapping[str, float] | None = None) -> str:
+    """The official evaluation table: row ``t2i`` (and ``i2t`` when given), every number ``.3f``."""
+    table = PrettyTable(["task", *METRIC_COLUMNS])
+    table.add_row(["t2i", *(float(metrics[name]) for name in METRIC_COLUMNS)])
+    if i2t is not None:
+        table.add_row(["i2t", *(float(i2t[name]) for name in METRIC_COLUMNS)])
+    for name in METRIC_COLUMNS:
+        table.custom_format[name] = lambda _field, value: f"{value:.3f}"
+    return table.get_string()
 
 
 def step_line(step: StepLike) -> str:
     """``Epoch[<e>] Iteration[<i>/<n>], loss: <v>, sdm_loss: <v>, ..., Base Lr: <lr>``."""
     meters = "".join(f", {name}: {value:.4f}" for name, value in official_meters(step.losses))
     return f"Epoch[{step.epoch}] Iteration[{step.iteration}/{step.iterations_per_epoch}]{meters}, Base Lr: {step.lr:.2e}"
+
+
+def epoch_mean_line(epoch: int, losses: Mapping[str, float], lr: float) -> str:
+    """``Epoch[<e>] mean, loss: <total>, sdm_loss: ..., Base Lr: <lr>``: the epoch's means, for a trainer
+    that gives no per-iteration records."""
+    meters = "".join(f", {name}: {value:.4f}" for name, value in official_meters(losses))
+    return f"Epoch[{epoch}] mean{meters}, Base Lr: {lr:.2e}"
 
 
 def epoch_done_line(epoch: int, seconds: float, iterations: int, batch_size: int) -> str:
@@ -85,10 +116,13 @@ class OfficialTrainLog:
         self._loggers["IRRA.train"].info(step_line(step))
 
     def epoch(self, record: EpochLike, iterations: int | None = None) -> None:
-        """The epoch's timing line (when its iteration count is known), then one evaluation per split
-        (test first, as officially; other splits are named)."""
-        iterations = iterations or self._iterations.get(record.epoch)
+        """The epoch's loss means when no step record of it came (no official line has them), its timing
+        line (when its iteration count is known), then one evaluation per split (test first, as
+        officially; other splits are named)."""
         train = self._loggers["IRRA.train"]
+        if record.epoch not in self._iterations:
+            train.info(epoch_mean_line(record.epoch, record.losses, record.lr))
+        iterations = iterations or self._iterations.get(record.epoch)
         if iterations:
             train.info(epoch_done_line(record.epoch, record.seconds, iterations, self.batch_size))
         for split in sorted(record.metrics, key=lambda name: name != "test"):

@@ -120,8 +120,9 @@ class OfficialRunFolder:
     def on_step(self, step: StepLike) -> None:
         self.log.step(step)
 
-    def on_epoch(self, record: EpochLike) -> None:
-        self.log.epoch(record)
+    def on_epoch(self, record: EpochLike, iterations: int | None = None) -> None:
+        """``iterations``: the epoch's iteration count for its timing line, where no step record gave it."""
+        self.log.epoch(record, iterations)
 
     def finish(self, checkpoint: str | Path, best_r1: float | None = None, best_epoch: int | None = None) -> str:
         """Log ``best R1`` (when given), point ``best.pth`` at ``checkpoint``; returns the link method."""

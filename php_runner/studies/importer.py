@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,7 @@ class FolderMeaning:
     loss_names: frozenset[str] | None = None  # None where the name says nothing about the losses
     cnum: int | None = None  # None where the name says nothing about cnum
     headline_rank: int | None = None  # lower wins the headline cells; None: never the headline
+    php_run: dict | None = field(default=None, compare=False)  # a php-run folder's identity (its yaml's php_run)
 
 
 def interpret_folder(name: str) -> FolderMeaning:
@@ -102,6 +103,31 @@ def interpret_folder(name: str) -> FolderMeaning:
         f"folder {name!r}: not a released run name (itc+aux, sdm+aux, sdm+itc+aux, sdm+itc+aux_cnumN, "
         "ablation_base|crfm|efp, <date>[_<time>]_<name>_ns)"
     )
+
+
+def interpret_run_folder(folder: Path) -> FolderMeaning:
+    """A php-run run folder by the ``php_run`` section of its configs.yaml (its name is free), else a
+    released one by its name (``interpret_folder``)."""
+    from php_runner.interop.official_config import php_run_identity
+    from php_runner.model.checkpoint import read_official_yaml
+
+    try:
+        identity = php_run_identity(read_official_yaml(folder / YAML_NAME))
+    except InputError:  # a broken yaml is reported when the folder is imported, as for released folders
+        identity = None
+    if identity is None:
+        return interpret_folder(folder.name)
+    model = identity["config"]["model"]
+    cell = Cell(str(identity.get("table") or identity["spec"]), str(identity["row"]))
+    return FolderMeaning(model["variant"], model["sharing"], (cell,), php_run=identity)
+
+
+def php_run_import(identity: dict, runtime: dict, evaluation: "EvaluationKey") -> tuple[dict, "EvaluationKey"]:
+    """A php-run folder imports as the run it was: its own config (so its config hash; ``runtime`` from the
+    import options) and the in-training evaluation that selected its best.pth (batch, precision)."""
+    own, train = identity["config"], identity["config"]["train"]
+    return ({**own, "runtime": runtime},
+            replace(evaluation, batch_size=int(train["batch_size"]), precision=str(train["precision"])))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,7 +187,7 @@ def discover(
             skipped.append(Skipped(label, f"no {' and no '.join(missing)}"))
             continue
         try:
-            found.append(ReleasedRun(dataset, folder, interpret_folder(folder.name)))
+            found.append(ReleasedRun(dataset, folder, interpret_run_folder(folder)))
         except UnknownFolderError as err:
             skipped.append(Skipped(label, str(err)))
     return found, skipped
@@ -521,7 +547,8 @@ def import_run(
         if problems:
             outcome.reason = "; ".join(problems)
             return outcome
-        php_config = replace(inferred, variant=run.meaning.encoder, coupling="official")
+        coupling = run.meaning.php_run["config"]["model"]["coupling"] if run.meaning.php_run else "official"
+        php_config = replace(inferred, variant=run.meaning.encoder, coupling=coupling)
     except InputError as err:
         outcome.reason = str(err)
         return outcome
@@ -543,6 +570,9 @@ def import_run(
             )
             for cell in cells
         ]
+        if run.meaning.php_run is not None:
+            own, evaluation = php_run_import(run.meaning.php_run, configs[0]["runtime"], evaluation)
+            configs = [own for _ in configs]
         validate_sections(configs[0], run.folder / YAML_NAME)
     except InputError as err:
         outcome.reason = str(err)
@@ -566,7 +596,7 @@ def import_run(
         return outcome
 
     try:
-        model = _build_model(php_config, state_dict)
+        model = _build_model(php_config, state_dict, evaluation.precision)
         settings = _eval_settings(evaluation, options)
         report = _run_audit(model, dataset, settings, yaml_values, epoch, options) if to_audit else None
         if claimed:
@@ -610,7 +640,7 @@ def _planned_run(cell: Cell, config: dict, dataset: str):
     )
 
 
-def _build_model(php_config: PHPConfig, state_dict: dict):
+def _build_model(php_config: PHPConfig, state_dict: dict, precision: str = "official"):
     from php_runner.model.checkpoint import load_state_dict_checked
     from php_runner.model.php import PHPModel
     from php_runner.model.precision import apply_precision
@@ -619,7 +649,7 @@ def _build_model(php_config: PHPConfig, state_dict: dict):
 
     with torch.device("meta"):  # every tensor is written by the strict load below
         model = PHPModel(php_config)
-    model = apply_precision(model.to_empty(device="cpu"), "official")
+    model = apply_precision(model.to_empty(device="cpu"), precision)
     load_state_dict_checked(model, state_dict)
     return model.eval()
 
