@@ -186,6 +186,29 @@ GpusOption = Annotated[
     str | None, typer.Option("--gpus", help="Run up to one worker per listed GPU in parallel, e.g. 0,1.")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+OverridesArgument = Annotated[list[str] | None, typer.Argument(
+    help="Overrides SECTION.FIELD=VALUE with the spec's names, e.g. train.lr=1e-5; a,b sweeps both values "
+    "(like [grid]). A value given here is never replaced by the preset.", show_default=False)]
+
+
+def note(message: str) -> None:
+    """A message for the user (not the requested output): always on stderr."""
+    err_console.print(message, highlight=False, soft_wrap=True)
+
+
+def plan_spec(spec: "Spec", preset: str, datasets: list[str] | None, seeds: str | None, runtime: dict,
+              overrides: list[str] | None = None) -> list:
+    """The runs of ``spec`` (with the command line's overrides) under ``preset``; notes on stderr name
+    each value of the user's that the preset would have changed."""
+    from php_runner.experiment.specs import expand, preset_notes, with_overrides
+
+    spec = with_overrides(spec, overrides or [])
+    planned = expand(spec, preset, datasets, parse_seeds(seeds), runtime)
+    for line in preset_notes(spec, preset):
+        note(f"note: {line}")
+    if not planned:
+        raise InputError(f"spec {spec.name}: no runs for preset {preset!r} and the given datasets/seeds")
+    return planned
 
 
 def runtime_values(data_root: Path | None, clip_weights: Path | None, device: str | None) -> dict:

@@ -18,6 +18,7 @@ from php_runner.cli.common import (
     DbOption,
     DeviceOption,
     GpusOption,
+    OverridesArgument,
     RunsPerGpuOption,
     PresetOption,
     SeedsOption,
@@ -51,18 +52,16 @@ FolderOption = Annotated[Path | None, typer.Option("--folder", help="submitit's 
 
 
 def plan_spec_or_table(spec_or_table: str, preset: str, dataset: str, seeds: str | None, data_root: Path | None,
-                       clip_weights: Path | None, device: str | None) -> list["PlannedRun"]:
-    """The runs of a spec file, or of the shipped spec filling a table."""
-    from php_runner.cli.common import datasets_option, runtime_values, spec_of_table
-    from php_runner.experiment.specs import expand, load_spec
+                       clip_weights: Path | None, device: str | None,
+                       overrides: list[str] | None = None) -> list["PlannedRun"]:
+    """The runs of a spec file, or of the shipped spec filling a table (with the command line's overrides)."""
+    from php_runner.cli.common import datasets_option, plan_spec, runtime_values, spec_of_table
+    from php_runner.experiment.specs import load_spec
 
     path = Path(spec_or_table)
     spec = load_spec(path) if path.suffix == ".toml" or path.is_file() else spec_of_table(spec_or_table)
-    planned = expand(spec, preset, datasets_option(dataset), parse_seeds(seeds),
-                     runtime_values(data_root, clip_weights, device))
-    if not planned:
-        raise InputError(f"spec {spec.name}: no runs for preset {preset!r} and the given datasets/seeds")
-    return planned
+    return plan_spec(spec, preset, datasets_option(dataset), seeds, runtime_values(data_root, clip_weights, device),
+                     overrides)
 
 
 def job_options(partition, gpus_per_run, time_limit, array_parallelism, slurm_option, folder):
@@ -83,6 +82,7 @@ def _print_outcome(outcome: "RunOutcome") -> None:
 @app.command()
 def enqueue(
     spec_or_table: SpecOrTable,
+    overrides: OverridesArgument = None,
     dataset: DatasetOption = "all",
     preset: PresetOption = "paper",
     data_root: DataRootOption = None,
@@ -97,7 +97,7 @@ def enqueue(
     """
     from php_runner.execute.queue import enqueue as enqueue_runs
 
-    runs = enqueue_runs(plan_spec_or_table(spec_or_table, preset, dataset, seeds, data_root, clip_weights, device), db)
+    runs = enqueue_runs(plan_spec_or_table(spec_or_table, preset, dataset, seeds, data_root, clip_weights, device, overrides), db)
     queued = sum(run.status != "done" for run in runs)
     console.print(f"{len(runs)} run(s): {queued} queued or resumable, {len(runs) - queued} done before")
 
@@ -144,6 +144,7 @@ def worker(
 @app.command()
 def submit(
     spec_or_table: SpecOrTable,
+    overrides: OverridesArgument = None,
     executor: ExecutorOption = "slurm",
     dataset: DatasetOption = "all",
     preset: PresetOption = "paper",
@@ -175,7 +176,7 @@ def submit(
     from php_runner.execute.provenance import command_line
 
     options = job_options(partition, gpus_per_run, time_limit, array_parallelism, slurm_option, folder)
-    planned = plan_spec_or_table(spec_or_table, preset, dataset, seeds, data_root, clip_weights, device)
+    planned = plan_spec_or_table(spec_or_table, preset, dataset, seeds, data_root, clip_weights, device, overrides)
     submission = slurm.submit(planned, executor=executor, db_url=db, allow_sqlite=allow_sqlite, options=options,
                               workers=workers, command=command_line())
     done_before = len({r.id for r in submission.runs}) - len(submission.pending)

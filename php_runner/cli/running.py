@@ -22,8 +22,9 @@ from php_runner.cli.common import (
     check_run_refs,
     console,
     datasets_option,
+    OverridesArgument,
     parse_gpus,
-    parse_seeds,
+    plan_spec,
     runtime_values,
     spec_of_table,
 )
@@ -40,13 +41,10 @@ HEADLINE_TABLE = "headline"
 
 def run_spec_runs(spec: "Spec", preset: str, datasets: list[str] | None, seeds: str | None, data_root: Path | None,
                   clip_weights: Path | None, device: str | None, db: str | None, gpus: str | None,
-                  restart: list[str] | None = None, runs_per_gpu: int = 1) -> int:
-    """Plan a spec's runs and execute them (auditing them when the spec asks); returns the exit code."""
-    from php_runner.experiment.specs import expand
-
-    planned = expand(spec, preset, datasets, parse_seeds(seeds), runtime_values(data_root, clip_weights, device))
-    if not planned:
-        raise InputError(f"spec {spec.name}: no runs for preset {preset!r} and the given datasets/seeds")
+                  restart: list[str] | None = None, runs_per_gpu: int = 1, overrides: list[str] | None = None) -> int:
+    """Plan a spec's runs (with the command line's overrides) and execute them (auditing them when the
+    spec asks); returns the exit code."""
+    planned = plan_spec(spec, preset, datasets, seeds, runtime_values(data_root, clip_weights, device), overrides)
     return execute_and_report(planned, db, gpus, audit=spec.audit, device=device, restart=restart, runs_per_gpu=runs_per_gpu)
 
 
@@ -127,6 +125,7 @@ def demo(
 
 @app.command()
 def reproduce(
+    overrides: OverridesArgument = None,
     dataset: Annotated[str, typer.Option("--dataset", help="CUHK-PEDES, ICFG-PEDES, RSTPReid or all.")] = "all",
     preset: PresetOption = "paper",
     data_root: DataRootOption = None,
@@ -142,7 +141,7 @@ def reproduce(
     Example: php-run reproduce --dataset CUHK-PEDES --data-root data --clip-weights ViT-B-16.pt
     """
     code = run_spec_runs(spec_of_table(HEADLINE_TABLE), preset, datasets_option(dataset), seeds, data_root,
-                     clip_weights, device, db, gpus, runs_per_gpu=runs_per_gpu)
+                         clip_weights, device, db, gpus, runs_per_gpu=runs_per_gpu, overrides=overrides)
     print_tables([HEADLINE_TABLE], db, include_empty=True, as_json=False, preset=preset)
     raise typer.Exit(code)
 
@@ -150,6 +149,7 @@ def reproduce(
 @app.command()
 def ablate(
     name: Annotated[str, typer.Argument(help=f"The ablation: {', '.join(ABLATIONS)}.")],
+    overrides: OverridesArgument = None,
     dataset: Annotated[str, typer.Option("--dataset", help="CUHK-PEDES, ICFG-PEDES, RSTPReid or all.")] = "all",
     preset: PresetOption = "paper",
     data_root: DataRootOption = None,
@@ -167,7 +167,7 @@ def ablate(
     if name not in ABLATIONS:
         raise InputError(f"ablation {name!r}: expected one of {', '.join(ABLATIONS)}")
     code = run_spec_runs(spec_of_table(name), preset, datasets_option(dataset), seeds, data_root, clip_weights,
-                     device, db, gpus, runs_per_gpu=runs_per_gpu)
+                         device, db, gpus, runs_per_gpu=runs_per_gpu, overrides=overrides)
     print_tables([name], db, include_empty=True, as_json=False, preset=preset)
     raise typer.Exit(code)
 
@@ -175,6 +175,7 @@ def ablate(
 @app.command("run")
 def run_spec(
     spec_path: Annotated[Path, typer.Argument(help="A spec file (TOML), or a shipped spec's name (php-run ls), e.g. cnum.")],
+    overrides: OverridesArgument = None,
     dataset: Annotated[str, typer.Option("--dataset", help="CUHK-PEDES, ICFG-PEDES, RSTPReid or all.")] = "all",
     preset: PresetOption = "paper",
     data_root: DataRootOption = None,
@@ -195,4 +196,4 @@ def run_spec(
     from php_runner.experiment.specs import find_spec, load_spec
 
     raise typer.Exit(run_spec_runs(load_spec(find_spec(spec_path)), preset, datasets_option(dataset), seeds, data_root,
-                               clip_weights, device, db, gpus, restart, runs_per_gpu))
+                               clip_weights, device, db, gpus, restart, runs_per_gpu, overrides))
