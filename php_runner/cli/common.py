@@ -196,6 +196,15 @@ def note(message: str) -> None:
     err_console.print(message, highlight=False, soft_wrap=True)
 
 
+def say(message: str, machine: bool = False) -> None:
+    """A message (progress, "written: ..."): on stdout for a person at a terminal, on stderr when stdout
+    is machine-readable (``machine``: --format/--json) or not a terminal, so piped output is only the content."""
+    if machine or not sys.stdout.isatty():
+        err_console.print(message, highlight=False, soft_wrap=True)
+    else:
+        console.print(message, highlight=False, soft_wrap=True)
+
+
 def plan_spec(spec: "Spec", preset: str, datasets: list[str] | None, seeds: str | None, runtime: dict,
               overrides: list[str] | None = None) -> list:
     """The runs of ``spec`` (with the command line's overrides) under ``preset``; notes on stderr name

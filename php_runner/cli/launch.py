@@ -22,7 +22,7 @@ from php_runner.cli.common import (
     RunsPerGpuOption,
     PresetOption,
     SeedsOption,
-    console,
+    say,
     parse_gpus,
     parse_seeds,
 )
@@ -75,7 +75,7 @@ def job_options(partition, gpus_per_run, time_limit, array_parallelism, slurm_op
 
 def _print_outcome(outcome: "RunOutcome") -> None:
     style = {"done": "green", "skipped": "dim", "busy": "yellow", "failed": "red"}[outcome.status]
-    console.print(f"[{style}]{outcome.status:>7}[/{style}] run {outcome.run_id} {outcome.config_hash[:12]} "
+    say(f"[{style}]{outcome.status:>7}[/{style}] run {outcome.run_id} {outcome.config_hash[:12]} "
                   f"{outcome.dataset} {outcome.row_label} seed {outcome.seed}  {outcome.error or ''}")
 
 
@@ -99,7 +99,7 @@ def enqueue(
 
     runs = enqueue_runs(plan_spec_or_table(spec_or_table, preset, dataset, seeds, data_root, clip_weights, device, overrides), db)
     queued = sum(run.status != "done" for run in runs)
-    console.print(f"{len(runs)} run(s): {queued} queued or resumable, {len(runs) - queued} done before")
+    say(f"{len(runs)} run(s): {queued} queued or resumable, {len(runs) - queued} done before")
 
 
 @app.command()
@@ -133,7 +133,7 @@ def worker(
     started = time.monotonic()
     summary = runner.run()
     seconds = time.monotonic() - started
-    console.print(f"[bold]worker {summary.worker}:[/bold] {len(summary.claimed)} claimed in {seconds:.1f} s, "
+    say(f"[bold]worker {summary.worker}:[/bold] {len(summary.claimed)} claimed in {seconds:.1f} s, "
                   f"{summary.count('done')} done, {summary.count('failed')} failed, "
                   f"{len(summary.requeued)} queued again")
     if runner.stopping and summary.requeued:
@@ -181,23 +181,23 @@ def submit(
                               workers=workers, command=command_line())
     done_before = len({r.id for r in submission.runs}) - len(submission.pending)
     if not submission.jobs:
-        console.print(f"{done_before} run(s), all done before; nothing submitted")
+        say(f"{done_before} run(s), all done before; nothing submitted")
         return
     first = submission.jobs[0].job_id
-    console.print(f"{len(submission.pending)} run(s) queued ({done_before} done before); submitted "
+    say(f"{len(submission.pending)} run(s) queued ({done_before} done before); submitted "
                   f"{len(submission.jobs)} {executor} worker job(s) {submission.job_id or first}")
     if not wait:
         return
     _, problems = slurm.wait(submission.jobs)
     for line in problems:
-        console.print(f"[yellow]{line}[/yellow]")
+        say(f"[yellow]{line}[/yellow]")
     from php_runner.store.registry import Registry
 
     registry = Registry(db)
     states = [registry.get_run(run.id) for run in submission.pending]
     registry.close()
     not_done = [run for run in states if run.status != "done"]
-    console.print(f"[bold]runs:[/bold] {len(states) - len(not_done)} done, {len(not_done)} not done"
+    say(f"[bold]runs:[/bold] {len(states) - len(not_done)} done, {len(not_done)} not done"
                   + "".join(f"\n  run {r.id} {r.status} {r.error or ''}" for r in not_done))
     raise typer.Exit(EXIT_RUN_FAILED if not_done else 0)
 
@@ -218,6 +218,6 @@ def cancel(
 
     cancelled = cancel_runs(runs or [], db, every=all_runs)
     for run, job_id in cancelled:
-        console.print(f"cancelled job {job_id} of run {run.id} {run.short_hash}; the run is queued again")
+        say(f"cancelled job {job_id} of run {run.id} {run.short_hash}; the run is queued again")
     if not cancelled:
-        console.print("no job to cancel; the runs are queued")
+        say("no job to cancel; the runs are queued")

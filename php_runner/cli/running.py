@@ -20,7 +20,7 @@ from php_runner.cli.common import (
     RunsPerGpuOption,
     SeedsOption,
     check_run_refs,
-    console,
+    say,
     datasets_option,
     OverridesArgument,
     parse_gpus,
@@ -59,7 +59,7 @@ def execute_and_report(planned: list["PlannedRun"], db: str | None, gpus: str | 
     from php_runner.execute.provenance import command_line
 
     gpu_ids = parse_gpus(gpus)
-    console.print(f"[bold]{len(planned)} planned run(s)[/bold]")
+    say(f"[bold]{len(planned)} planned run(s)[/bold]")
 
     def on_outcome(outcome: RunOutcome) -> None:
         style = {"done": "green", "skipped": "dim", "busy": "yellow", "failed": "red"}[outcome.status]
@@ -67,13 +67,13 @@ def execute_and_report(planned: list["PlannedRun"], db: str | None, gpus: str | 
             "skipped": "done before, not trained again",
             "busy": "another php-run process is running it",
         }.get(outcome.status, outcome.error or "")
-        console.print(f"[{style}]{outcome.status:>7}[/{style}] run {outcome.run_id} {outcome.config_hash[:12]} "
+        say(f"[{style}]{outcome.status:>7}[/{style}] run {outcome.run_id} {outcome.config_hash[:12]} "
                       f"{outcome.dataset} {outcome.row_label} seed {outcome.seed}  {note}")
 
     summary = execute_planned(planned, db, gpu_ids, command=command_line(), on_outcome=on_outcome,
                               restart=restart or (), runs_per_gpu=runs_per_gpu)
     counts = ", ".join(f"{summary.count(s)} {s}" for s in ("done", "skipped", "busy", "failed") if summary.count(s))
-    console.print(f"[bold]runs:[/bold] {counts}")
+    say(f"[bold]runs:[/bold] {counts}")
     if audit:
         _audit_done_runs(planned, db, device)
     return EXIT_RUN_FAILED if summary.failed else 0
@@ -89,9 +89,9 @@ def _audit_done_runs(planned: list["PlannedRun"], db: str | None, device: str | 
             run = registry.get_run(plan.config_hash)
             if run.status != "done" or registry.latest_audit(run.id) is not None:
                 continue
-            console.print(f"auditing run {run.id} {run.config_hash[:12]} {run.dataset} {run.row_label}")
+            say(f"auditing run {run.id} {run.config_hash[:12]} {run.dataset} {run.row_label}")
             summary = audit_summary(audit_run(registry, run.id, device=device or "auto"))
-            console.print("   " + ", ".join(f"{key} {value:.2f}" if isinstance(value, float) else f"{key} {value}"
+            say("   " + ", ".join(f"{key} {value:.2f}" if isinstance(value, float) else f"{key} {value}"
                                             for key, value in summary.items()))
     finally:
         registry.close()
@@ -116,7 +116,7 @@ def demo(
     root = data_root or SYNTHETIC_ROOT
     for name in DATASET_NAMES:
         if not (root / name).exists():
-            console.print(f"writing synthetic {name} under {root}")
+            say(f"writing synthetic {name} under {root}")
             write_synthetic(root, name)
     code = run_spec_runs(spec_of_table(HEADLINE_TABLE), "tiny", None, seeds, root, None, device, db, gpus)
     print_tables([HEADLINE_TABLE], db, include_empty=True, as_json=False, preset="tiny")

@@ -138,6 +138,9 @@ def show(
                 "run_dir", "error"):
         if record[key] is not None:
             console.print(f"[bold]{key}[/bold]: {record[key]}")
+    overrides = record["config"].get("runtime", {}).get("overrides")
+    if overrides:
+        console.print("[bold]overrides[/bold]: " + " ".join(f"{key}={value}" for key, value in overrides.items()))
     console.print("[bold]config[/bold]:")
     console.print_json(json.dumps(record["config"]))
 

@@ -138,7 +138,9 @@ def _train_claimed(registry: Registry, run: RunRecord, heartbeat: Heartbeat, com
 
     config = run.config
     settings = build_train_settings(config)
-    registry.record_provenance(run.id, provenance_info(str(resolve_device(settings.device)), command))
+    overrides = run.config.get("runtime", {}).get("overrides") or {}  # the command line's key=value values
+    registry.record_provenance(run.id, {**provenance_info(str(resolve_device(settings.device)), command),
+                                        **({"overrides": overrides} if overrides else {})})
     ensure_data(config)
     dataset = load_training_data(config)
     seed_everything(settings.seed)  # the initial weights are a function of the run's seed, as officially

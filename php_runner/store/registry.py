@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
@@ -420,13 +420,15 @@ class Registry:
 
     # ---- tables -----------------------------------------------------------------------------
 
-    def result_rows(self, table: str | None = None, preset: str | None = None) -> list["ResultRow"]:
+    def result_rows(self, table: str | None = None, preset: str | None = None,
+                    accept: Callable[[RunRecord, str], bool] | None = None) -> list["ResultRow"]:
         """One ``reports.ResultRow`` per (done run, label, recorded rule), optionally for one table.
 
         With ``preset``, runs of other presets are left out (imported runs are always kept: they are
         released checkpoints, shown on lines of their own), so a table never averages a tiny-preset
         run with a paper-scale one. ``forced_test`` marks tuning trials that selected on the test
-        split: their settings were chosen by test labels.
+        split: their settings were chosen by test labels. ``accept(run, row_label)``, when given, keeps
+        only the (run, label) pairs it returns True for (``reports.recipes.CellFilter``: a cell's recipe).
         """
         from php_runner.store.records import ResultRow
 
@@ -451,6 +453,11 @@ class Registry:
                 ):
                     audits[audit.run_id] = audit.report  # ascending order: the latest wins
             records = {run.id: run_record(run, self.url) for run, _, _ in triples}
+            if accept is not None:
+                verdicts = {(run.id, label.row_label): accept(records[run.id], label.row_label)
+                            for run, label, _ in triples}
+                triples = [(run, label, result) for run, label, result in triples
+                           if verdicts[(run.id, label.row_label)]]
             return [
                 ResultRow(
                     table=label.table_name, spec_name=label.spec_name, row_label=label.row_label,
