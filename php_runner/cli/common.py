@@ -56,6 +56,9 @@ class PhpRunGroup(TyperGroup):
 
     def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
                      **extra: Any) -> click.Context:
+        if not getattr(self, "_plain_metavars", False):  # Typer adds the completion options after __init__
+            plain_metavars(self)
+            self._plain_metavars = True
         for token in args:
             value = token.split("=", 1)[-1] if token.startswith("--") else token
             if value.isdecimal() and not value.isascii():  # int() would read them; 3 in any script is a typo here
@@ -75,6 +78,36 @@ class PhpRunGroup(TyperGroup):
         except KeyboardInterrupt:
             print("interrupted; run the same command again to resume", file=sys.stderr)
             raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+TYPE_WORDS = {"str": "TEXT", "int": "INTEGER", "float": "NUMBER", "path": "PATH", "file": "FILE", "directory": "FOLDER"}
+
+
+def plain_metavars(command: Any) -> None:
+    """Help without Typer's ``<bool>``/``<str>`` placeholders: flags and arguments show no type, other
+    options a plain word (``--preset TEXT``). Typer's parameters ignore ``metavar`` for the type column of
+    flags and arguments, hence the per-instance ``display_type_rich``."""
+    for sub in getattr(command, "commands", {}).values():
+        plain_metavars(sub)
+    for param in command.params:
+        plain_metavar(param)
+    original = command.get_help_option
+
+    def help_option(ctx: Any, original: Any = original) -> Any:
+        option = original(ctx)
+        if option is not None:
+            plain_metavar(option)
+        return option
+
+    command.get_help_option = help_option
+
+
+def plain_metavar(param: Any) -> None:
+    if param.param_type_name != "option" or param.is_flag:
+        param.display_type_rich = lambda ctx: None
+    elif param.metavar is None and hasattr(param, "display_type"):
+        label = param.display_type(None).strip("<>").removeprefix("list[").removesuffix("]")
+        param.metavar = TYPE_WORDS.get(label, label.upper())
 
 
 def _usage_error(err: Exception, program: str | None) -> typer.Exit:
