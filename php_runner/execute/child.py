@@ -113,7 +113,7 @@ def _claim_and_train(registry: Registry, run_id: int, command: str | None,
         print(f"run {run_id}: another process took over this run; stopping", file=sys.stderr)
         return EXIT_NOT_CLAIMED
     except KeyboardInterrupt:
-        registry.mark_failed(run_id, "interrupted (resumes from its last checkpoint)", worker=worker)
+        registry.mark_interrupted(run_id, worker)
         return EXIT_INTERRUPTED
     except Exception as err:  # noqa: BLE001 - every failure is recorded on the run, then reported
         if not isinstance(err, InputError):

@@ -308,10 +308,10 @@ def test_evaluate_on_a_file_that_is_not_a_checkpoint_says_so(cli, tmp_path, tiny
 
 @pytest.mark.slow
 def test_a_failed_run_exits_1(cli, registry_url, spec_dir, tiny_data_root):
-    code, out, _ = cli("run", spec_dir / "bad_selection.toml", "--preset", "tiny", "--data-root", tiny_data_root,
+    code, out, err = cli("run", spec_dir / "bad_selection.toml", "--preset", "tiny", "--data-root", tiny_data_root,
                        "--db", registry_url)
     assert code == 1
-    assert "1 failed" in out
+    assert "1 failed" in err  # progress goes to stderr when stdout is not a terminal
     [run] = Registry(registry_url).list_runs()
     assert run.status == "failed" and "selection" in run.error
 

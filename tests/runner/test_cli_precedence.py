@@ -145,3 +145,48 @@ def test_formats_put_only_the_content_on_stdout(cli, registry_url, tiny_data_roo
     assert rows and all(row["table"] == "headline" for row in rows)
     code, out, err = cli("table", "headline", "--preset", "tiny", "--json", "--db", registry_url)
     assert code == 0 and json.loads(out)[0]["name"] == "headline" and "written:" in err
+
+
+# ---- 7. small items ------------------------------------------------------------------------------
+
+def test_status_filters_and_preset_column(cli, tmp_path, registry_url, tiny_data_root):
+    (tmp_path / "my_aux.toml").write_text(MY_AUX)
+    registry = Registry(registry_url)
+    record_done_run(registry, headline_tiny_rstp(tiny_data_root), 32.0)
+    (aux,) = expand(load_spec(tmp_path / "my_aux.toml"), "tiny", runtime={"data_root": str(tiny_data_root)})
+    queued = registry.plan_run(aux)
+    registry.close()
+    ids = lambda *args: [e["id"] for e in json.loads(cli("status", "--json", "--db", registry_url, *args)[1])]
+    assert ids("--spec", "my_aux") == [queued.id] == ids("--status", "queued")
+    assert len(ids("--preset", "tiny", "--dataset", "RSTPReid")) == 2 and ids("--preset", "paper") == []
+    code, out, _ = cli("status", "--db", registry_url)
+    assert code == 0 and "preset" in out and "tiny" in out
+    code, _, err = cli("status", "--status", "broken", "--db", registry_url)
+    assert code == 2 and "--status" in err
+
+
+def test_an_interrupted_run_is_resumable_and_not_failed(registry_url, tiny_data_root):
+    registry = Registry(registry_url)
+    run = registry.plan_run(headline_tiny_rstp(tiny_data_root))
+    assert registry.claim_run(run.id, "host:1")
+    assert registry.mark_interrupted(run.id, "host:1")
+    again = registry.get_run(run.id)
+    assert again.status == "interrupted" and registry.is_claimable(again)
+    assert registry.claim_next("host:2").id == run.id
+
+
+def test_version_and_help_without_type_placeholders(cli):
+    import typer
+
+    from php_runner.cli import app
+
+    code, out, _ = cli("--version")
+    assert code == 0 and out.startswith("php-run ")
+
+    def paths(group, prefix=()):
+        for name, command in group.commands.items():
+            yield from paths(command, prefix + (name,)) if hasattr(command, "commands") else [prefix + (name,)]
+
+    for path in [(), *paths(typer.main.get_command(app))]:
+        code, out, _ = cli(*path, "--help")
+        assert code == 0 and "<bool>" not in out and "<str>" not in out and "<path>" not in out, path
