@@ -274,6 +274,9 @@ def expand(spec: Spec, preset: str, datasets: Sequence[str] | None = None, seeds
     for option in chosen.requires:
         if not values.get(option):
             raise InputError(f"--{option.replace('_', '-')}: required by preset {preset!r}")
+    for option in ("data_root", "clip_weights"):  # absolute: a run executes (or is audited) from any folder
+        if values.get(option):
+            values[option] = str(Path(values[option]).expanduser().absolute())
     return plan_runs(spec, preset, chosen, unique(datasets or spec.datasets), unique(seeds or spec.seeds), values,
                      str(presets_folder(spec.folder) / PRESETS_FILE))
 
