@@ -190,3 +190,23 @@ def test_version_and_help_without_type_placeholders(cli):
     for path in [(), *paths(typer.main.get_command(app))]:
         code, out, _ = cli(*path, "--help")
         assert code == 0 and "<bool>" not in out and "<str>" not in out and "<path>" not in out, path
+
+
+def test_table_names_the_preset_that_has_results(cli, registry_url, tiny_data_root):
+    registry = Registry(registry_url)
+    record_done_run(registry, headline_tiny_rstp(tiny_data_root), 32.0)
+    registry.close()
+    code, out, err = cli("table", "--all", "--db", registry_url)
+    assert code == 0 and "No results under --preset paper; recorded results are under --preset tiny (1 run(s))" in err
+    code, out, err = cli("table", "headline", "--format", "latex", "--db", registry_url)
+    assert code == 0 and "--preset tiny" in err and "No results" not in out
+
+
+def test_synthetic_data_is_announced_and_the_data_root_recorded_absolute(cli, tmp_path, registry_url):
+    code, out, err = cli("enqueue", "headline", "--preset", "tiny", "--dataset", "RSTPReid", "--data-root", "mine",
+                         "--db", registry_url)
+    assert code == 0, err
+    assert f"writing synthetic RSTPReid (random images and captions) under {tmp_path / 'mine'}" in err
+    (entry,) = json.loads(cli("status", "--json", "--db", registry_url)[1])
+    config = json.loads(cli("show", str(entry["id"]), "--json", "--db", registry_url)[1])["run"]["config"]
+    assert config["runtime"]["data_root"] == str(tmp_path / "mine")
