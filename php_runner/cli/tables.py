@@ -51,11 +51,15 @@ def print_tables(names: list[str], db: str | None, include_empty: bool, as_json:
     from php_runner.reports import publish, render
     from php_runner.reports import tables as reports
 
+    from php_runner.cli.common import specs_folder
+    from php_runner.experiment.specs import load_all_specs
+
     machine = as_json or fmt != "rich"
+    table_specs = {shipped.table: shipped for shipped in load_all_specs(specs_folder()).values() if shipped.table}
     registry = Registry(db)
     views, run_ids, messages = [], set(), []
     for name in names:
-        rows, matched, lines = _recipe_rows(registry, name, preset, spec)
+        rows, matched, lines = _recipe_rows(registry, name, table_specs[name], preset, spec)
         messages += lines
         run_ids.update(matched)
         if rows or include_empty:
@@ -87,12 +91,19 @@ def print_tables(names: list[str], db: str | None, include_empty: bool, as_json:
         say(f"[dim]written: {', '.join(str(p) for p in written)}[/dim]", machine)
 
 
-def _recipe_rows(registry: Registry, name: str, preset: str, spec: "Spec | None") -> tuple[list, set[int], list[str]]:
-    """(result rows of the table's recipes, ids of the runs shown, messages); with ``spec`` also its own rows."""
-    from php_runner.cli.common import spec_of_table
+def _recipe_rows(registry: Registry, name: str, shipped: "Spec", preset: str, spec: "Spec | None"
+                 ) -> tuple[list, set[int], list[str]]:
+    """(result rows of the recipes of ``shipped``, the spec filling table ``name``; ids of the runs shown;
+    messages); with ``spec`` also that spec's own rows."""
     from php_runner.reports.recipes import CellFilter, cell_recipes
 
-    cells = CellFilter(cell_recipes(spec_of_table(name), preset), label=f"table {name} (--preset {preset})")
+    try:
+        recipes = cell_recipes(shipped, preset)
+    except InputError:  # a preset of a user's own presets.toml: the shipped recipes cannot be scaled by it
+        rows = registry.result_rows(name, preset=preset)
+        return rows, {run.id for run in registry.list_runs(status="done", table=name, preset=preset)}, [
+            f"table {name}: preset {preset!r} is not a shipped preset; every run of it labelled {name} is shown"]
+    cells = CellFilter(recipes, label=f"table {name} (--preset {preset})")
     rows = registry.result_rows(name, preset=preset, accept=cells.accept)
     messages = cells.summary() if cells.matched or cells.left_out else []
     if spec is not None:
