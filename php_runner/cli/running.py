@@ -59,7 +59,6 @@ def execute_and_report(planned: list["PlannedRun"], db: str | None, gpus: str | 
     from php_runner.execute.provenance import command_line
 
     gpu_ids = parse_gpus(gpus)
-    say(f"[bold]{len(planned)} planned run(s)[/bold]")
 
     def on_outcome(outcome: RunOutcome) -> None:
         style = {"done": "green", "skipped": "dim", "busy": "yellow", "failed": "red"}[outcome.status]
@@ -73,7 +72,7 @@ def execute_and_report(planned: list["PlannedRun"], db: str | None, gpus: str | 
     summary = execute_planned(planned, db, gpu_ids, command=command_line(), on_outcome=on_outcome,
                               restart=restart or (), runs_per_gpu=runs_per_gpu)
     counts = ", ".join(f"{summary.count(s)} {s}" for s in ("done", "skipped", "busy", "failed") if summary.count(s))
-    say(f"[bold]runs:[/bold] {counts}")
+    say(f"[bold]{len(planned)} planned run(s):[/bold] {counts}")  # after preflight: bad input stays one line
     if audit:
         _audit_done_runs(planned, db, device)
     return EXIT_RUN_FAILED if summary.failed else 0

@@ -105,6 +105,9 @@ def _recipe_rows(registry: Registry, name: str, shipped: "Spec", preset: str, sp
             f"table {name}: preset {preset!r} is not a shipped preset; every run of it labelled {name} is shown"]
     cells = CellFilter(recipes, label=f"table {name} (--preset {preset})")
     rows = registry.result_rows(name, preset=preset, accept=cells.accept)
+    for run in registry.list_runs(status="done", table=name):  # also done runs without results (checkpoint check)
+        if run.preset == preset or run.kind == "imported":
+            cells.accept(run, run.row_label)
     messages = cells.summary() if cells.matched or cells.left_out else []
     if spec is not None:
         own = CellFilter(cell_recipes(spec, preset), label=f"spec {spec.name} (--preset {preset})")

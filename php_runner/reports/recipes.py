@@ -38,20 +38,22 @@ def cell_recipes(spec: "Spec", preset: str) -> dict[tuple[str, str], dict]:
 
 @dataclass
 class CellFilter:
-    """``accept(run, row_label)`` for ``Registry.result_rows``: keeps the runs of each cell's recipe and
-    remembers the others (with the fields that differ), for the note ``table`` prints."""
+    """``accept(run, row_label)`` for ``Registry.result_rows``: keeps the runs whose config (seed aside) is
+    one of the table's recipes on their dataset, and remembers the others (with the fields that differ
+    from their row's recipe), for the note ``table`` prints."""
 
     recipes: dict[tuple[str, str], dict]
     label: str = ""                        # what the rows are: the table's or a spec's name
     matched: set[int] = field(default_factory=set)
     left_out: dict[int, str] = field(default_factory=dict)   # run id -> why
+    _hashes: dict[str, set[str]] = field(default_factory=dict, repr=False)
 
     def accept(self, run: "RunRecord", row_label: str) -> bool:
         if run.kind == "imported":
             self.matched.add(run.id)
             return True
         expected = self.recipes.get((row_label, run.dataset))
-        if expected is not None and recipe_hash(expected) == recipe_hash(run.config):
+        if recipe_hash(run.config) in self.hashes(run.dataset):  # a recipe of the table, whatever its label
             self.matched.add(run.id)
             return True
         reference = expected or next((config for (_, dataset), config in self.recipes.items()
@@ -59,6 +61,11 @@ class CellFilter:
         differences = config_differences(reference or {}, run.config)
         self.left_out[run.id] = f"{run.spec_name} ({differences or f'row {row_label!r} is not in the table'})"
         return False
+
+    def hashes(self, dataset: str) -> set[str]:
+        if dataset not in self._hashes:
+            self._hashes[dataset] = {recipe_hash(config) for (_, on), config in self.recipes.items() if on == dataset}
+        return self._hashes[dataset]
 
     def summary(self) -> list[str]:
         """One line: runs matched, and the runs left out with why."""
