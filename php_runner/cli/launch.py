@@ -24,9 +24,7 @@ from php_runner.cli.common import (
     SeedsOption,
     say,
     parse_gpus,
-    parse_seeds,
 )
-from php_runner.errors import InputError
 
 if TYPE_CHECKING:
     from php_runner.execute.pool import RunOutcome

@@ -203,7 +203,7 @@ def test_table_names_the_preset_that_has_results(cli, registry_url, tiny_data_ro
 
 
 def test_synthetic_data_is_announced_and_the_data_root_recorded_absolute(cli, tmp_path, registry_url):
-    code, out, err = cli("enqueue", "headline", "--preset", "tiny", "--dataset", "RSTPReid", "--data-root", "mine",
+    code, _out, err = cli("enqueue", "headline", "--preset", "tiny", "--dataset", "RSTPReid", "--data-root", "mine",
                          "--db", registry_url)
     assert code == 0, err
     assert f"writing synthetic RSTPReid (random images and captions) under {tmp_path / 'mine'}" in err

@@ -42,5 +42,5 @@ def test_each_readme_command_parses(cli, args):
 @pytest.mark.parametrize("args", [a for a in readme_commands() if a and a[0] in CHEAP],
                          ids=lambda args: " ".join(args[:3]))
 def test_the_cheap_readme_commands_run(cli, args):
-    code, out, err = cli(*args)
+    code, _out, err = cli(*args)
     assert code == 0, f"php-run {' '.join(args)}: {err}"
