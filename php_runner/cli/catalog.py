@@ -9,6 +9,7 @@ place they are written.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Annotated, Any
@@ -17,7 +18,7 @@ import typer
 from rich.table import Table
 
 from php_runner.cli import app
-from php_runner.cli.common import JsonOption, console, print_json, specs_folder
+from php_runner.cli.common import JsonOption, OverridesArgument, console, note, print_json, specs_folder
 
 HEADER_KEYS = ("Runs", "Fills", "Cost")
 _ENTRY = re.compile(rf"^#\s*({'|'.join(HEADER_KEYS)}):\s*(.*)$")
@@ -58,32 +59,50 @@ def catalog() -> list[dict[str, Any]]:
     return entries
 
 
-def resolved_spec(name_or_path: str, preset: str | None = None) -> tuple[dict[str, Any], list[str]]:
-    """A spec with its ``extends`` chain (and ``preset``'s section values) merged: (TOML-able dict, comments).
+def resolved_spec(name_or_path: str, preset: str | None = None, overrides: list[str] | None = None
+                  ) -> tuple[dict[str, Any], list[str], dict[str, str]]:
+    """A spec with its ``extends`` chain, ``preset``'s values and the command line's overrides merged, in the
+    order runs use (recipe, preset, the user's own files, overrides): (TOML-able dict, comments, origin
+    of each ``section.field`` and ``grid.KEY``).
 
     The dict is itself a valid spec file with no ``extends``: loading it gives the same runs (the
-    same config hashes) as the original, under any preset, or under ``preset`` when one was applied.
+    same config hashes) as the original under ``preset`` when one was applied (without one, under
+    any preset for a spec whose values all come from its recipe, as the shipped specs' do).
     """
     from php_runner.errors import InputError
     from php_runner.experiment.schema import SECTIONS
-    from php_runner.experiment.specs import find_spec, load_presets, load_spec, presets_folder
+    from php_runner.experiment.specs import find_spec, load_presets, load_spec, presets_folder, with_overrides
 
-    spec = load_spec(find_spec(name_or_path))
+    spec = with_overrides(load_spec(find_spec(name_or_path)), overrides or [])
     comments = ["resolved from " + " -> ".join(str(path) for path in spec.chain)]
-    sections = {name: dict(spec.sections[name]) for name in SECTIONS}
+    layers = list(spec.file_sections) or [(str(spec.path), spec.sections)]
     if preset is not None:
         folder = presets_folder(spec.folder)
         presets = load_presets(folder)
         if preset not in presets:
             raise InputError(f"--preset: unknown preset {preset!r}; known presets: {', '.join(presets)}")
         chosen = presets[preset]
-        for name in SECTIONS:
-            sections[name].update(getattr(chosen, name))  # section fields are leaves: a preset value replaces
+        layers.insert(1, (f"preset {preset}", {name: getattr(chosen, name) for name in SECTIONS}))
         comments.append(f"with preset {preset!r} of {folder / 'presets.toml'}: {chosen.description}")
+        comments.append("values written in the files extending the recipe and on the command line win over the "
+                        "preset's")
         if chosen.runtime:
             comments.append("its runtime defaults: " + ", ".join(f"{k} = {v!r}" for k, v in chosen.runtime.items()))
         if chosen.requires:
             comments.append("it requires: " + ", ".join(f"--{option.replace('_', '-')}" for option in chosen.requires))
+    single = {key: values[0] for key, values in spec.overrides.items() if len(values) == 1}
+    layers.append(("command line", {name: {key.split(".")[1]: value for key, value in single.items()
+                                           if key.startswith(name + ".")} for name in SECTIONS}))
+    if spec.overrides:
+        comments.append("overrides: " + " ".join(f"{key}={','.join(map(str, values))}"
+                                                  for key, values in spec.overrides.items()))
+    sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    origins: dict[str, str] = {}
+    for origin, values in layers:
+        for name in SECTIONS:
+            for key, value in values.get(name, {}).items():
+                sections[name][key] = value  # section fields are leaves: a later layer's value replaces
+                origins[f"{name}.{key}"] = origin
     resolved: dict[str, Any] = {"description": spec.description}
     if spec.table is not None:
         resolved["table"] = spec.table
@@ -94,11 +113,34 @@ def resolved_spec(name_or_path: str, preset: str | None = None) -> tuple[dict[st
         resolved["audit"] = True
     resolved |= sections
     grid = _grid_of(spec)
+    origins |= {f"grid.{key}": f"grid of {spec.path}" for key in grid}
+    for key, values in spec.overrides.items():
+        if len(values) > 1:
+            grid[key] = list(values)
+            origins[f"grid.{key}"] = "command line (sweep)"
     if grid:
         resolved["grid"] = grid
     if spec.tune is not None:
         resolved["tune"] = spec.tune.model_dump(mode="json", exclude_none=True)
-    return resolved, comments
+    return resolved, comments, origins
+
+
+def explained_toml(resolved: dict[str, Any], origins: dict[str, str]) -> str:
+    """``resolved`` as TOML with each section and grid value's origin as a comment on its line."""
+    import tomli_w
+
+    from php_runner.experiment.schema import SECTIONS
+
+    tables = {key: value for key, value in resolved.items() if key in (*SECTIONS, "grid")}
+    lines = [tomli_w.dumps({key: value}).rstrip("\n") for key, value in resolved.items() if key not in tables]
+    for section, values in tables.items():
+        lines.append(f"\n[{section}]")
+        for key, value in values.items():
+            name = json.dumps(key) if section == "grid" else key  # grid keys are dotted: quoted
+            shown = json.dumps(value) if isinstance(value, list) else tomli_w.dumps({"v": value})[4:].rstrip("\n")
+            origin = origins.get(f"{section}.{key}")
+            lines.append(f"{name} = {shown}" + (f"  # {origin}" if origin else ""))
+    return "\n".join(lines) + "\n"
 
 
 def _grid_of(spec) -> dict[str, list]:
@@ -135,19 +177,28 @@ def list_specs(as_json: JsonOption = False) -> None:
 @app.command("cat")
 def cat_spec(
     spec: Annotated[str, typer.Argument(help="A shipped spec's name (php-run ls) or a spec file.")],
+    overrides: OverridesArgument = None,
     preset: Annotated[str | None, typer.Option("--preset", help="Also apply this preset's values (paper, tiny).")]
     = None,
+    explain: Annotated[bool, typer.Option("--explain", help="Say where each value comes from (spec file, preset, "
+                                          "grid, command line) in a comment on its line.")] = False,
 ) -> None:
-    """Print a spec resolved: its extends chain merged (and a preset applied), as TOML.
+    """Print a spec resolved: its extends chain merged (a preset and key=value overrides applied), as TOML.
 
     The output is itself a spec file: save it, edit it and run it with php-run run FILE.
 
-    Example: php-run cat cnum --preset tiny
+    Example: php-run cat cnum --preset tiny --explain   (or: php-run cat headline train.lr=1e-5)
     """
     import tomli_w
 
-    resolved, comments = resolved_spec(spec, preset)
-    typer.echo("".join(f"# {line}\n" for line in comments) + "\n" + tomli_w.dumps(resolved), nl=False)
+    resolved, comments, origins = resolved_spec(spec, preset, overrides)
+    if preset is not None:
+        from php_runner.experiment.specs import find_spec, load_spec, preset_notes, with_overrides
+
+        for line in preset_notes(with_overrides(load_spec(find_spec(spec)), overrides or []), preset):
+            note(f"note: {line}")
+    body = explained_toml(resolved, origins) if explain else tomli_w.dumps(resolved)
+    typer.echo("".join(f"# {line}\n" for line in comments) + "\n" + body, nl=False)
 
 
 @app.command()

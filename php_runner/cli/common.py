@@ -56,6 +56,9 @@ class PhpRunGroup(TyperGroup):
 
     def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
                      **extra: Any) -> click.Context:
+        if not getattr(self, "_plain_metavars", False):  # Typer adds the completion options after __init__
+            plain_metavars(self)
+            self._plain_metavars = True
         for token in args:
             value = token.split("=", 1)[-1] if token.startswith("--") else token
             if value.isdecimal() and not value.isascii():  # int() would read them; 3 in any script is a typo here
@@ -75,6 +78,36 @@ class PhpRunGroup(TyperGroup):
         except KeyboardInterrupt:
             print("interrupted; run the same command again to resume", file=sys.stderr)
             raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+TYPE_WORDS = {"str": "TEXT", "int": "INTEGER", "float": "NUMBER", "path": "PATH", "file": "FILE", "directory": "FOLDER"}
+
+
+def plain_metavars(command: Any) -> None:
+    """Help without Typer's ``<bool>``/``<str>`` placeholders: flags and arguments show no type, other
+    options a plain word (``--preset TEXT``). Typer's parameters ignore ``metavar`` for the type column of
+    flags and arguments, hence the per-instance ``display_type_rich``."""
+    for sub in getattr(command, "commands", {}).values():
+        plain_metavars(sub)
+    for param in command.params:
+        plain_metavar(param)
+    original = command.get_help_option
+
+    def help_option(ctx: Any, original: Any = original) -> Any:
+        option = original(ctx)
+        if option is not None:
+            plain_metavar(option)
+        return option
+
+    command.get_help_option = help_option
+
+
+def plain_metavar(param: Any) -> None:
+    if param.param_type_name != "option" or param.is_flag:
+        param.display_type_rich = lambda ctx: None
+    elif param.metavar is None and hasattr(param, "display_type"):
+        label = param.display_type(None).strip("<>").removeprefix("list[").removesuffix("]")
+        param.metavar = TYPE_WORDS.get(label, label.upper())
 
 
 def _usage_error(err: Exception, program: str | None) -> typer.Exit:
@@ -186,6 +219,38 @@ GpusOption = Annotated[
     str | None, typer.Option("--gpus", help="Run up to one worker per listed GPU in parallel, e.g. 0,1.")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+OverridesArgument = Annotated[list[str] | None, typer.Argument(
+    help="Overrides SECTION.FIELD=VALUE with the spec's names, e.g. train.lr=1e-5; a,b sweeps both values "
+    "(like [grid]). A value given here is never replaced by the preset.", show_default=False)]
+
+
+def note(message: str) -> None:
+    """A message for the user (not the requested output): always on stderr."""
+    err_console.print(message, highlight=False, soft_wrap=True)
+
+
+def say(message: str, machine: bool = False) -> None:
+    """A message (progress, "written: ..."): on stdout for a person at a terminal, on stderr when stdout
+    is machine-readable (``machine``: --format/--json) or not a terminal, so piped output is only the content."""
+    if machine or not sys.stdout.isatty():
+        err_console.print(message, highlight=False, soft_wrap=True)
+    else:
+        console.print(message, highlight=False, soft_wrap=True)
+
+
+def plan_spec(spec: "Spec", preset: str, datasets: list[str] | None, seeds: str | None, runtime: dict,
+              overrides: list[str] | None = None) -> list:
+    """The runs of ``spec`` (with the command line's overrides) under ``preset``; notes on stderr name
+    each value of the user's that the preset would have changed."""
+    from php_runner.experiment.specs import expand, preset_notes, with_overrides
+
+    spec = with_overrides(spec, overrides or [])
+    planned = expand(spec, preset, datasets, parse_seeds(seeds), runtime)
+    for line in preset_notes(spec, preset):
+        note(f"note: {line}")
+    if not planned:
+        raise InputError(f"spec {spec.name}: no runs for preset {preset!r} and the given datasets/seeds")
+    return planned
 
 
 def runtime_values(data_root: Path | None, clip_weights: Path | None, device: str | None) -> dict:

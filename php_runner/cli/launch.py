@@ -18,14 +18,13 @@ from php_runner.cli.common import (
     DbOption,
     DeviceOption,
     GpusOption,
+    OverridesArgument,
     RunsPerGpuOption,
     PresetOption,
     SeedsOption,
-    console,
+    say,
     parse_gpus,
-    parse_seeds,
 )
-from php_runner.errors import InputError
 
 if TYPE_CHECKING:
     from php_runner.execute.pool import RunOutcome
@@ -51,18 +50,16 @@ FolderOption = Annotated[Path | None, typer.Option("--folder", help="submitit's 
 
 
 def plan_spec_or_table(spec_or_table: str, preset: str, dataset: str, seeds: str | None, data_root: Path | None,
-                       clip_weights: Path | None, device: str | None) -> list["PlannedRun"]:
-    """The runs of a spec file, or of the shipped spec filling a table."""
-    from php_runner.cli.common import datasets_option, runtime_values, spec_of_table
-    from php_runner.experiment.specs import expand, load_spec
+                       clip_weights: Path | None, device: str | None,
+                       overrides: list[str] | None = None) -> list["PlannedRun"]:
+    """The runs of a spec file, or of the shipped spec filling a table (with the command line's overrides)."""
+    from php_runner.cli.common import datasets_option, plan_spec, runtime_values, spec_of_table
+    from php_runner.experiment.specs import load_spec
 
     path = Path(spec_or_table)
     spec = load_spec(path) if path.suffix == ".toml" or path.is_file() else spec_of_table(spec_or_table)
-    planned = expand(spec, preset, datasets_option(dataset), parse_seeds(seeds),
-                     runtime_values(data_root, clip_weights, device))
-    if not planned:
-        raise InputError(f"spec {spec.name}: no runs for preset {preset!r} and the given datasets/seeds")
-    return planned
+    return plan_spec(spec, preset, datasets_option(dataset), seeds, runtime_values(data_root, clip_weights, device),
+                     overrides)
 
 
 def job_options(partition, gpus_per_run, time_limit, array_parallelism, slurm_option, folder):
@@ -76,13 +73,14 @@ def job_options(partition, gpus_per_run, time_limit, array_parallelism, slurm_op
 
 def _print_outcome(outcome: "RunOutcome") -> None:
     style = {"done": "green", "skipped": "dim", "busy": "yellow", "failed": "red"}[outcome.status]
-    console.print(f"[{style}]{outcome.status:>7}[/{style}] run {outcome.run_id} {outcome.config_hash[:12]} "
+    say(f"[{style}]{outcome.status:>7}[/{style}] run {outcome.run_id} {outcome.config_hash[:12]} "
                   f"{outcome.dataset} {outcome.row_label} seed {outcome.seed}  {outcome.error or ''}")
 
 
 @app.command()
 def enqueue(
     spec_or_table: SpecOrTable,
+    overrides: OverridesArgument = None,
     dataset: DatasetOption = "all",
     preset: PresetOption = "paper",
     data_root: DataRootOption = None,
@@ -97,9 +95,9 @@ def enqueue(
     """
     from php_runner.execute.queue import enqueue as enqueue_runs
 
-    runs = enqueue_runs(plan_spec_or_table(spec_or_table, preset, dataset, seeds, data_root, clip_weights, device), db)
+    runs = enqueue_runs(plan_spec_or_table(spec_or_table, preset, dataset, seeds, data_root, clip_weights, device, overrides), db)
     queued = sum(run.status != "done" for run in runs)
-    console.print(f"{len(runs)} run(s): {queued} queued or resumable, {len(runs) - queued} done before")
+    say(f"{len(runs)} run(s): {queued} queued or resumable, {len(runs) - queued} done before")
 
 
 @app.command()
@@ -133,7 +131,7 @@ def worker(
     started = time.monotonic()
     summary = runner.run()
     seconds = time.monotonic() - started
-    console.print(f"[bold]worker {summary.worker}:[/bold] {len(summary.claimed)} claimed in {seconds:.1f} s, "
+    say(f"[bold]worker {summary.worker}:[/bold] {len(summary.claimed)} claimed in {seconds:.1f} s, "
                   f"{summary.count('done')} done, {summary.count('failed')} failed, "
                   f"{len(summary.requeued)} queued again")
     if runner.stopping and summary.requeued:
@@ -144,6 +142,7 @@ def worker(
 @app.command()
 def submit(
     spec_or_table: SpecOrTable,
+    overrides: OverridesArgument = None,
     executor: ExecutorOption = "slurm",
     dataset: DatasetOption = "all",
     preset: PresetOption = "paper",
@@ -175,28 +174,28 @@ def submit(
     from php_runner.execute.provenance import command_line
 
     options = job_options(partition, gpus_per_run, time_limit, array_parallelism, slurm_option, folder)
-    planned = plan_spec_or_table(spec_or_table, preset, dataset, seeds, data_root, clip_weights, device)
+    planned = plan_spec_or_table(spec_or_table, preset, dataset, seeds, data_root, clip_weights, device, overrides)
     submission = slurm.submit(planned, executor=executor, db_url=db, allow_sqlite=allow_sqlite, options=options,
                               workers=workers, command=command_line())
     done_before = len({r.id for r in submission.runs}) - len(submission.pending)
     if not submission.jobs:
-        console.print(f"{done_before} run(s), all done before; nothing submitted")
+        say(f"{done_before} run(s), all done before; nothing submitted")
         return
     first = submission.jobs[0].job_id
-    console.print(f"{len(submission.pending)} run(s) queued ({done_before} done before); submitted "
+    say(f"{len(submission.pending)} run(s) queued ({done_before} done before); submitted "
                   f"{len(submission.jobs)} {executor} worker job(s) {submission.job_id or first}")
     if not wait:
         return
     _, problems = slurm.wait(submission.jobs)
     for line in problems:
-        console.print(f"[yellow]{line}[/yellow]")
+        say(f"[yellow]{line}[/yellow]")
     from php_runner.store.registry import Registry
 
     registry = Registry(db)
     states = [registry.get_run(run.id) for run in submission.pending]
     registry.close()
     not_done = [run for run in states if run.status != "done"]
-    console.print(f"[bold]runs:[/bold] {len(states) - len(not_done)} done, {len(not_done)} not done"
+    say(f"[bold]runs:[/bold] {len(states) - len(not_done)} done, {len(not_done)} not done"
                   + "".join(f"\n  run {r.id} {r.status} {r.error or ''}" for r in not_done))
     raise typer.Exit(EXIT_RUN_FAILED if not_done else 0)
 
@@ -217,6 +216,6 @@ def cancel(
 
     cancelled = cancel_runs(runs or [], db, every=all_runs)
     for run, job_id in cancelled:
-        console.print(f"cancelled job {job_id} of run {run.id} {run.short_hash}; the run is queued again")
+        say(f"cancelled job {job_id} of run {run.id} {run.short_hash}; the run is queued again")
     if not cancelled:
-        console.print("no job to cancel; the runs are queued")
+        say("no job to cancel; the runs are queued")

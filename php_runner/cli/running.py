@@ -20,10 +20,11 @@ from php_runner.cli.common import (
     RunsPerGpuOption,
     SeedsOption,
     check_run_refs,
-    console,
+    say,
     datasets_option,
+    OverridesArgument,
     parse_gpus,
-    parse_seeds,
+    plan_spec,
     runtime_values,
     spec_of_table,
 )
@@ -40,13 +41,10 @@ HEADLINE_TABLE = "headline"
 
 def run_spec_runs(spec: "Spec", preset: str, datasets: list[str] | None, seeds: str | None, data_root: Path | None,
                   clip_weights: Path | None, device: str | None, db: str | None, gpus: str | None,
-                  restart: list[str] | None = None, runs_per_gpu: int = 1) -> int:
-    """Plan a spec's runs and execute them (auditing them when the spec asks); returns the exit code."""
-    from php_runner.experiment.specs import expand
-
-    planned = expand(spec, preset, datasets, parse_seeds(seeds), runtime_values(data_root, clip_weights, device))
-    if not planned:
-        raise InputError(f"spec {spec.name}: no runs for preset {preset!r} and the given datasets/seeds")
+                  restart: list[str] | None = None, runs_per_gpu: int = 1, overrides: list[str] | None = None) -> int:
+    """Plan a spec's runs (with the command line's overrides) and execute them (auditing them when the
+    spec asks); returns the exit code."""
+    planned = plan_spec(spec, preset, datasets, seeds, runtime_values(data_root, clip_weights, device), overrides)
     return execute_and_report(planned, db, gpus, audit=spec.audit, device=device, restart=restart, runs_per_gpu=runs_per_gpu)
 
 
@@ -61,7 +59,6 @@ def execute_and_report(planned: list["PlannedRun"], db: str | None, gpus: str | 
     from php_runner.execute.provenance import command_line
 
     gpu_ids = parse_gpus(gpus)
-    console.print(f"[bold]{len(planned)} planned run(s)[/bold]")
 
     def on_outcome(outcome: RunOutcome) -> None:
         style = {"done": "green", "skipped": "dim", "busy": "yellow", "failed": "red"}[outcome.status]
@@ -69,13 +66,13 @@ def execute_and_report(planned: list["PlannedRun"], db: str | None, gpus: str | 
             "skipped": "done before, not trained again",
             "busy": "another php-run process is running it",
         }.get(outcome.status, outcome.error or "")
-        console.print(f"[{style}]{outcome.status:>7}[/{style}] run {outcome.run_id} {outcome.config_hash[:12]} "
+        say(f"[{style}]{outcome.status:>7}[/{style}] run {outcome.run_id} {outcome.config_hash[:12]} "
                       f"{outcome.dataset} {outcome.row_label} seed {outcome.seed}  {note}")
 
     summary = execute_planned(planned, db, gpu_ids, command=command_line(), on_outcome=on_outcome,
                               restart=restart or (), runs_per_gpu=runs_per_gpu)
     counts = ", ".join(f"{summary.count(s)} {s}" for s in ("done", "skipped", "busy", "failed") if summary.count(s))
-    console.print(f"[bold]runs:[/bold] {counts}")
+    say(f"[bold]{len(planned)} planned run(s):[/bold] {counts}")  # after preflight: bad input stays one line
     if audit:
         _audit_done_runs(planned, db, device)
     return EXIT_RUN_FAILED if summary.failed else 0
@@ -91,9 +88,9 @@ def _audit_done_runs(planned: list["PlannedRun"], db: str | None, device: str | 
             run = registry.get_run(plan.config_hash)
             if run.status != "done" or registry.latest_audit(run.id) is not None:
                 continue
-            console.print(f"auditing run {run.id} {run.config_hash[:12]} {run.dataset} {run.row_label}")
+            say(f"auditing run {run.id} {run.config_hash[:12]} {run.dataset} {run.row_label}")
             summary = audit_summary(audit_run(registry, run.id, device=device or "auto"))
-            console.print("   " + ", ".join(f"{key} {value:.2f}" if isinstance(value, float) else f"{key} {value}"
+            say("   " + ", ".join(f"{key} {value:.2f}" if isinstance(value, float) else f"{key} {value}"
                                             for key, value in summary.items()))
     finally:
         registry.close()
@@ -118,7 +115,7 @@ def demo(
     root = data_root or SYNTHETIC_ROOT
     for name in DATASET_NAMES:
         if not (root / name).exists():
-            console.print(f"writing synthetic {name} under {root}")
+            say(f"writing synthetic {name} under {root}")
             write_synthetic(root, name)
     code = run_spec_runs(spec_of_table(HEADLINE_TABLE), "tiny", None, seeds, root, None, device, db, gpus)
     print_tables([HEADLINE_TABLE], db, include_empty=True, as_json=False, preset="tiny")
@@ -127,6 +124,7 @@ def demo(
 
 @app.command()
 def reproduce(
+    overrides: OverridesArgument = None,
     dataset: Annotated[str, typer.Option("--dataset", help="CUHK-PEDES, ICFG-PEDES, RSTPReid or all.")] = "all",
     preset: PresetOption = "paper",
     data_root: DataRootOption = None,
@@ -142,7 +140,7 @@ def reproduce(
     Example: php-run reproduce --dataset CUHK-PEDES --data-root data --clip-weights ViT-B-16.pt
     """
     code = run_spec_runs(spec_of_table(HEADLINE_TABLE), preset, datasets_option(dataset), seeds, data_root,
-                     clip_weights, device, db, gpus, runs_per_gpu=runs_per_gpu)
+                         clip_weights, device, db, gpus, runs_per_gpu=runs_per_gpu, overrides=overrides)
     print_tables([HEADLINE_TABLE], db, include_empty=True, as_json=False, preset=preset)
     raise typer.Exit(code)
 
@@ -150,6 +148,7 @@ def reproduce(
 @app.command()
 def ablate(
     name: Annotated[str, typer.Argument(help=f"The ablation: {', '.join(ABLATIONS)}.")],
+    overrides: OverridesArgument = None,
     dataset: Annotated[str, typer.Option("--dataset", help="CUHK-PEDES, ICFG-PEDES, RSTPReid or all.")] = "all",
     preset: PresetOption = "paper",
     data_root: DataRootOption = None,
@@ -167,7 +166,7 @@ def ablate(
     if name not in ABLATIONS:
         raise InputError(f"ablation {name!r}: expected one of {', '.join(ABLATIONS)}")
     code = run_spec_runs(spec_of_table(name), preset, datasets_option(dataset), seeds, data_root, clip_weights,
-                     device, db, gpus, runs_per_gpu=runs_per_gpu)
+                         device, db, gpus, runs_per_gpu=runs_per_gpu, overrides=overrides)
     print_tables([name], db, include_empty=True, as_json=False, preset=preset)
     raise typer.Exit(code)
 
@@ -175,6 +174,7 @@ def ablate(
 @app.command("run")
 def run_spec(
     spec_path: Annotated[Path, typer.Argument(help="A spec file (TOML), or a shipped spec's name (php-run ls), e.g. cnum.")],
+    overrides: OverridesArgument = None,
     dataset: Annotated[str, typer.Option("--dataset", help="CUHK-PEDES, ICFG-PEDES, RSTPReid or all.")] = "all",
     preset: PresetOption = "paper",
     data_root: DataRootOption = None,
@@ -195,4 +195,4 @@ def run_spec(
     from php_runner.experiment.specs import find_spec, load_spec
 
     raise typer.Exit(run_spec_runs(load_spec(find_spec(spec_path)), preset, datasets_option(dataset), seeds, data_root,
-                               clip_weights, device, db, gpus, restart, runs_per_gpu))
+                               clip_weights, device, db, gpus, restart, runs_per_gpu, overrides))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -20,6 +21,7 @@ from php_runner.cli.common import (
 from php_runner.store.database import shown_url
 from php_runner.store.records import RunRecord
 from php_runner.store.registry import Registry
+from php_runner.store.tables import RUN_STATUSES
 
 if TYPE_CHECKING:
     pass
@@ -48,19 +50,32 @@ def _age(timestamp: float) -> str:
 
 @app.command()
 def status(
+    spec: Annotated[str | None, typer.Option("--spec", help="Only runs of this spec (its name, e.g. cnum or my_aux).")]
+    = None,
+    dataset: Annotated[str | None, typer.Option("--dataset", help="Only runs on this dataset.")] = None,
+    run_status: Annotated[str | None, typer.Option(
+        "--status", help=f"Only runs with this status: {', '.join(RUN_STATUSES)}.")] = None,
+    preset: Annotated[str | None, typer.Option("--preset", help="Only runs of this preset (paper, tiny, ...).")] = None,
     as_json: JsonOption = False,
     db: DbOption = None,
 ) -> None:
     """List the registry's runs with their status and the metrics of their selected checkpoint.
 
-    Example: php-run status --json
+    Example: php-run status --spec cnum --preset tiny --status failed   (or: php-run status --json)
     """
+    from php_runner.data.datasets import DATASET_NAMES
+    from php_runner.errors import InputError
     from php_runner.execute.jobs import job_states
 
+    if run_status is not None and run_status not in RUN_STATUSES:
+        raise InputError(f"--status: expected one of {', '.join(RUN_STATUSES)}, got {run_status!r}")
+    if dataset is not None and dataset not in DATASET_NAMES:
+        raise InputError(f"--dataset: expected one of {', '.join(DATASET_NAMES)}, got {dataset!r}")
+    spec_name = None if spec is None else Path(spec).stem  # a path names the spec by its file name
     registry = Registry(db)
     entries = []
     abandoned = set()
-    for run in registry.list_runs():
+    for run in registry.list_runs(status=run_status, dataset=dataset, spec_name=spec_name, preset=preset):
         rule, metrics = selected_metrics(registry, run)
         entries.append((run, rule, metrics))
         if run.status == "running" and registry.is_claimable(run):
@@ -82,6 +97,7 @@ def status(
     view.add_column("experiment")
     view.add_column("dataset")
     view.add_column("seed", justify="right")
+    view.add_column("preset", no_wrap=True)
     view.add_column("status", no_wrap=True)
     for metric in METRIC_NAMES:
         view.add_column(metric, justify="right", no_wrap=True)
@@ -95,8 +111,10 @@ def status(
         kind = "" if run.kind == "trained" else f" ({run.kind})"
         job = [f"{run.job_id or '-'} {jobs.get(run.id, '')}".strip()] if with_jobs else []
         view.add_row(str(run.id), run.config_hash[:8], f"{run.spec_name}: {run.row_label}{kind}", run.dataset,
-                     str(run.seed), f"[{styles[shown]}]{shown}[/]", *values, *job)
-    console.print(view if entries else "The registry has no runs yet. Start with: php-run demo")
+                     str(run.seed), run.preset, f"[{styles[shown]}]{shown}[/]", *values, *job)
+    filtered = any(value is not None for value in (spec, dataset, run_status, preset))
+    console.print(view if entries else "No run matches these filters." if filtered
+                  else "The registry has no runs yet. Start with: php-run demo")
 
 
 def _run_details(registry: Registry, run: RunRecord) -> dict:
@@ -138,6 +156,9 @@ def show(
                 "run_dir", "error"):
         if record[key] is not None:
             console.print(f"[bold]{key}[/bold]: {record[key]}")
+    overrides = record["config"].get("runtime", {}).get("overrides")
+    if overrides:
+        console.print("[bold]overrides[/bold]: " + " ".join(f"{key}={value}" for key, value in overrides.items()))
     console.print("[bold]config[/bold]:")
     console.print_json(json.dumps(record["config"]))
 

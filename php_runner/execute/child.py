@@ -122,7 +122,7 @@ def _claim_and_train(registry: Registry, run_id: int, command: str | None,
         print(f"run {run_id}: another process took over this run; stopping", file=sys.stderr)
         return EXIT_NOT_CLAIMED
     except KeyboardInterrupt:
-        registry.mark_failed(run_id, "interrupted (resumes from its last checkpoint)", worker=worker)
+        registry.mark_interrupted(run_id, worker)
         return EXIT_INTERRUPTED
     except Exception as err:  # noqa: BLE001 - every failure is recorded on the run, then reported
         if not isinstance(err, InputError):
@@ -147,11 +147,13 @@ def _train_claimed(registry: Registry, run: RunRecord, heartbeat: Heartbeat, com
     config = run.config
     settings = build_train_settings(config)
     device = resolve_device(settings.device)
+    overrides = run.config.get("runtime", {}).get("overrides") or {}  # the command line's key=value values
     run_dir = run_dir_of(run)
     run_dir.mkdir(parents=True, exist_ok=True)
     registry.set_run_dir(run.id, str(run_dir))
     folder, fresh = open_run_folder(run, run_dir, registry.provenance(run.id))
-    registry.record_provenance(run.id, {**provenance_info(str(device), command), RUN_FOLDER_KEY: str(folder.path)})
+    registry.record_provenance(run.id, {**provenance_info(str(device), command), RUN_FOLDER_KEY: str(folder.path),
+                                        **({"overrides": overrides} if overrides else {})})
     with folder, TensorBoardWriter(folder.path) as board:
         ensure_data(config)
         dataset = load_training_data(config)

@@ -4,6 +4,7 @@ synthetic data a run needs.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,6 +29,7 @@ def ensure_data(config: dict) -> None:
         if not (root / data["dataset"]).exists():
             from php_runner.data import write_synthetic
 
+            print(f"writing synthetic {data['dataset']} (random images and captions) under {root}", file=sys.stderr)
             write_synthetic(root, data["dataset"])
     elif source is not None and source.startswith("synthetic-"):
         from php_runner.data.synthetic import VARIANTS, variant_problem, write_variant
@@ -37,6 +39,7 @@ def ensure_data(config: dict) -> None:
             raise InputError(f"data.source {source!r}: written in the {VARIANTS[variant].dataset} format only; "
                              f"run it with --dataset {VARIANTS[variant].dataset}")
         if not (root / data["dataset"]).exists():
+            print(f"writing synthetic {variant} set (random images and captions) under {root}", file=sys.stderr)
             write_variant(root, variant)
         problem = variant_problem(root, variant)
         if problem is not None:

@@ -37,6 +37,7 @@ from php_runner.store.claims import DEFAULT_STALE_AFTER_S, this_worker
 from php_runner.store.registry import Registry
 from php_runner.store.records import RunRecord
 from php_runner.store.database import resolve_url
+from php_runner.store.tables import RESUMABLE_STATUSES
 
 NOOP_ENV = "PHP_RUN_NOOP_TRAINING"
 # A claimed run's process heartbeats this many times per stale period, so one late beat is no death.
@@ -197,7 +198,7 @@ class Worker:
             return self.settings.run_ids
         scope = self.settings.run_ids
         if scope is None:
-            scope = tuple(run.id for run in registry.list_runs(status=("queued", "running", "failed")))
+            scope = tuple(run.id for run in registry.list_runs(status=("queued", "running", *RESUMABLE_STATUSES)))
         return tuple(run_id for run_id in scope if run_id not in self.failed_here)
 
     def _finished(self, registry: Registry, item: ActiveRun) -> None:

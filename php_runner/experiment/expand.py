@@ -1,7 +1,8 @@
 """Expansion of a spec into runs, and the config hash.
 
-A run's config is built from, in increasing priority: the spec chain, the preset, the grid point,
-then its dataset and seed; its ``runtime`` part is left out of the config hash (``config_hash``).
+A run's config is built from, in increasing priority: the recipe (the root of the spec chain), the
+preset, the files extending the recipe (the user's own values), the grid point, the command line's
+overrides, then its dataset and seed; its ``runtime`` part is left out of the config hash (``config_hash``).
 """
 
 from __future__ import annotations
@@ -41,25 +42,77 @@ def override(config: Mapping[str, Any], values: Mapping[str, Any]) -> dict:
 
 def plan_runs(spec: Spec, preset_name: str, preset: Preset, datasets: Iterable[str], seeds: Iterable[int],
               runtime: Mapping[str, Any], presets_path: str) -> list[PlannedRun]:
-    """The runs of ``spec`` under ``preset`` (read from ``presets_path``): dataset x grid point x seed."""
-    layers = [Layer(str(spec.path), "", spec.sections),
-              Layer(presets_path, f"{preset_name}.", {name: getattr(preset, name) for name in SECTIONS})]
-    runtime_layer = Layer("command line", "", {"runtime": dict(runtime)})
+    """The runs of ``spec`` under ``preset`` (read from ``presets_path``): dataset x grid point x
+    override point x seed."""
+    layers = value_layers(spec, preset_name, preset, presets_path)
     seeds = list(seeds)
     runs = []
     for dataset in datasets:
         for point in spec.points:
-            for seed in seeds:
-                config = resolve_config(layers, grid_layer(str(spec.path), point), dataset, seed, runtime_layer)
-                runs.append(PlannedRun(config=config, config_hash=config_hash(config), spec_name=spec.name,
-                                       table=spec.table, row_label=point.label, dataset=dataset, seed=seed,
-                                       preset=preset_name))
+            for chosen in override_points(spec.overrides):
+                label = point.label + (f" [{override_label(chosen)}]" if chosen else "")
+                runtime_layer = Layer("command line", "", {"runtime": {**runtime, **({"overrides": chosen} if chosen else {})}})
+                for seed in seeds:
+                    config = resolve_config([*layers, grid_layer(str(spec.path), point)], override_layer(chosen),
+                                            dataset, seed, runtime_layer)
+                    runs.append(PlannedRun(config=config, config_hash=config_hash(config), spec_name=spec.name,
+                                           table=spec.table, row_label=label, dataset=dataset, seed=seed,
+                                           preset=preset_name))
+    if spec.overrides:  # an override of a grid key makes that grid's points one config
+        first = {}
+        for run in runs:
+            first.setdefault(run.config_hash, run)
+        runs = list(first.values())
     return runs
 
 
+def value_layers(spec: Spec, preset_name: str, preset: Preset, presets_path: str) -> list[Layer]:
+    """The section layers of a run, lowest priority first: the recipe (the chain's root file), the
+    preset, then each file that extends the recipe (the user's own values: a preset never replaces them)."""
+    preset_layer = Layer(presets_path, f"{preset_name}.", {name: getattr(preset, name) for name in SECTIONS})
+    files = spec.file_sections or ((str(spec.path), spec.sections),)
+    recipe, *own = [Layer(origin, "", dict(sections)) for origin, sections in files]
+    return [recipe, preset_layer, *own]
+
+
+def preset_conflicts(spec: Spec, preset_name: str, preset: Preset) -> list[str]:
+    """One note per value the user set (in a file extending the recipe, or on the command line) that
+    ``preset`` would have changed: the user's value is kept."""
+    notes = []
+    own = [(origin, sections) for origin, sections in spec.file_sections[1:]]
+    own += [("command line", nest({key: values[0] for key, values in spec.overrides.items() if len(values) == 1}))]
+    for origin, sections in own:
+        for section in SECTIONS:
+            scaled = getattr(preset, section)
+            for key, value in sections.get(section, {}).items():
+                if key in scaled and scaled[key] != value:
+                    notes.append(f"{origin}: {section}.{key} = {value!r} kept; preset {preset_name!r} would set "
+                                 f"{scaled[key]!r}")
+    return notes
+
+
+def override_points(overrides: Mapping[str, tuple[Any, ...]]) -> list[dict[str, Any]]:
+    """Every combination of the command line's override values ([{}] without overrides)."""
+    keys = list(overrides)
+    return [dict(zip(keys, combination)) for combination in itertools.product(*(overrides[key] for key in keys))]
+
+
+def override_label(values: Mapping[str, Any]) -> str:
+    return ", ".join(f"{key}={row_label_of(value)}" for key, value in values.items())
+
+
+def override_layer(values: Mapping[str, Any]) -> Layer:
+    return Layer("command line", "", nest(values))
+
+
 def resolve_config(layers: list[Layer], grid: Layer, dataset: str, seed: int, runtime: Layer) -> dict:
+    """``layers`` (the last may be a grid point), then ``grid`` (or the command line's overrides), the
+    dataset and seed, and the runtime; later layers win."""
     per_run = Layer("command line", "", {"data": {"dataset": dataset}, "train": {"seed": seed}})
-    return validate_layers(RunConfig, [*layers, grid, per_run, runtime]).model_dump(mode="json")
+    config = validate_layers(RunConfig, [*layers, grid, per_run, runtime]).model_dump(mode="json")
+    if not config["runtime"]["overrides"]:  # the stored config names overrides only when there are some
+        del config["runtime"]["overrides"]
+    return config
 
 
 def grid_layer(origin: str, point: GridPoint) -> Layer:

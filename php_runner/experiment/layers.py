@@ -6,6 +6,8 @@ validates their deep merge; the first problem is blamed on the last layer that s
 
 from __future__ import annotations
 
+import difflib
+
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,8 +43,23 @@ def validate_layers(model: type[BaseModel], layers: list[Layer]) -> Any:
     except ValidationError as err:
         layer = layer_of(layers, tuple(err.errors()[0]["loc"]))
         field, message = first_problem(err)
+        if err.errors()[0]["type"] == "extra_forbidden":
+            message += suggestion(model, tuple(err.errors()[0]["loc"]))
         where = f"{layer.prefix}{field}" if field else layer.prefix.rstrip(".")
         raise InputError(f"{layer.origin}: {where}: {message}" if where else f"{layer.origin}: {message}") from None
+
+
+def suggestion(model: type[BaseModel], loc: tuple) -> str:
+    """"; did you mean 'lr'?" for an unknown key at ``loc``: the closest field of the model holding it."""
+    holder: Any = model
+    for part in loc[:-1]:
+        field = holder.model_fields.get(part) if isinstance(part, str) else None
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        holder = annotation
+    close = difflib.get_close_matches(str(loc[-1]), list(holder.model_fields), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def layer_of(layers: list[Layer], loc: tuple) -> Layer:

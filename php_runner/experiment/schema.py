@@ -4,7 +4,9 @@ the top level of a spec file and presets (pydantic, strict), and the loaded ``Sp
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import difflib
+
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -150,6 +152,9 @@ class RuntimeSection(Strict):
     device: str = Field(default="auto", pattern=DEVICE_PATTERN)
     num_workers: NonNegativeInt = 8
     compile: bool = False  # torch.compile the training forward: how fast a run goes, not what it computes
+    # The command line's key=value overrides of this run (dotted name -> value), for provenance: the
+    # values themselves are in the sections (and the hash) already.
+    overrides: dict[str, Any] = Field(default_factory=dict)
 
 
 class RunConfig(Strict):
@@ -272,6 +277,12 @@ class Spec:
     points: tuple[GridPoint, ...]
     tune: TuneSection | None
     audit: bool = False                # audit every run after training (the table's verdict column reads it)
+    # Section values per file of the chain, root first: the root (the file without ``extends``, the
+    # shipped base.toml for every shipped spec) is the recipe a preset scales; the files that extend it
+    # hold the user's own values, which a preset never replaces.
+    file_sections: tuple[tuple[str, dict[str, dict[str, Any]]], ...] = ()
+    # Command-line overrides: dotted name -> the values to sweep (one run per combination, like [grid]).
+    overrides: dict[str, tuple[Any, ...]] = field(default_factory=dict)
 
     @property
     def folder(self) -> Path:
@@ -290,12 +301,21 @@ class PlannedRun:
     preset: str
 
 
+def did_you_mean(word: str, choices) -> str:
+    """``"; did you mean 'lr'?"`` for the closest of ``choices`` (difflib), else empty."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def check_path(dotted: str, origin: str, prefix: str) -> None:
     parts = dotted.split(".")
     if len(parts) != 2 or parts[0] not in SECTIONS:
-        raise InputError(f"{origin}: {prefix}{dotted}: expected SECTION.FIELD with SECTION one of {', '.join(SECTIONS)}")
-    section, field = parts
-    if field not in SECTION_MODELS[section].model_fields:
-        raise InputError(f"{origin}: {prefix}{dotted}: unknown field {field!r} of [{section}]")
+        known = [f"{section}.{name}" for section in SECTIONS for name in SECTION_MODELS[section].model_fields]
+        raise InputError(f"{origin}: {prefix}{dotted}: expected SECTION.FIELD with SECTION one of "
+                         f"{', '.join(SECTIONS)}{did_you_mean(dotted, known)}")
+    section, name = parts
+    if name not in SECTION_MODELS[section].model_fields:
+        raise InputError(f"{origin}: {prefix}{dotted}: unknown field {name!r} of [{section}]"
+                         f"{did_you_mean(name, SECTION_MODELS[section].model_fields)}")
     if dotted in PER_RUN_FIELDS:
         raise InputError(f"{origin}: {prefix}{dotted}: set per run from the datasets/seeds lists")

@@ -17,7 +17,10 @@ fields of the resolved run config (docs/architecture.md, "Runner contract"), plu
 
 ``presets.toml`` beside the specs (else the shipped one) holds the presets (``paper``, ``tiny``): section overrides,
 runtime defaults and the command-line options a preset requires. A run's config is built from, in
-increasing priority: the spec chain, the preset, the grid point, then its dataset and seed. Its
+increasing priority: the recipe (the chain's root file, base.toml for the shipped specs), the preset,
+the files extending the recipe (values the user wrote: a preset never replaces them; ``preset_notes``
+names each one a preset would have changed), the grid point, the command line's ``key=value``
+overrides (``with_overrides``), then its dataset and seed. Its
 ``runtime`` part (preset defaults overridden by the command line) says where it runs and is left
 out of the config hash. Every error is an ``InputError`` naming the file and the dotted field.
 """
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+from dataclasses import replace
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
@@ -37,6 +41,7 @@ from php_runner.experiment.expand import (
     grid_layer,
     grid_points,
     plan_runs,
+    preset_conflicts,
     resolve_config,
     unique,
 )
@@ -101,6 +106,7 @@ def load_spec(path: str | Path) -> Spec:
         points=grid_points(top.grid, top.row_label or path.stem),
         tune=tune,
         audit=top.audit,
+        file_sections=tuple((layer.origin, layer.values) for layer in spec_layers),
     )
     placeholder_runtime = Layer("command line", "", {"runtime": {"data_root": "."}})
     for point in spec.points:
@@ -140,6 +146,66 @@ def load_all_specs(folder: str | Path | None = None) -> dict[str, Spec]:
             runtime = {"data_root": ".", **{option: "." for option in preset.requires}}
             plan_runs(spec, preset_name, preset, spec.datasets[:1], spec.seeds[:1], runtime, str(folder / PRESETS_FILE))
     return specs
+
+
+def preset_notes(spec: Spec, preset: str) -> list[str]:
+    """The values the user set (own spec files, command line) that ``preset`` would have changed: each kept."""
+    presets = load_presets(presets_folder(spec.folder))
+    if preset not in presets:
+        raise InputError(f"--preset: unknown preset {preset!r}; known presets: {', '.join(presets)}")
+    return preset_conflicts(spec, preset, presets[preset])
+
+
+def with_overrides(spec: Spec, tokens: Sequence[str]) -> Spec:
+    """``spec`` with the command line's ``section.field=value`` overrides; ``a,b`` sweeps both values.
+
+    Values are read as TOML values (``1e-5``, ``true``, ``"text"``, ``[3, 6]``); a bare word is a string
+    and ``[sdm,itc]`` a list of them. The values themselves are validated when the runs are planned.
+    """
+    overrides: dict[str, tuple[Any, ...]] = dict(spec.overrides)
+    for token in tokens:
+        key, sep, text = token.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise InputError(f"{token}: expected an override SECTION.FIELD=VALUE (e.g. train.lr=1e-5)")
+        check_path(key, "command line", "")
+        values = tuple(override_value(part) for part in split_top_level(text))
+        if not values:
+            raise InputError(f"command line: {key}: no value given")
+        overrides[key] = values
+    return replace(spec, overrides=overrides)
+
+
+def split_top_level(text: str) -> list[str]:
+    """``text`` split at the commas outside brackets and quotes."""
+    parts, depth, quote, current = [], 0, "", ""
+    for char in text:
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "\"'":
+            quote = char
+        elif char == "[":
+            depth += 1
+        elif char == "]":
+            depth -= 1
+        elif char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+            continue
+        current += char
+    parts.append(current)
+    return [part.strip() for part in parts if part.strip()]
+
+
+def override_value(text: str) -> Any:
+    """One override value: a TOML value, else a list of bare words in brackets, else the text itself."""
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        pass
+    if text.startswith("[") and text.endswith("]"):
+        return [override_value(part) for part in split_top_level(text[1:-1])]
+    return text
 
 
 # ---- shipped specs and lookup by name ------------------------------------------------------------
@@ -208,6 +274,9 @@ def expand(spec: Spec, preset: str, datasets: Sequence[str] | None = None, seeds
     for option in chosen.requires:
         if not values.get(option):
             raise InputError(f"--{option.replace('_', '-')}: required by preset {preset!r}")
+    for option in ("data_root", "clip_weights"):  # absolute: a run executes (or is audited) from any folder
+        if values.get(option):
+            values[option] = str(Path(values[option]).expanduser().absolute())
     return plan_runs(spec, preset, chosen, unique(datasets or spec.datasets), unique(seeds or spec.seeds), values,
                      str(presets_folder(spec.folder) / PRESETS_FILE))
 

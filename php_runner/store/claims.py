@@ -11,7 +11,7 @@ from sqlalchemy import (
     or_,
 )
 
-from php_runner.store.tables import Run
+from php_runner.store.tables import RESUMABLE_STATUSES, Run
 
 if TYPE_CHECKING:
     pass
@@ -27,9 +27,9 @@ def this_worker() -> str:
 
 
 def claimable_condition(now: float, stale_after: float):
-    """The SQL part of the claimable rule: queued, failed, or running with a stale heartbeat."""
+    """The SQL part of the claimable rule: queued, failed, interrupted, or running with a stale heartbeat."""
     return or_(
-        Run.status.in_(("queued", "failed")),
+        Run.status.in_(RESUMABLE_STATUSES),
         (Run.status == "running") & (Run.heartbeat_at < now - stale_after),
     )
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
@@ -54,6 +54,7 @@ from php_runner.store.records import (
 from php_runner.store.rows import checked_metrics, damaged_error, run_record
 from php_runner.store.tables import (
     PROVENANCE_FIELDS,
+    RESUMABLE_STATUSES,
     RULES,
     RUN_KINDS,
     Audit,
@@ -154,7 +155,7 @@ class Registry:
                         status="queued", created_at=time.time(), attempts=0,
                     )
                     s.add(row)
-                elif row.status in ("queued", "failed") and "runtime" in planned.config:
+                elif row.status in RESUMABLE_STATUSES and "runtime" in planned.config:
                     row.config = {**row.config, "runtime": planned.config["runtime"]}
                 s.flush()
                 label = select(RunLabel).where(
@@ -251,7 +252,7 @@ class Registry:
     def is_claimable(self, run: RunRecord, stale_after: float | None = None) -> bool:
         """Whether ``claim_run`` would currently succeed for ``run`` (a hint; claim_run decides)."""
         stale_after = self.stale_after if stale_after is None else stale_after
-        if run.status in ("queued", "failed"):
+        if run.status in RESUMABLE_STATUSES:
             return True
         if run.status != "running":
             return False
@@ -289,6 +290,16 @@ class Registry:
                 update(Run).where(*condition).values(status="failed", error=error, finished_at=time.time())
             )
             return result.rowcount == 1
+
+    def mark_interrupted(self, run_id: int, worker: str) -> bool:
+        """A run stopped by Ctrl-C or SIGTERM while ``worker`` held it: resumable, not failed."""
+        with self._session() as s:
+            result = s.execute(
+                update(Run).where(Run.id == run_id, Run.worker == worker, Run.status == "running")
+                .values(status="interrupted", error="interrupted (resumes from its last checkpoint)",
+                        finished_at=time.time())
+            )
+            return result.rowcount > 0
 
     def get_run(self, ref: int | str) -> RunRecord:
         """A run by id or by a unique prefix of its config hash."""
@@ -420,13 +431,15 @@ class Registry:
 
     # ---- tables -----------------------------------------------------------------------------
 
-    def result_rows(self, table: str | None = None, preset: str | None = None) -> list["ResultRow"]:
+    def result_rows(self, table: str | None = None, preset: str | None = None,
+                    accept: Callable[[RunRecord, str], bool] | None = None) -> list["ResultRow"]:
         """One ``reports.ResultRow`` per (done run, label, recorded rule), optionally for one table.
 
         With ``preset``, runs of other presets are left out (imported runs are always kept: they are
         released checkpoints, shown on lines of their own), so a table never averages a tiny-preset
         run with a paper-scale one. ``forced_test`` marks tuning trials that selected on the test
-        split: their settings were chosen by test labels.
+        split: their settings were chosen by test labels. ``accept(run, row_label)``, when given, keeps
+        only the (run, label) pairs it returns True for (``reports.recipes.CellFilter``: a cell's recipe).
         """
         from php_runner.store.records import ResultRow
 
@@ -451,6 +464,11 @@ class Registry:
                 ):
                     audits[audit.run_id] = audit.report  # ascending order: the latest wins
             records = {run.id: run_record(run, self.url) for run, _, _ in triples}
+            if accept is not None:
+                verdicts = {(run.id, label.row_label): accept(records[run.id], label.row_label)
+                            for run, label, _ in triples}
+                triples = [(run, label, result) for run, label, result in triples
+                           if verdicts[(run.id, label.row_label)]]
             return [
                 ResultRow(
                     table=label.table_name, spec_name=label.spec_name, row_label=label.row_label,

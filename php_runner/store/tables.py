@@ -25,7 +25,10 @@ if TYPE_CHECKING:
 
 
 RUN_KINDS = ("trained", "imported", "trial")
-RUN_STATUSES = ("queued", "running", "done", "failed")
+# "interrupted": stopped by Ctrl-C/SIGTERM (resumable like "failed", but nothing went wrong). A plain
+# string column (no enum or check constraint), so the new value needs no schema revision.
+RUN_STATUSES = ("queued", "running", "done", "failed", "interrupted")
+RESUMABLE_STATUSES = ("queued", "failed", "interrupted")  # claimable again (from last.pth when there is one)
 # final-test: test metrics of the selected checkpoint computed once after training (tuning trials,
 # which never evaluate test while they train).
 RULES = ("best-on-test", "best-on-val", "last", "final-test")

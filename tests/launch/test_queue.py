@@ -17,8 +17,8 @@ def test_enqueue_records_queued_runs_and_executes_nothing(cli, registry_url, spe
     runs = Registry(registry_url).list_runs()
     assert [(r.status, r.attempts, r.seed) for r in runs] == [("queued", 0, 1), ("queued", 0, 2)]
     assert not (tmp_path / "checkpoints").exists()
-    code, out, _ = cli(*args)  # the same runs again: nothing new
-    assert code == 0 and "2 run(s): 2 queued" in out
+    code, out, err = cli(*args)  # the same runs again: nothing new
+    assert code == 0 and "2 run(s): 2 queued" in err and not out  # a message: stderr when stdout is a pipe
     assert [r.id for r in Registry(registry_url).list_runs()] == [r.id for r in runs]
 
 

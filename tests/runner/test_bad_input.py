@@ -116,7 +116,7 @@ SPEC_CASES = {
     "gpus-arabic-digits": (b'extends = "base"\n', ["--gpus", "\u0661,\u0660"], "--gpus"),
     "seeds-arabic-digits": (b'extends = "base"\n', ["--seeds", "\u0661,\u0662"], "--seeds"),
     "empty-db": (b'extends = "base"\n', ["--db", ""], "--db"),
-    "extra-argument": (b'extends = "base"\n', ["surplus"], "unexpected extra argument"),
+    "extra-argument": (b'extends = "base"\n', ["surplus"], "surplus: expected an override SECTION.FIELD=VALUE"),  # run takes key=value overrides
 }
 
 

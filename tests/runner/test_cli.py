@@ -91,9 +91,9 @@ def test_demo_with_every_run_done_trains_nothing_and_prints_the_table(cli, regis
     registry = Registry(registry_url)
     for index, run in enumerate(planned):
         record_done_run(registry, run, dict(zip(METRIC_NAMES, [10.0 + index, 20.0, 30.0, 40.0, 50.0])))
-    code, out, _ = cli("demo", "--data-root", tiny_data_root, "--db", registry_url)
+    code, out, err = cli("demo", "--data-root", tiny_data_root, "--db", registry_url)
     assert code == 0, out
-    assert f"{len(planned)} skipped" in out and "done run" not in out
+    assert f"{len(planned)} skipped" in err and "done run" not in out + err  # progress: stderr when piped
     assert "PHP" in out and "10.00" in out
     assert Path("reports/headline_tiny.md").is_file() and Path("reports/headline_tiny.csv").is_file()
 
@@ -105,8 +105,8 @@ def test_table_all_on_an_empty_registry_lists_what_to_run(cli, registry_url):
     assert {v["name"] for v in views} >= {"headline", "module", "loss", "cnum", "beta", "sharing", "coupling"}
     fills = {line["fill_command"] for v in views for line in v["lines"] if line["fill_command"]}
     assert "php-run ablate cnum --dataset CUHK-PEDES" in fills
-    code, out, _ = cli("table", "--db", registry_url)
-    assert code == 0 and "No results recorded yet" in out
+    code, out, err = cli("table", "--db", registry_url)
+    assert code == 0 and "No results recorded yet" in err and not out.strip()
 
 
 def test_validate_loads_the_shipped_specs(cli):
@@ -308,10 +308,10 @@ def test_evaluate_on_a_file_that_is_not_a_checkpoint_says_so(cli, tmp_path, tiny
 
 @pytest.mark.slow
 def test_a_failed_run_exits_1(cli, registry_url, spec_dir, tiny_data_root):
-    code, out, _ = cli("run", spec_dir / "bad_selection.toml", "--preset", "tiny", "--data-root", tiny_data_root,
+    code, out, err = cli("run", spec_dir / "bad_selection.toml", "--preset", "tiny", "--data-root", tiny_data_root,
                        "--db", registry_url)
     assert code == 1
-    assert "1 failed" in out
+    assert "1 failed" in err  # progress goes to stderr when stdout is not a terminal
     [run] = Registry(registry_url).list_runs()
     assert run.status == "failed" and "selection" in run.error
 

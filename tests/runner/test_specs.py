@@ -139,11 +139,12 @@ def test_grid_is_cartesian_and_runs_nest_dataset_point_seed(folder):
     assert len({r.config_hash for r in runs}) == len(runs)
 
 
-def test_preset_overrides_spec_and_grid_overrides_preset(folder):
+def test_own_values_beat_the_preset_and_grid_beats_both(folder):
     path = write(folder, "cn", 'extends = "base"\n[train]\nepochs = 7\n[grid]\n"model.cnum" = [12]\n')
     (run,) = expand(load_spec(path), "tiny", ["CUHK-PEDES"], [1], {})
     assert run.config["model"]["cnum"] == 12                      # grid beats the tiny preset's 3
-    assert run.config["train"]["epochs"] == 4                     # the preset beats the spec
+    assert run.config["train"]["epochs"] == 7                     # the user's own value beats the preset's 4
+    assert run.config["train"]["lr"] == 5e-4                      # the recipe's value is scaled by the preset
     assert run.config["model"]["clip"] == "tiny" and run.config["data"]["source"] == "synthetic"
     assert run.config["runtime"]["num_workers"] == 0 and run.preset == "tiny"
 
