@@ -38,7 +38,7 @@ def damaged_checkpoints(registry: Registry, run_ids: list[int]) -> list[str]:
 
 
 def print_tables(names: list[str], db: str | None, include_empty: bool, as_json: bool, preset: str,
-                 fmt: str = "rich", index: bool = False) -> None:
+                 fmt: str = "rich", index: bool = False, reference: str | None = None) -> None:
     """Render tables from the registry to the terminal (``fmt``: rich, markdown, csv or latex) and to
     reports/ (markdown, CSV, LaTeX, figures; with ``index`` also reports/index.md).
 
@@ -54,7 +54,7 @@ def print_tables(names: list[str], db: str | None, include_empty: bool, as_json:
         run_ids.update(run.id for run in registry.list_runs(status="done", table=name)
                        if run.preset == preset or run.kind == "imported")
         if rows or include_empty:
-            views.append(reports.build_table(name, rows, preset=preset))
+            views.append(reports.build_table(name, rows, preset=preset, reference_row=reference))
     damaged = damaged_checkpoints(registry, sorted(run_ids))
     registry.close()
     for line in damaged:
@@ -68,6 +68,8 @@ def print_tables(names: list[str], db: str | None, include_empty: bool, as_json:
     for view in views:
         if fmt == "rich":
             console.print(render.render_rich(view))
+            if render.render_comparisons_rich(view) is not None:
+                console.print(render.render_comparisons_rich(view))
         else:
             typer.echo(reports.RENDERERS[fmt](view))
     if not views:
@@ -88,6 +90,8 @@ def table(
                                      "or latex (booktabs).")] = "rich",
     as_json: JsonOption = False,
     db: DbOption = None,
+    reference: Annotated[str | None, typer.Option("--reference", help="The row every other row is compared with "
+                                                  "(default: the table's baseline in paper_claims.toml).")] = None,
 ) -> None:
     """Render paper tables from the registry (paper value, ours as mean +- std over seeds, delta).
 
@@ -112,7 +116,7 @@ def table(
         raise InputError(f"--format: expected rich, {', '.join(RENDERERS)}, got {fmt!r}")
     names = [name] if name is not None else known
     print_tables(names, db, include_empty=all_tables or name is not None, as_json=as_json, preset=preset, fmt=fmt,
-                  index=all_tables)
+                  index=all_tables, reference=reference)
 
 
 def _print_study(study: str | None, db: str | None, as_json: bool) -> None:

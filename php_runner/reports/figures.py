@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from php_runner.files import write_atomic
+from php_runner.reports.intervals import CONFIDENCE
 from php_runner.reports.tables import unique_items
 
 if TYPE_CHECKING:
@@ -74,6 +75,11 @@ def plot_sensitivity(view: "TableView") -> bytes:
             ax.plot(xs, mean, marker="o", color="#2f6db3", label="ours (mean)")
             ax.fill_between(xs, [m - s for m, s in zip(mean, spread)], [m + s for m, s in zip(mean, spread)],
                             color="#2f6db3", alpha=0.2, label="ours ± 1 std over seeds")
+            low = [_nan(cell.low if cell else None) for cell in cells]
+            high = [_nan(cell.high if cell else None) for cell in cells]
+            if any(value == value for value in low):  # NaN != NaN: cells without outcomes leave gaps
+                ax.fill_between(xs, low, high, color="#e67e22", alpha=0.2,
+                                label=f"ours: {CONFIDENCE:.0%} interval (seeds, test identities)")
             ax.set_xticks(xs, keys)
             ax.set_title(f"{dataset} {metric}", fontsize=10)
             ax.set_xlabel(view.row_header)
