@@ -90,6 +90,25 @@ def plot_sensitivity(view: "TableView") -> bytes:
     return _png(figure)
 
 
+def plot_claims(results: Sequence) -> bytes | None:
+    """PNG bytes of ``reports.claims.ClaimResult``s: our differences with intervals, the paper's difference marked."""
+    shown = [r for r in results if r.ours.value is not None]
+    if not shown:
+        return None
+    figure, ax = _figure(1, 1, (7.0, 0.35 * len(shown) + 1.5))
+    ys = list(range(len(shown)))
+    values = [r.ours.value for r in shown]
+    errors = [[v - r.ours.low for v, r in zip(values, shown)], [r.ours.high - v for v, r in zip(values, shown)]]
+    ax.errorbar(values, ys, xerr=errors, fmt="o", color="#2f6db3", capsize=3, label="ours (interval)")
+    ax.scatter([r.paper_difference for r in shown], ys, marker="x", color="#c0392b", label="paper's difference")
+    ax.axvline(0.0, color="#7f8c8d", linewidth=0.8)
+    ax.set_yticks(ys, [f"{r.claim.table}: {r.claim.row} vs {r.claim.reference}, {r.claim.dataset} ({r.kind})"
+                       for r in shown], fontsize=7)
+    ax.set_xlabel("difference (points)")
+    ax.legend(fontsize=7)
+    return _png(figure)
+
+
 def _cell(view: "TableView", key: str, dataset: str, metric: str):
     line = view.line(key, dataset)
     return line.cell(metric) if line is not None else None

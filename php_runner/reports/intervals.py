@@ -57,6 +57,11 @@ def cell_intervals(rows: Sequence[ResultRow]) -> tuple[dict[str, significance.In
     by_seed = outcomes_by_seed(rows)
     if by_seed is None:
         return None, NO_OUTCOMES if rows else None
+    return seed_intervals(by_seed)
+
+
+def seed_intervals(by_seed: dict[int, QueryOutcomes]) -> tuple[dict[str, significance.Interval] | None, str | None]:
+    """``cell_intervals`` of outcomes already grouped by seed."""
     try:
         return significance.cell_intervals(by_seed, N_RESAMPLES, CONFIDENCE, BOOTSTRAP_SEED), None
     except InputError as err:

@@ -170,12 +170,17 @@ def filled_cells(view: TableView) -> tuple[int, int]:
     return sum(cell.mean is not None for cell in cells), len(cells)
 
 
-def render_index(views: Sequence[TableView], preset: str | None = None) -> str:
-    """One page for the whole reproduction: every table, its files and figures, cells filled, audit verdicts."""
+def render_index(views: Sequence[TableView], preset: str | None = None, claims: str | None = None) -> str:
+    """One page for the whole reproduction: every table, its files and figures, cells filled, audit verdicts.
+
+    ``claims``: the file name of the claims report (``php-run report claims``) beside the index, if written.
+    """
     scale = f" (preset {preset})" if preset else ""
+    claims_line = (f"The paper's claims, each with our difference, interval and verdict: [{claims}]({claims})."
+                   if claims else "The paper's claims: run `php-run report claims` to check each one.")
     out = [f"# Reproduction index{scale}", "",
            "Regenerated from the registry by `php-run table --all`; each table links to its markdown, CSV and "
-           "LaTeX files.", "",
+           "LaTeX files.", "", claims_line, "",
            "| table | source | cells filled | figures | audited lines |", "|---|---|---|---|---|"]
     for view in views:
         filled, total = filled_cells(view)
