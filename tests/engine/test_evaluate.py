@@ -5,9 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from php_runner.data import read_dataset, write_synthetic
-from php_runner.engine.metrics import query_outcomes
 from php_runner.engine.evaluate import EvalSettings, Embeddings, evaluate, extract_embeddings, score_embeddings
-from php_runner.engine.metrics import retrieval_metrics
+from php_runner.engine.metrics import query_outcomes, retrieval_metrics
 from php_runner.model.config import PHPConfig
 from php_runner.model.php import PHPModel
 
