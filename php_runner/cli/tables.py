@@ -39,7 +39,8 @@ def damaged_checkpoints(registry: Registry, run_ids: list[int]) -> list[str]:
 
 
 def print_tables(names: list[str], db: str | None, include_empty: bool, as_json: bool, preset: str,
-                 fmt: str = "rich", index: bool = False, spec: "Spec | None" = None) -> None:
+                 fmt: str = "rich", index: bool = False, spec: "Spec | None" = None,
+                 reference: str | None = None) -> None:
     """Render tables from the registry to the terminal (``fmt``: rich, markdown, csv or latex) and to
     reports/ (markdown, CSV, LaTeX, figures; with ``index`` also reports/index.md).
 
@@ -63,7 +64,7 @@ def print_tables(names: list[str], db: str | None, include_empty: bool, as_json:
         messages += lines
         run_ids.update(matched)
         if rows or include_empty:
-            views.append(reports.build_table(name, rows, preset=preset))
+            views.append(reports.build_table(name, rows, preset=preset, reference_row=reference))
     damaged = damaged_checkpoints(registry, sorted(run_ids))
     other_presets = _presets_with_results(registry, names, preset) if not run_ids else {}
     registry.close()
@@ -78,6 +79,9 @@ def print_tables(names: list[str], db: str | None, include_empty: bool, as_json:
         for view in views:
             if fmt == "rich":
                 console.print(render.render_rich(view))
+                comparisons = render.render_comparisons_rich(view)
+                if comparisons is not None:
+                    console.print(comparisons)
             else:
                 typer.echo(render.RENDERERS[fmt](view))
     for line in messages:
@@ -144,6 +148,8 @@ def table(
     spec_path: Annotated[str | None, typer.Option("--spec", help="A spec file (or shipped spec) naming a table: its "
                                                   "own runs as rows beside the paper's.")] = None,
     db: DbOption = None,
+    reference: Annotated[str | None, typer.Option("--reference", help="The row every other row is compared with "
+                                                  "(default: the table's baseline in paper_claims.toml).")] = None,
 ) -> None:
     """Render paper tables from the registry (paper value, ours as mean +- std over seeds, delta).
 
@@ -179,7 +185,7 @@ def table(
         name = spec.table
     names = [name] if name is not None else known
     print_tables(names, db, include_empty=all_tables or name is not None, as_json=as_json, preset=preset, fmt=fmt,
-                 index=all_tables, spec=spec)
+                 index=all_tables, spec=spec, reference=reference)
 
 
 def _print_study(study: str | None, db: str | None, as_json: bool) -> None:

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from php_runner.data import EvalSplit
 from php_runner.data.loaders import ImageSet, TextSet
 from php_runner.data.transforms import build_transform
-from php_runner.engine.metrics import retrieval_metrics
+from php_runner.engine.metrics import metrics_from_outcomes, query_outcomes, retrieval_metrics
 from php_runner.model.precision import autocast_context
 
 ORDERS = ("annotation", "shuffled")
@@ -131,21 +131,29 @@ def extract_embeddings(model, split: EvalSplit, settings: EvalSettings | None = 
     return Embeddings(text=text, image=image, text_pids=text_pids, image_pids=image_pids)
 
 
-def score_embeddings(embeddings: Embeddings, i2t: bool = False, device: str | torch.device = "cpu") -> dict:
+def score_embeddings(embeddings: Embeddings, i2t: bool = False, device: str | torch.device = "cpu",
+                     outcomes: bool = False):
     """Metrics of cosine-similarity retrieval: captions query images; ``i2t`` adds the reverse direction.
 
-    The similarity matrix and the ranking (chunked over queries) are computed on ``device``.
+    The similarity matrix and the ranking (chunked over queries) are computed on ``device``. With
+    ``outcomes``: ``(metrics, QueryOutcomes)``, the text-to-image per-query outcomes the metrics average.
     """
     text = F.normalize(embeddings.text.to(device), p=2, dim=1)
     image = F.normalize(embeddings.image.to(device), p=2, dim=1)
     similarity = text @ image.t()
-    metrics = retrieval_metrics(similarity, embeddings.text_pids, embeddings.image_pids)
+    per_query = query_outcomes(similarity, embeddings.text_pids, embeddings.image_pids)
+    metrics = metrics_from_outcomes(per_query)
     if i2t:
         metrics["i2t"] = retrieval_metrics(similarity.t(), embeddings.image_pids, embeddings.text_pids)
-    return metrics
+    return (metrics, per_query) if outcomes else metrics
 
 
-def evaluate(model, split: EvalSplit, settings: EvalSettings | None = None, i2t: bool = False) -> dict:
-    """Text-to-image metrics (R1, R5, R10, mAP, mINP) of ``model`` on ``split``; ``i2t`` adds an "i2t" sub-dict."""
+def evaluate(model, split: EvalSplit, settings: EvalSettings | None = None, i2t: bool = False,
+             outcomes: bool = False):
+    """Text-to-image metrics (R1, R5, R10, mAP, mINP) of ``model`` on ``split``; ``i2t`` adds an "i2t" sub-dict.
+
+    With ``outcomes``: ``(metrics, QueryOutcomes)`` (see ``score_embeddings``).
+    """
     settings = settings or EvalSettings()
-    return score_embeddings(extract_embeddings(model, split, settings), i2t=i2t, device=settings.device)
+    return score_embeddings(extract_embeddings(model, split, settings), i2t=i2t, device=settings.device,
+                            outcomes=outcomes)

@@ -29,6 +29,7 @@ from php_runner.data.cache import open_cache
 from php_runner.data.loaders import PIPELINES, CachedTrainBatches, TrainPairs
 from php_runner.data.transforms import build_transform
 from php_runner.engine.evaluate import EvalSettings, evaluate
+from php_runner.engine.metrics import QueryOutcomes
 from php_runner.engine.optim import (
     OPTIMIZERS,
     SOLVERS,
@@ -126,6 +127,8 @@ class EpochRecord:
     losses: dict[str, float]
     metrics: dict[str, dict]  # split name -> metrics; empty when the epoch was not evaluated
     seconds: float
+    # split name -> per-query outcomes the metrics average (not kept in last.pth: the registry stores them)
+    outcomes: dict[str, QueryOutcomes] = field(default_factory=dict)
 
 
 @dataclass
@@ -241,7 +244,7 @@ def train(
                     "epoch": epoch,
                     "num_epoch": settings.epochs,
                     "rng": capture_rng_state(loader_generator),
-                    "history": [dataclasses.asdict(record) for record in history],
+                    "history": [dataclasses.asdict(dataclasses.replace(record, outcomes={})) for record in history],
                     "selection": selection.state,
                     "settings": settings.recipe(),
                     "stopped": stopped,
@@ -275,9 +278,11 @@ def train(
                 lr = settings.lr * scheduler.factor()
                 losses = _train_one_epoch(model, loader, optimizer, settings, device, progress, epoch)
                 scheduler.step()
-                metrics = {}
+                metrics, outcomes = {}, {}
                 if epoch % settings.eval_period == 0 or epoch == settings.epochs:
-                    metrics = {name: evaluate(model, split, eval_settings) for name, split in splits.items()}
+                    evaluated = {name: evaluate(model, split, eval_settings, outcomes=True) for name, split in splits.items()}
+                    metrics = {name: pair[0] for name, pair in evaluated.items()}
+                    outcomes = {name: pair[1] for name, pair in evaluated.items()}
                     changed = selection.update(epoch, metrics)
                     if RULE_OF_SELECTION[settings.selection] in changed:
                         save_atomic(
@@ -292,7 +297,8 @@ def train(
                             },
                             best_path,
                         )
-                record = EpochRecord(epoch=epoch, lr=lr, losses=losses, metrics=metrics, seconds=time.perf_counter() - started)
+                record = EpochRecord(epoch=epoch, lr=lr, losses=losses, metrics=metrics, seconds=time.perf_counter() - started,
+                                     outcomes=outcomes)
                 history.append(record)
                 progress.end_epoch(record)
                 try:

@@ -40,6 +40,7 @@ from php_runner.store.heartbeat import HEARTBEAT_INTERVAL_S, Heartbeat
 from php_runner.store.registry import Registry
 from php_runner.store.records import RunRecord
 from php_runner.store.claims import this_worker
+from php_runner.store.tables import EVALUATION_SOURCE
 
 if TYPE_CHECKING:
     pass
@@ -177,6 +178,8 @@ def _train_claimed(registry: Registry, run: RunRecord, heartbeat: Heartbeat, com
             registry.record_epoch(run.id, record.epoch, "train", train_values)
             for split, metrics in record.metrics.items():
                 registry.record_epoch(run.id, record.epoch, split, {k: float(v) for k, v in metrics.items()})
+            for split, outcomes in record.outcomes.items():
+                registry.record_outcomes(run.id, EVALUATION_SOURCE, record.epoch, split, outcomes)
             folder.on_epoch(record, iterations)
             board.on_epoch(record)
             heartbeat.beat()

@@ -167,3 +167,52 @@ def _load(path: Path) -> PaperResults:
     except ValidationError as err:
         field, message = first_problem(err)
         raise InputError(f"{path}: {field}: {message}" if field else f"{path}: {message}") from None
+
+
+# ---- the paper's claims (paper_claims.toml) ---------------------------------------------------------
+
+PAPER_CLAIMS_FILE = Path(__file__).with_name("paper_claims.toml")
+
+
+class ClaimedValues(_Strict):
+    row: float
+    reference: float
+
+
+class Claim(_Strict):
+    """The paper's claim that ``row`` beats (direction) ``reference`` in ``table`` on ``dataset`` and ``metric``."""
+
+    table: str
+    row: str
+    reference: str
+    dataset: DatasetName
+    metric: MetricName
+    direction: Literal["higher", "lower"]
+    against: Literal["reproduced", "published"]  # published: the reference is another method's number
+    paper: ClaimedValues
+
+    @property
+    def paper_difference(self) -> float:
+        return self.paper.row - self.paper.reference
+
+
+class PaperClaims(_Strict):
+    baselines: dict[str, str]  # table -> its reference row
+    claims: list[Claim] = Field(default_factory=list)
+
+
+def load_paper_claims(path: str | Path | None = None) -> PaperClaims:
+    """Read and validate a claims file (None: the packaged ``paper_claims.toml``); bad input names the field."""
+    path = PAPER_CLAIMS_FILE if path is None else Path(path)
+    try:
+        with path.open("rb") as handle:
+            raw = tomllib.load(handle)
+    except OSError as err:
+        raise InputError(f"{path}: cannot read ({err.strerror})") from None
+    except tomllib.TOMLDecodeError as err:
+        raise InputError(f"{path}: not valid TOML ({err})") from None
+    try:
+        return PaperClaims.model_validate(raw)
+    except ValidationError as err:
+        field, message = first_problem(err)
+        raise InputError(f"{path}: {field}: {message}" if field else f"{path}: {message}") from None

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from php_runner.files import write_atomic
+from php_runner.reports.intervals import CONFIDENCE
 from php_runner.reports.tables import unique_items
 
 if TYPE_CHECKING:
@@ -74,6 +75,11 @@ def plot_sensitivity(view: "TableView") -> bytes:
             ax.plot(xs, mean, marker="o", color="#2f6db3", label="ours (mean)")
             ax.fill_between(xs, [m - s for m, s in zip(mean, spread)], [m + s for m, s in zip(mean, spread)],
                             color="#2f6db3", alpha=0.2, label="ours ± 1 std over seeds")
+            low = [_nan(cell.low if cell else None) for cell in cells]
+            high = [_nan(cell.high if cell else None) for cell in cells]
+            if any(value == value for value in low):  # NaN != NaN: cells without outcomes leave gaps
+                ax.fill_between(xs, low, high, color="#e67e22", alpha=0.2,
+                                label=f"ours: {CONFIDENCE:.0%} interval (seeds, test identities)")
             ax.set_xticks(xs, keys)
             ax.set_title(f"{dataset} {metric}", fontsize=10)
             ax.set_xlabel(view.row_header)
@@ -81,6 +87,25 @@ def plot_sensitivity(view: "TableView") -> bytes:
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     figure.suptitle(view.title, fontsize=11)
+    return _png(figure)
+
+
+def plot_claims(results: Sequence) -> bytes | None:
+    """PNG bytes of ``reports.claims.ClaimResult``s: our differences with intervals, the paper's difference marked."""
+    shown = [r for r in results if r.ours.value is not None]
+    if not shown:
+        return None
+    figure, ax = _figure(1, 1, (7.0, 0.35 * len(shown) + 1.5))
+    ys = list(range(len(shown)))
+    values = [r.ours.value for r in shown]
+    errors = [[v - r.ours.low for v, r in zip(values, shown)], [r.ours.high - v for v, r in zip(values, shown)]]
+    ax.errorbar(values, ys, xerr=errors, fmt="o", color="#2f6db3", capsize=3, label="ours (interval)")
+    ax.scatter([r.paper_difference for r in shown], ys, marker="x", color="#c0392b", label="paper's difference")
+    ax.axvline(0.0, color="#7f8c8d", linewidth=0.8)
+    ax.set_yticks(ys, [f"{r.claim.table}: {r.claim.row} vs {r.claim.reference}, {r.claim.dataset} ({r.kind})"
+                       for r in shown], fontsize=7)
+    ax.set_xlabel("difference (points)")
+    ax.legend(fontsize=7)
     return _png(figure)
 
 

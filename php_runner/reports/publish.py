@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from php_runner.files import write_atomic
+from php_runner.reports.claims import report_name
 from php_runner.reports.figures import plot_module_chart
 from php_runner.reports.render import (
     render_csv,
@@ -26,7 +27,9 @@ def write_index(views: Sequence[TableView], folder: str | Path = "reports", pres
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     name = "index.md" if preset in (None, PAPER_PRESET) else f"index_{preset}.md"
-    return write_atomic(folder / name, render_index(views, preset).encode("utf-8"))
+    claims = f"{report_name(preset)}.md"
+    claims = claims if (folder / claims).is_file() else None
+    return write_atomic(folder / name, render_index(views, preset, claims).encode("utf-8"))
 
 
 def write_reports(view: TableView, folder: str | Path = "reports") -> list[Path]:

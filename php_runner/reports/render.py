@@ -38,11 +38,52 @@ def render_markdown(view: TableView, figures: Sequence[str] = ()) -> str:
         out.append("| " + " | ".join(cells) + " |")
     if view.footnotes:
         out += ["", *(f"[{number}] {text}" + "  " for number, text in enumerate(view.footnotes, 1))]
+    out += ["", f"Intervals in brackets: {view.method}.", *comparison_markdown(view)]
     return "\n".join(out).rstrip() + "\n"
 
 
+COMPARISON_HEADERS = ("row", "dataset", "source", "metric", "claimed", "difference [interval]", "verdict",
+                      "seeds", "seeds to resolve")
+
+
+def comparison_cells(comparison) -> list[str]:
+    """One paired comparison as table cells (see ``COMPARISON_HEADERS``)."""
+    if comparison.difference is None:
+        difference, verdict = "—", comparison.note
+    else:
+        difference = f"{comparison.difference:+.2f} [{comparison.low:+.2f}, {comparison.high:+.2f}]"
+        verdict = comparison.verdict
+    needed = "" if comparison.verdict != "not resolved" else (
+        str(comparison.seeds_needed) if comparison.seeds_needed is not None else comparison.note)
+    return [comparison.row_key, comparison.dataset, comparison.kind, comparison.metric, comparison.direction,
+            difference, verdict, " ".join(map(str, comparison.seeds)), needed]
+
+
+def comparison_markdown(view: TableView) -> list[str]:
+    if not view.comparisons:
+        return []
+    out = ["", f"### Paired comparisons with {view.reference} (row minus reference, same seeds and test identities)",
+           "", "| " + " | ".join(COMPARISON_HEADERS) + " |", "|" + "|".join("---" for _ in COMPARISON_HEADERS) + "|"]
+    return out + ["| " + " | ".join(cell.replace("|", "\\|") for cell in comparison_cells(c)) + " |"
+                  for c in view.comparisons]
+
+
+def render_comparisons_rich(view: TableView) -> Table | None:
+    """The paired comparisons of ``view`` as a rich table (None when there are none)."""
+    if not view.comparisons:
+        return None
+    table = Table(title=f"{view.title}: each row minus {view.reference}", caption=f"Intervals: {view.method}.",
+                  caption_justify="left")
+    for header in COMPARISON_HEADERS:
+        table.add_column(header)
+    for comparison in view.comparisons:
+        table.add_row(*comparison_cells(comparison))
+    return table
+
+
 CSV_COLUMNS = ("table", "row", "dataset", "kind", "forced_test", "metric", "paper", "mean", "std", "n",
-               "delta", "rule", "seeds", "batch_dependent", "r1_gap", "fill_command", "footnotes")
+               "delta", "rule", "seeds", "batch_dependent", "r1_gap", "fill_command", "footnotes", "low", "high",
+               "interval_note")
 
 
 def render_csv(view: TableView) -> str:
@@ -60,6 +101,7 @@ def render_csv(view: TableView) -> str:
                 "" if line.audit is None or line.audit.batch_dependent is None else line.audit.batch_dependent,
                 "" if line.audit is None else _plain(line.audit.r1_gap),
                 line.fill_command or "", " ".join(view.footnotes[number - 1] for number in sorted(set(notes))),
+                _plain(cell.low), _plain(cell.high), cell.interval_note or "",
             ])
     return buffer.getvalue()
 
@@ -103,6 +145,8 @@ def render_latex(view: TableView) -> str:
                 ours = f"{cell.mean:.2f}"
             else:
                 ours = rf"${cell.mean:.2f} \pm {cell.std:.2f}$"
+            if cell.low is not None:
+                ours += f" [{cell.low:.1f}, {cell.high:.1f}]"
             paper = "--" if cell.paper is None else f"{cell.paper:.2f}{marks(cell.notes)}"
             delta = "--" if cell.delta is None else f"${cell.delta:+.2f}$"
             cells += [ours, paper, delta]
@@ -111,7 +155,7 @@ def render_latex(view: TableView) -> str:
         out.append(" & ".join(cells) + r" \\")
     out += [r"\bottomrule", r"\end{tabular}", "", r"\smallskip", r"\footnotesize",
             r"Ours: mean $\pm$ sample standard deviation over seeds (a single seed shows no $\pm$); "
-            r"$\Delta$ = ours $-$ paper.\\"]
+            r"$\Delta$ = ours $-$ paper; brackets: " + latex_escape(view.method) + r".\\"]
     out += [rf"\textsuperscript{{{number}}}{latex_escape(text)}\\" for number, text in enumerate(view.footnotes, 1)]
     out.append(r"\end{table*}")
     return "\n".join(out) + "\n"
@@ -126,12 +170,17 @@ def filled_cells(view: TableView) -> tuple[int, int]:
     return sum(cell.mean is not None for cell in cells), len(cells)
 
 
-def render_index(views: Sequence[TableView], preset: str | None = None) -> str:
-    """One page for the whole reproduction: every table, its files and figures, cells filled, audit verdicts."""
+def render_index(views: Sequence[TableView], preset: str | None = None, claims: str | None = None) -> str:
+    """One page for the whole reproduction: every table, its files and figures, cells filled, audit verdicts.
+
+    ``claims``: the file name of the claims report (``php-run report claims``) beside the index, if written.
+    """
     scale = f" (preset {preset})" if preset else ""
+    claims_line = (f"The paper's claims, each with our difference, interval and verdict: [{claims}]({claims})."
+                   if claims else "The paper's claims: run `php-run report claims` to check each one.")
     out = [f"# Reproduction index{scale}", "",
            "Regenerated from the registry by `php-run table --all`; each table links to its markdown, CSV and "
-           "LaTeX files.", "",
+           "LaTeX files.", "", claims_line, "",
            "| table | source | cells filled | figures | audited lines |", "|---|---|---|---|---|"]
     for view in views:
         filled, total = filled_cells(view)
@@ -175,6 +224,10 @@ def _metric_text(cell: MetricCell, separator: str) -> str:
         ours = f"{cell.mean:.2f} (n={cell.n})"
     else:
         ours = f"{cell.mean:.2f} ± {cell.std:.2f} (n={cell.n})"
+    if cell.low is not None:
+        ours = ours.replace(" (n=", f" [{cell.low:.1f}, {cell.high:.1f}] (n=", 1)
+    elif cell.interval_note:
+        ours += f"{separator}{cell.interval_note}"
     if cell.paper is None:
         return ours
     paper = f"paper {cell.paper:.2f}{_marks(cell.notes)}"

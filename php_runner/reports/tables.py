@@ -14,7 +14,8 @@ import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from php_runner.experiment.paper import Footnote, load_paper_results
+from php_runner.experiment.paper import Footnote, load_paper_claims, load_paper_results
+from php_runner.reports.intervals import RowComparison, cell_intervals, method_text, row_comparisons
 from php_runner.store.records import ResultRow
 
 RULE_PREFERENCE = ("best-on-test", "best-on-val", "last")  # best-on-test is the paper's own protocol
@@ -38,6 +39,9 @@ class MetricCell:
     std: float | None  # sample standard deviation over seeds; None with fewer than two
     n: int
     notes: tuple[int, ...] = ()  # footnote numbers of this cell
+    low: float | None = None     # confidence interval over seeds and test identities (reports/intervals.py)
+    high: float | None = None
+    interval_note: str | None = None  # why there is no interval (e.g. no per-query outcomes recorded)
 
     @property
     def delta(self) -> float | None:
@@ -101,6 +105,9 @@ class TableView:
     footnotes: tuple[str, ...]       # numbered from 1 in this order
     notes: tuple[int, ...] = ()      # footnotes of the whole table
     preset: str | None = None        # the scale of the trained rows; None when not filtered by preset
+    reference: str | None = None     # the row every other row is compared with
+    comparisons: tuple[RowComparison, ...] = ()
+    method: str = ""                 # how intervals and comparisons are computed
 
     @property
     def file_stem(self) -> str:
@@ -128,12 +135,13 @@ def fill_command(table: str, dataset: str, preset: str | None = None) -> str:
 
 
 def build_table(table_name: str, rows: Iterable[ResultRow], *, rules: Sequence[str] = RULE_PREFERENCE,
-                preset: str | None = None) -> TableView:
+                preset: str | None = None, reference_row: str | None = None) -> TableView:
     """The view of one table: paper rows first (then any other row labels found), every dataset.
 
     Per line the first rule of ``rules`` with results is used. ``preset`` names the scale of the
     trained rows (the caller filters rows by it); it shapes the fill commands of missing lines and,
     unless it is the paper preset, adds a table note that our numbers are not at the paper's scale.
+    Each row is compared with ``reference_row`` (default: the table's baseline in ``paper_claims.toml``).
     """
     paper = load_paper_results()
     table = paper.table(table_name)
@@ -144,7 +152,7 @@ def build_table(table_name: str, rows: Iterable[ResultRow], *, rules: Sequence[s
     table_notes = notes.add(paper.footnotes_for(table_name))
     if preset is not None and preset != PAPER_PRESET:
         table_notes += notes.add_text(NOT_PAPER_SCALE_NOTE.format(preset=preset))
-    lines = []
+    lines, chosen_cells = [], {}
     for key in row_keys:
         paper_row = table.row(key)
         reference = paper_row is not None and paper_row.reference
@@ -161,8 +169,10 @@ def build_table(table_name: str, rows: Iterable[ResultRow], *, rules: Sequence[s
                 members = [r for r in here if (r.kind, r.forced_test) == (kind, forced)]
                 rule = next((rule for rule in rules if any(r.rule == rule for r in members)), None)
                 chosen = _one_per_seed(r for r in members if r.rule == rule)
-                cells = tuple(_metric_cell(metric, table.value(key, dataset, metric), chosen, cell_notes[metric])
-                              for metric in table.metrics)
+                chosen_cells[(key, dataset, kind, forced)] = chosen
+                intervals, why = cell_intervals(chosen)
+                cells = tuple(_metric_cell(metric, table.value(key, dataset, metric), chosen, cell_notes[metric],
+                                           intervals, why) for metric in table.metrics)
                 extra = ()
                 if forced:
                     extra += notes.add_text(FORCED_TEST_NOTE)
@@ -179,11 +189,34 @@ def build_table(table_name: str, rows: Iterable[ResultRow], *, rules: Sequence[s
                 cells = tuple(_metric_cell(metric, table.value(key, dataset, metric), [], cell_notes[metric])
                               for metric in table.metrics)
                 lines.append(ViewLine(key, display, dataset, REFERENCE, False, None, (), cells, None, None, line_notes))
+    reference_row = reference_row or load_paper_claims().baselines.get(table_name)
     return TableView(
         name=table_name, title=table.title, source=table.source, in_paper=table.in_paper, preset=preset,
         row_header=table.row_header, datasets=tuple(datasets), metrics=tuple(table.metrics),
-        lines=tuple(lines), footnotes=tuple(notes.texts), notes=table_notes,
+        lines=tuple(lines), footnotes=tuple(notes.texts), notes=table_notes, reference=reference_row,
+        comparisons=_comparisons(table, reference_row, chosen_cells), method=method_text(),
     )
+
+
+def _comparisons(table, reference_row: str | None, chosen_cells: dict) -> tuple[RowComparison, ...]:
+    """Each line with results against the reference row's line of the same dataset and kind, per metric.
+
+    The claimed direction of a metric is the sign of the paper's own difference ("higher" where unknown).
+    """
+    if reference_row is None:
+        return ()
+    out = []
+    for (key, dataset, kind, forced), chosen in chosen_cells.items():
+        reference = chosen_cells.get((reference_row, dataset, kind, forced))
+        if key == reference_row or not chosen or not reference:
+            continue
+        directions = {}
+        for metric in table.metrics:
+            ours, theirs = table.value(key, dataset, metric), table.value(reference_row, dataset, metric)
+            if ours is not None and theirs is not None and ours != theirs:
+                directions[metric] = "higher" if ours > theirs else "lower"
+        out += row_comparisons(key, reference_row, dataset, kind, table.metrics, chosen, reference, directions)
+    return tuple(out)
 
 
 # ---- internals ------------------------------------------------------------------------------------
@@ -214,11 +247,15 @@ def _one_per_seed(rows: Iterable[ResultRow]) -> list[ResultRow]:
     return list({row.seed: row for row in rows}.values())
 
 
-def _metric_cell(metric: str, paper: float | None, rows: Sequence[ResultRow], notes: tuple[int, ...]) -> MetricCell:
+def _metric_cell(metric: str, paper: float | None, rows: Sequence[ResultRow], notes: tuple[int, ...],
+                 intervals: dict | None = None, why: str | None = None) -> MetricCell:
     values = [float(row.metrics[metric]) for row in rows if row.metrics.get(metric) is not None]
     mean = statistics.fmean(values) if values else None
     std = statistics.stdev(values) if len(values) > 1 else None
-    return MetricCell(metric=metric, paper=paper, mean=mean, std=std, n=len(values), notes=notes)
+    interval = (intervals or {}).get(metric)
+    return MetricCell(metric=metric, paper=paper, mean=mean, std=std, n=len(values), notes=notes,
+                      low=None if interval is None else interval.low, high=None if interval is None else interval.high,
+                      interval_note=why if interval is None and values else None)
 
 
 def _audit_verdict(rows: Sequence[ResultRow]) -> AuditVerdict | None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from php_runner.store.records import ResultRow
+    from php_runner.engine.metrics import QueryOutcomes
 
 
 @dataclass(frozen=True)
@@ -80,3 +80,8 @@ class ResultRow:
     kind: str
     audit: dict | None
     forced_test: bool = False
+    run_id: int | None = None
+    # Per-query outcomes of the evaluation behind ``metrics`` (None: not recorded, e.g. a run recorded before
+    # they were kept) and of the latest audit's shuffled test order (shuffle seed 0), for intervals.
+    outcomes: "QueryOutcomes | None" = None
+    shuffled_outcomes: "QueryOutcomes | None" = None

@@ -29,6 +29,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from php_runner.engine.metrics import QueryOutcomes
 from php_runner.errors import InputError
 from php_runner.store.claims import (
     DEFAULT_STALE_AFTER_S,
@@ -53,6 +54,9 @@ from php_runner.store.records import (
 )
 from php_runner.store.rows import checked_metrics, damaged_error, run_record
 from php_runner.store.tables import (
+    AUDIT_SHUFFLED_SOURCE,
+    EVALUATION_SOURCE,
+    FINAL_TEST_SOURCE,
     PROVENANCE_FIELDS,
     RESUMABLE_STATUSES,
     RULES,
@@ -62,6 +66,7 @@ from php_runner.store.tables import (
     Checkpoint,
     EpochMetric,
     Provenance,
+    QueryOutcome,
     Result,
     Run,
     RunLabel,
@@ -388,6 +393,24 @@ class Registry:
             return {r.rule: {"epoch": r.epoch, "split": r.split,
                              "metrics": checked_metrics(self.url, "results", r.id, r.metrics)} for r in rows}
 
+    def record_outcomes(self, run_id: int, source: str, epoch: int, split: str, outcomes: QueryOutcomes) -> None:
+        """Store the per-query outcomes of one evaluation (``tables.QueryOutcome`` names the sources)."""
+        key = (QueryOutcome.run_id == run_id, QueryOutcome.source == source, QueryOutcome.epoch == epoch,
+               QueryOutcome.split == split)
+        with self._session() as s:
+            s.execute(delete(QueryOutcome).where(*key))
+            s.add(QueryOutcome(run_id=run_id, source=source, epoch=epoch, split=split, data=outcomes.to_bytes()))
+
+    def outcomes(self, run_id: int, source: str, epoch: int, split: str) -> QueryOutcomes | None:
+        """The outcomes ``record_outcomes`` stored under this key, or None (e.g. a run recorded before them)."""
+        return self._outcomes_of([run_id]).get((run_id, source, epoch, split))
+
+    def _outcomes_of(self, run_ids: Sequence[int]) -> dict[tuple[int, str, int, str], QueryOutcomes]:
+        with self._session() as s:
+            rows = s.scalars(select(QueryOutcome).where(QueryOutcome.run_id.in_(list(run_ids))))
+            return {(r.run_id, r.source, r.epoch, r.split): QueryOutcomes.from_bytes(
+                        r.data, f"registry {shown_url(self.url)}, table query_outcomes, row {r.id}") for r in rows}
+
     def record_checkpoint(self, run_id: int, path: str, sha256: str, epoch: int | None, role: str) -> None:
         with self._session() as s:
             s.execute(delete(Checkpoint).where(Checkpoint.run_id == run_id, Checkpoint.role == role))
@@ -415,12 +438,16 @@ class Registry:
                 raise damaged_error(self.url, "provenance", row.id, "extra is not a mapping")
             return {**{k: getattr(row, k) for k in PROVENANCE_FIELDS}, "recorded_at": row.recorded_at, **row.extra}
 
-    def record_audit(self, run_id: int, report: dict) -> AuditRecord:
+    def record_audit(self, run_id: int, report: dict, outcomes: dict[str, QueryOutcomes] | None = None) -> AuditRecord:
+        """Store an audit report and its test evaluations' per-query outcomes by source (epoch 0, split test)."""
         with self._session() as s:
             row = Audit(run_id=run_id, report=report, created_at=time.time())
             s.add(row)
             s.flush()
-            return AuditRecord(row.id, row.run_id, row.report, row.created_at)
+            record = AuditRecord(row.id, row.run_id, row.report, row.created_at)
+        for source, per_query in (outcomes or {}).items():
+            self.record_outcomes(run_id, source, 0, "test", per_query)
+        return record
 
     def latest_audit(self, run_id: int) -> AuditRecord | None:
         with self._session() as s:
@@ -469,6 +496,7 @@ class Registry:
                             for run, label, _ in triples}
                 triples = [(run, label, result) for run, label, result in triples
                            if verdicts[(run.id, label.row_label)]]
+            outcomes = self._outcomes_of(run_ids) if run_ids else {}
             return [
                 ResultRow(
                     table=label.table_name, spec_name=label.spec_name, row_label=label.row_label,
@@ -477,6 +505,10 @@ class Registry:
                     kind=run.kind, audit=audits.get(run.id),
                     forced_test=run.kind == "trial"
                     and records[run.id].config.get("train", {}).get("selection") == "test",
+                    run_id=run.id,
+                    outcomes=outcomes.get((run.id, FINAL_TEST_SOURCE if result.rule == FINAL_TEST_SOURCE
+                                           else EVALUATION_SOURCE, result.epoch, result.split)),
+                    shuffled_outcomes=outcomes.get((run.id, AUDIT_SHUFFLED_SOURCE.format(seed=0), 0, "test")),
                 )
                 for run, label, result in triples
             ]

@@ -14,6 +14,7 @@ from sqlalchemy import (
     Float,
     ForeignKey,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -134,6 +135,28 @@ class Audit(Base):
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
     report: Mapped[dict] = mapped_column(JSON)
     created_at: Mapped[float] = mapped_column(Float)
+
+
+# Where a set of per-query outcomes comes from: "evaluation" is the evaluation a result's (epoch, split) names
+# (an in-training epoch, or an imported checkpoint's test); "final-test" the result of that rule;
+# "audit-ordered" and "audit-shuffled-SEED" the latest audit's test evaluations (annotation / shuffled order).
+EVALUATION_SOURCE = "evaluation"
+FINAL_TEST_SOURCE = "final-test"
+AUDIT_ORDERED_SOURCE = "audit-ordered"
+AUDIT_SHUFFLED_SOURCE = "audit-shuffled-{seed}"
+
+
+class QueryOutcome(Base):
+    """The per-query outcomes of one recorded evaluation (``engine.metrics.QueryOutcomes.to_bytes``)."""
+
+    __tablename__ = "query_outcomes"
+    __table_args__ = (UniqueConstraint("run_id", "source", "epoch", "split"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    source: Mapped[str] = mapped_column(String(32))
+    epoch: Mapped[int] = mapped_column(Integer)
+    split: Mapped[str] = mapped_column(String(16))
+    data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 PROVENANCE_FIELDS = (

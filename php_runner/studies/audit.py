@@ -39,6 +39,7 @@ from php_runner.data import EvalSplit, PedesDataset, read_dataset
 from php_runner.data.loaders import ImageSet, TextSet
 from php_runner.data.transforms import build_transform
 from php_runner.engine.evaluate import EvalSettings, evaluate
+from php_runner.engine.metrics import QueryOutcomes
 from php_runner.engine.train import resolve_device
 from php_runner.errors import InputError
 from php_runner.model.checkpoint import extract_state_dict, load_checkpoint_file, load_model, load_state_dict_checked
@@ -46,6 +47,7 @@ from php_runner.model.php import PHPModel
 from php_runner.model.precision import apply_precision, autocast_context
 from php_runner.experiment.build import build_php_config
 from php_runner.execute.checkpoints import verified_checkpoint
+from php_runner.store.tables import AUDIT_ORDERED_SOURCE, AUDIT_SHUFFLED_SOURCE
 
 METRIC_NAMES = ("R1", "R5", "R10", "mAP", "mINP")
 
@@ -216,14 +218,22 @@ class Evaluations:
     def __init__(self, model, split: EvalSplit, base: EvalSettings):
         self.model, self.split, self.base = model, split, base
         self._done: dict[tuple[str, int, int], dict] = {}
+        self.outcomes: dict[tuple[str, int, int], QueryOutcomes] = {}  # per-query outcomes, same keys
 
     def metrics(self, order: str = "annotation", seed: int = 0, batch_size: int | None = None) -> dict:
         size = self.base.batch_size if batch_size is None else batch_size
         key = (order, seed if order == "shuffled" else 0, size)
         if key not in self._done:
             settings = replace(self.base, order=order, seed=key[1], batch_size=size)
-            self._done[key] = _metrics(evaluate(self.model, self.split, settings))
+            metrics, self.outcomes[key] = evaluate(self.model, self.split, settings, outcomes=True)
+            self._done[key] = _metrics(metrics)
         return self._done[key]
+
+    def recorded_outcomes(self) -> dict[str, QueryOutcomes]:
+        """Outcomes at the base batch size by registry source: ordered, and each shuffled seed."""
+        size = self.base.batch_size
+        return {AUDIT_ORDERED_SOURCE if order == "annotation" else AUDIT_SHUFFLED_SOURCE.format(seed=seed): outcomes
+                for (order, seed, batch), outcomes in self.outcomes.items() if batch == size}
 
 
 def mean_and_std(runs: Sequence[dict]) -> dict:
@@ -541,13 +551,15 @@ def run_audit(
     dataset: PedesDataset,
     settings: AuditSettings,
     selection: dict | None = None,
+    evaluations: Evaluations | None = None,
 ) -> dict:
     """All four sections for ``model`` on ``dataset``'s test split, as one JSON-able report.
 
     ``selection`` is a ``selection_audit`` result (or ``None`` when nothing is known of the run).
+    ``evaluations`` (from ``audit_evaluations``) keeps the per-query outcomes for the caller.
     """
     started = time.perf_counter()
-    evaluations = Evaluations(model, dataset.test, replace(settings.eval, order="annotation"))
+    evaluations = evaluations or audit_evaluations(model, dataset, settings)
     order = order_sensitivity(model, dataset.test, settings, evaluations)
     sweep = batch_size_sweep(model, dataset.test, settings, evaluations=evaluations)
     independence = batch_independence(model, dataset.test, settings)
@@ -568,6 +580,10 @@ def run_audit(
         "selection": selection,
         "seconds": time.perf_counter() - started,
     }
+
+
+def audit_evaluations(model, dataset: PedesDataset, settings: AuditSettings) -> Evaluations:
+    return Evaluations(model, dataset.test, replace(settings.eval, order="annotation"))
 
 
 def audit_summary(report: dict) -> dict:
@@ -639,9 +655,10 @@ def audit_run(
         sample_size=sample_size,
     )
     selection = selection_from_history(registry.epochs(run.id), train["selection"])
-    report = {"run": run.id, "checkpoint": path, **run_audit(model, dataset, settings, selection)}
+    evaluations = audit_evaluations(model, dataset, settings)
+    report = {"run": run.id, "checkpoint": path, **run_audit(model, dataset, settings, selection, evaluations)}
     if record:
-        registry.record_audit(run.id, report)
+        registry.record_audit(run.id, report, evaluations.recorded_outcomes())
     return report
 
 

@@ -28,6 +28,7 @@ from php_runner.model.checkpoint import COUNTER_SUFFIXES
 from php_runner.model.config import CLIP_PRESETS, ClipConfig, PHPConfig
 from php_runner.store.registry import Registry
 from php_runner.store.claims import this_worker
+from php_runner.store.tables import AUDIT_ORDERED_SOURCE, EVALUATION_SOURCE
 
 CHECKPOINT_NAME = "best.pth"
 YAML_NAME = "configs.yaml"
@@ -598,17 +599,19 @@ def import_run(
     try:
         model = _build_model(php_config, state_dict, evaluation.precision)
         settings = _eval_settings(evaluation, options)
-        report = _run_audit(model, dataset, settings, yaml_values, epoch, options) if to_audit else None
+        report, audited = _run_audit(model, dataset, settings, yaml_values, epoch, options) if to_audit else (None, {})
         if claimed:
-            metrics = report["ordered"] if report is not None else _evaluate(model, dataset, settings)
+            metrics, outcomes = ((report["ordered"], audited[AUDIT_ORDERED_SOURCE]) if report is not None
+                                 else _evaluate(model, dataset, settings))
             provenance = _provenance(run, yaml_values, outcome, evaluation, options)
         for record in claimed:
             registry.record_result(record.id, RESULT_RULE, epoch, "test", metrics)
+            registry.record_outcomes(record.id, EVALUATION_SOURCE, epoch, "test", outcomes)
             registry.record_checkpoint(record.id, str(run.folder / CHECKPOINT_NAME), outcome.sha256, epoch,
                                        CHECKPOINT_ROLE)
             registry.record_provenance(record.id, provenance)
         for record in to_audit:
-            registry.record_audit(record.id, report)
+            registry.record_audit(record.id, report, audited)
         for record in claimed:
             registry.mark_done(record.id)
     except Exception as err:  # noqa: BLE001 - one broken checkpoint must not stop the rest of the tree
@@ -669,20 +672,22 @@ def _epoch(payload: dict) -> int:
     return epoch if isinstance(epoch, int) else 0
 
 
-def _evaluate(model, dataset: PedesDataset, settings) -> dict:
+def _evaluate(model, dataset: PedesDataset, settings) -> tuple:
     from php_runner.engine.evaluate import evaluate
 
-    return evaluate(model, dataset.test, settings)
+    return evaluate(model, dataset.test, settings, outcomes=True)
 
 
 def _run_audit(
     model, dataset: PedesDataset, settings, yaml_values: dict, epoch: int, options: ImportOptions
-) -> dict:
-    from php_runner.studies.audit import AuditSettings, run_audit
+) -> tuple[dict, dict]:
+    """The audit report and its per-query outcomes by registry source."""
+    from php_runner.studies.audit import AuditSettings, audit_evaluations, run_audit
 
     audit_settings = AuditSettings(eval=settings, train_batch_size=int(yaml_values.get("batch_size", 64)),
                                    seeds=options.audit_seeds)
-    report = run_audit(model, dataset, audit_settings)
+    evaluations = audit_evaluations(model, dataset, audit_settings)
+    report = run_audit(model, dataset, audit_settings, evaluations=evaluations)
     # Only the selected epoch of a released run is known, so the other selection rules stay empty.
     report["selection"] = {
         "selected_by": "test" if yaml_values.get("val_dataset", "test") == "test" else "val",
@@ -691,7 +696,7 @@ def _run_audit(
                   "last": None},
         "r1_gaps": {"test_minus_val": None, "test_minus_last": None},
     }
-    return report
+    return report, evaluations.recorded_outcomes()
 
 
 def _audit_summary(registry: Registry, run_id: int) -> dict | None:

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from php_runner.data import read_dataset, write_synthetic
 from php_runner.engine.evaluate import EvalSettings, Embeddings, evaluate, extract_embeddings, score_embeddings
-from php_runner.engine.metrics import retrieval_metrics
+from php_runner.engine.metrics import query_outcomes, retrieval_metrics
 from php_runner.model.config import PHPConfig
 from php_runner.model.php import PHPModel
 
@@ -125,6 +125,8 @@ def test_metrics_are_cosine_retrieval_of_captions_over_images_and_i2t_on_request
     assert {key: metrics[key] for key in expected} == expected
     assert metrics["i2t"] == retrieval_metrics(similarity.t(), embeddings.image_pids, embeddings.text_pids)
     assert "i2t" not in score_embeddings(embeddings)
+    with_outcomes, outcomes = score_embeddings(embeddings, outcomes=True)
+    assert with_outcomes == expected and outcomes == query_outcomes(similarity, embeddings.text_pids, embeddings.image_pids)
 
 
 def test_evaluate_matches_its_embeddings_and_restores_training_mode(model, split):

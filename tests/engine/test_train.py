@@ -102,6 +102,19 @@ def test_records_reach_the_callback_and_selection_follows_the_rules(learning_run
     assert best["epoch"] == expected["best-on-test"] and best["rule"] == "best-on-test"
 
 
+def test_each_evaluated_epoch_carries_per_query_outcomes_that_reproduce_its_metrics(learning_run):
+    from php_runner.engine.metrics import metrics_from_outcomes
+
+    dataset, _, result, _ = learning_run
+    for record in result.history:
+        assert set(record.outcomes) == set(record.metrics)
+        for split, outcomes in record.outcomes.items():
+            assert metrics_from_outcomes(outcomes) == record.metrics[split]
+            assert len(outcomes) == len(getattr(dataset, split).caption_pids)
+    payload = torch.load(result.last_checkpoint, weights_only=True)
+    assert all(entry["outcomes"] == {} for entry in payload["history"])  # the registry keeps them, not last.pth
+
+
 def test_saved_checkpoints_reproduce_the_recorded_metrics(learning_run):
     dataset, settings, result, _ = learning_run
     for path, rule in ((result.best_checkpoint, "best-on-test"), (result.last_checkpoint, "last")):

@@ -116,9 +116,10 @@ def test_chance_r1_over_the_gallery_and_inside_the_same_index_batch():
 def test_evaluations_run_each_setting_once(monkeypatch):
     calls = []
 
-    def fake_evaluate(model, split, settings):
+    def fake_evaluate(model, split, settings, outcomes=False):
         calls.append((settings.order, settings.seed, settings.batch_size))
-        return dict.fromkeys(audit.METRIC_NAMES, float(len(calls)))
+        assert outcomes  # the audit keeps each evaluation's per-query outcomes for the registry
+        return dict.fromkeys(audit.METRIC_NAMES, float(len(calls))), len(calls)
 
     monkeypatch.setattr(audit, "evaluate", fake_evaluate)
     evaluations = audit.Evaluations(None, None, EvalSettings(batch_size=4, seed=7))
@@ -128,6 +129,7 @@ def test_evaluations_run_each_setting_once(monkeypatch):
     evaluations.metrics("shuffled", 1)
     evaluations.metrics("shuffled", 2, 8)
     assert calls == [("annotation", 0, 4), ("shuffled", 1, 4), ("shuffled", 2, 8)]
+    assert evaluations.recorded_outcomes() == {"audit-ordered": 1, "audit-shuffled-1": 2}  # base batch size only
 
 
 def test_selection_audit_golden_values():

@@ -329,6 +329,23 @@ def test_import_records_one_imported_run_per_cell(imported, logs_dir):
     assert len(registry.list_runs(kind="imported")) == sum(len(cells) for *_, cells in EXPECTED.values())
 
 
+def test_imported_runs_keep_outcomes_that_reproduce_their_results_and_fill_claims(imported, cli):
+    from php_runner.engine.metrics import metrics_from_outcomes
+    from php_runner.reports.claims import check_claims
+
+    registry, _, _ = imported
+    rows = [row for row in registry.result_rows() if row.kind == "imported"]
+    assert rows and all(metrics_from_outcomes(row.outcomes) == row.metrics for row in rows)
+    checked = [result for result in check_claims(rows) if result.kind == "imported"]
+    module = [r for r in checked if (r.claim.table, r.claim.row, r.claim.dataset) == ("module", "base", "RSTPReid")]
+    assert module and module[0].ours.value is not None and module[0].seeds == (rows[0].seed,)
+    code, out, _ = cli("report", "claims", "--db", registry.url)
+    assert code == 0, out
+    from pathlib import Path
+
+    assert "| module | base vs full | RSTPReid | R1 | imported |" in Path("reports/claims.md").read_text()
+
+
 def test_skipped_folders_carry_their_reason(imported):
     _, outcomes, _ = imported
     mismatch = outcomes["RSTPReid/sdm+itc+aux_cnum6"]
