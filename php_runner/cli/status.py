@@ -57,7 +57,7 @@ def status(
     """
     from php_runner.execute.jobs import job_states
 
-    registry = Registry(db)
+    registry = Registry(db, read_only=True)
     entries = []
     abandoned = set()
     for run in registry.list_runs():
@@ -126,7 +126,7 @@ def show(
     """
     import json
 
-    registry = Registry(db)
+    registry = Registry(db, read_only=True)
     details = _run_details(registry, registry.get_run(run))
     registry.close()
     if as_json:

@@ -17,6 +17,7 @@ from php_runner.cli.common import (
     err_console,
     print_json,
 )
+from php_runner.cli.outputs import check_outputs
 from php_runner.errors import InputError
 from php_runner.store.registry import Registry
 
@@ -47,7 +48,7 @@ def print_tables(names: list[str], db: str | None, include_empty: bool, as_json:
     from php_runner.reports import publish, render
     from php_runner.reports import tables as reports
 
-    registry = Registry(db)
+    registry = Registry(db, read_only=True)
     views, run_ids = [], set()
     for name in names:
         rows = registry.result_rows(name, preset=preset)
@@ -59,6 +60,8 @@ def print_tables(names: list[str], db: str | None, include_empty: bool, as_json:
     registry.close()
     for line in damaged:
         err_console.print(f"[yellow]warning:[/yellow] {line}", highlight=False, soft_wrap=True)
+    check_outputs([REPORTS_DIR / f"{view.file_stem}{ext}" for view in views for ext in (".md", ".csv", ".tex", ".png")]
+                  + [REPORTS_DIR / "index.md"] * index, "table: report", db=db)
     written = [path for view in views for path in publish.write_reports(view, REPORTS_DIR)]
     if index:
         written.append(publish.write_index(views, REPORTS_DIR, preset))

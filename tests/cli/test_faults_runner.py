@@ -46,10 +46,10 @@ def assert_refused(code: int, stderr: str, expected: str, given: dict[Path, str]
 
 @pytest.fixture
 def tmpfs(tmp_path):
-    """A fresh 256 KiB tmpfs; ``tmpfs.remount(read_only=True)`` makes it read-only."""
+    """A fresh 2 MiB tmpfs; ``tmpfs.remount(read_only=True)`` makes it read-only."""
     mount = tmp_path / "mnt"
     mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
                                            capture_output=True).returncode != 0:
         pytest.skip("needs to mount a tmpfs (root and mount(8)) for a real full or read-only file system")
 
@@ -60,13 +60,13 @@ def tmpfs(tmp_path):
 
         def fill(self) -> None:
             """Use up every free byte."""
-            with open(self / "filler", "wb") as handle:
-                try:
+            try:
+                with open(self / "filler", "wb") as handle:
                     while True:
                         handle.write(b"\0" * 4096)
                         handle.flush()
-                except OSError:
-                    pass
+            except OSError:
+                pass
 
     yield Mount(mount)
     subprocess.run(["umount", "-l", str(mount)], check=False)
