@@ -96,7 +96,8 @@ def status(
         job = [f"{run.job_id or '-'} {jobs.get(run.id, '')}".strip()] if with_jobs else []
         view.add_row(str(run.id), run.config_hash[:8], f"{run.spec_name}: {run.row_label}{kind}", run.dataset,
                      str(run.seed), f"[{styles[shown]}]{shown}[/]", *values, *job)
-    console.print(view if entries else "The registry has no runs yet. Start with: php-run demo")
+    empty = f"No registry at {shown_url(registry.url)} yet" if registry.absent else "The registry has no runs yet"
+    console.print(view if entries else f"{empty}. Start with: php-run demo")
 
 
 def _run_details(registry: Registry, run: RunRecord) -> dict:

@@ -195,10 +195,6 @@ def check_sqlite_file(url: str) -> None:
     _check_known(url, tables, revision)
 
 
-class NoRegistry(InputError):
-    """A reading command pointed at a registry file that does not exist (reading creates no file)."""
-
-
 def sqlite_file(url: str) -> Path | None:
     """The database file of an SQLite URL; None for a server URL or an in-memory database."""
     parsed = make_url(url)
@@ -213,14 +209,23 @@ def writable_sqlite(path: Path) -> bool:
     return os.access(folder, os.W_OK) and (not path.exists() or os.access(path, os.W_OK))
 
 
-def read_only_engine(url: str) -> Engine:
-    """An engine that only reads, creating no file: a missing SQLite file is refused (``NoRegistry``); one
-    that cannot be written (read-only file system or permissions) is opened immutable, since WAL mode
-    would need to create its -shm file. The schema must be the current one (reading never upgrades)."""
+def absent_sqlite(url: str) -> bool:
+    """An SQLite URL whose file does not exist yet or is empty: a new registry, nothing recorded."""
     path = sqlite_file(url)
-    if path is not None and not path.is_file():
-        raise NoRegistry(f"no registry at {path} (nothing recorded there yet); give --db or $PHP_RUN_DB, "
-                         "or start with php-run demo")
+    return path is not None and (not path.is_file() or path.stat().st_size == 0)
+
+
+def read_only_engine(url: str) -> Engine:
+    """An engine that only reads, creating no file: an absent SQLite file reads as an empty registry (in
+    memory); one that cannot be written (read-only file system or permissions) is opened immutable, since
+    WAL mode would need to create its -shm file. The schema must be the current one (reading never upgrades)."""
+    path = sqlite_file(url)
+    if path is not None and not path.resolve().parent.is_dir():
+        raise InputError(f"registry {shown_url(url)}: cannot open (the folder {path.parent} does not exist)")
+    if absent_sqlite(url):
+        engine = make_engine("sqlite://")
+        upgrade(engine)
+        return engine
     if path is not None:
         check_sqlite_file(url)
         options = "mode=ro" if writable_sqlite(path) else "mode=ro&immutable=1"

@@ -38,6 +38,7 @@ from php_runner.store.claims import (
 )
 from php_runner.store.database import (
     BadJSON,
+    absent_sqlite,
     check_sqlite_file,
     first_line,
     make_engine,
@@ -98,7 +99,7 @@ class Registry:
 
     def __init__(self, url: str | None = None, stale_after: float = DEFAULT_STALE_AFTER_S, read_only: bool = False):
         """``read_only``: open for reading only, creating no file and changing nothing (status, show, table);
-        a missing SQLite file is then refused with ``NoRegistry``."""
+        a missing SQLite file then reads as an empty registry (``absent``) and is not created."""
         self.url = resolve_url(url)
         self.stale_after = stale_after
         try:
@@ -114,6 +115,7 @@ class Registry:
         except Exception as err:  # a bad URL or an unreadable file is bad input, named by its URL
             raise InputError(f"registry {shown_url(self.url)}: cannot open ({first_line(err)})") from err
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.absent = read_only and absent_sqlite(self.url)  # read as empty; no file was created
 
     def close(self) -> None:
         self.engine.dispose()

@@ -231,8 +231,12 @@ def test_read_only_commands_create_no_registry(cli, tmp_path):
         code, out, err = cli(*command)
         assert not (tmp_path / "registry.db").exists(), command
         assert "Traceback" not in err
-        if command[0] in ("status", "show"):
-            assert code == 2 and "no registry at" in err and "registry.db" in err, (command, err)
+    code, out, _ = cli("status")
+    assert code == 0 and "No registry at" in out and "registry.db" in out
+    code, out, _ = cli("status", "--json")
+    assert code == 0 and json.loads(out) == []
+    code, _, err = cli("show", "1")
+    assert code == 2 and "1" in err and not (tmp_path / "registry.db").exists()
 
 
 # ---- 15: --clip-weights that are not CLIP weights ----------------------------------------------------
