@@ -10,7 +10,11 @@ import time
 import pytest
 from pydantic import BaseModel
 
-from php_runner.experiment.build import build_loss_config, build_php_config, build_train_settings
+from php_runner.experiment.build import (
+    build_loss_config,
+    build_php_config,
+    build_train_settings,
+)
 from php_runner.experiment.expand import config_hash
 from php_runner.experiment.schema import PlannedRun, RunConfig
 from php_runner.experiment.specs import expand, load_all_specs
