@@ -223,9 +223,7 @@ def read_only_engine(url: str) -> Engine:
     if path is not None and not path.resolve().parent.is_dir():
         raise InputError(f"registry {shown_url(url)}: cannot open (the folder {path.parent} does not exist)")
     if absent_sqlite(url):
-        engine = make_engine("sqlite://")
-        upgrade(engine)
-        return engine
+        return _empty_registry_engine()
     if path is not None:
         check_sqlite_file(url)
         options = "mode=ro" if writable_sqlite(path) else "mode=ro&immutable=1"
@@ -245,11 +243,21 @@ def read_only_engine(url: str) -> Engine:
         revision = current_revision(conn)
         tables = set(inspect(conn).get_table_names())
         _check_known(engine.url, tables, revision)
+        if revision is None:  # an empty server database: nothing recorded yet
+            engine.dispose()
+            return _empty_registry_engine()
         if revision != head_revision():
             engine.dispose()
             raise InputError(f"registry {shown_url(url)}: schema revision {revision} is older than this php-run's "
                              f"({head_revision()}); run php-run db upgrade where the registry is writable")
         _check_tables(engine.url, conn, revision)
+    return engine
+
+
+def _empty_registry_engine() -> Engine:
+    """An empty registry in memory: what reading a registry that does not exist yet finds."""
+    engine = make_engine("sqlite://")
+    upgrade(engine)
     return engine
 
 
