@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import os
 
 import pytest
 
-from php_runner.files import atomic_path, write_atomic
+from php_runner.files import NoSpaceError, OutputError, atomic_path, write_atomic
 
 
 def test_write_atomic_replaces_the_file_with_the_permissions_of_an_ordinary_write(tmp_path):
@@ -49,3 +50,38 @@ def test_stale_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_pa
         foreign.write_bytes(b"keep")
         assert remove_stale_temporaries(tmp_path) == [stale]
         assert live.exists() and foreign.exists() and not stale.exists()
+
+
+def test_a_full_disk_during_a_write_is_one_line_naming_the_path_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "embeddings.npz"
+    target.write_bytes(b"old")
+    with pytest.raises(NoSpaceError, match="embeddings.npz: no space left"), atomic_path(target) as temporary:
+        temporary.write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["embeddings.npz"]
+
+
+def test_a_write_larger_than_the_free_space_is_refused_with_the_bytes_needed(tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(100, 90, 10))
+    with pytest.raises(NoSpaceError, match="11 bytes needed, 10 bytes free"):
+        write_atomic(tmp_path / "report.md", b"x" * 11)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_or_a_file_in_the_way_is_refused_before_writing(tmp_path):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_bytes(b"x")
+    with pytest.raises(OutputError, match="folder: is a folder"):
+        write_atomic(tmp_path / "folder", b"data")
+    with pytest.raises(OutputError, match="file/out.png: is a folder, or a file stands"):
+        write_atomic(tmp_path / "file" / "out.png", b"data")
+    assert (tmp_path / "file").read_bytes() == b"x"
+
+
+def test_a_bug_in_the_writer_still_shows_its_own_error(tmp_path):
+    with pytest.raises(OSError) as raised, atomic_path(tmp_path / "x") as temporary:
+        temporary.write_bytes(b"half")
+        raise OSError(errno.EBADF, "Bad file descriptor")
+    assert not isinstance(raised.value, OutputError)

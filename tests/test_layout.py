@@ -14,7 +14,7 @@ import php_runner
 PACKAGE = Path(php_runner.__file__).resolve().parent
 LIBRARY = ("model", "data", "engine")
 # The floor of each top-level part of php_runner; a module may import its own floor or lower ones.
-FLOORS = {"errors": 0, "files": 0, "model": 1, "data": 1, "engine": 1, "experiment": 2, "experiments": 2,
+FLOORS = {"errors": -1, "files": 0, "model": 1, "data": 1, "engine": 1, "experiment": 2, "experiments": 2,
           "store": 3, "interop": 4, "execute": 5, "studies": 6, "reports": 6, "cli": 7, "__main__": 8}
 
 

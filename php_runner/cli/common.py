@@ -132,13 +132,21 @@ def print_json(value: Any) -> None:
     typer.echo(json.dumps(value, indent=2, default=str))
 
 
+def list_items(text: str, option: str) -> list[str]:
+    """The items of a comma-separated option value; an empty item (``1,,2``, a trailing comma) is refused."""
+    parts = [part.strip() for part in text.split(",")]
+    if text.strip() and not all(parts):
+        raise InputError(f"{option}: empty item in {text!r}; separate the values by single commas")
+    return [part for part in parts if part]
+
+
 def parse_seeds(text: str | None) -> list[int] | None:
     """``"1,2,3"`` -> ``[1, 2, 3]``; None keeps the spec's seeds."""
     if text is None:
         return None
     from php_runner.experiment.schema import MAX_SEED
 
-    parts = [part.strip() for part in text.split(",") if part.strip()]
+    parts = list_items(text, "--seeds")
     if not all(re.fullmatch(r"[0-9]+", part) for part in parts):  # ASCII digits only: int() takes any script's
         raise InputError(f"--seeds: expected comma-separated integers, got {text!r}")
     seeds = [int(part) for part in parts]
@@ -153,7 +161,7 @@ def parse_gpus(text: str | None) -> list[str] | None:
     """``"0,1"`` -> ``["0", "1"]`` (values for CUDA_VISIBLE_DEVICES); None runs one worker at a time."""
     if text is None:
         return None
-    gpus = [part.strip() for part in text.split(",") if part.strip()]
+    gpus = list_items(text, "--gpus")
     if not gpus or not all(re.fullmatch(r"[0-9]+", g) for g in gpus) or len(set(gpus)) != len(gpus):
         raise InputError(f"--gpus: expected distinct comma-separated GPU indices such as 0,1, got {text!r}")
     return gpus

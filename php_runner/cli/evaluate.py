@@ -16,6 +16,7 @@ from php_runner.cli.common import (
     console,
     print_json,
 )
+from php_runner.cli.outputs import check_output
 from php_runner.errors import InputError
 
 if TYPE_CHECKING:
@@ -79,6 +80,8 @@ def evaluate(
     if precision is not None and precision not in PRECISIONS:
         raise InputError(f"--precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
 
+    if save_embeddings is not None:
+        check_output(save_embeddings, "--save-embeddings", inputs=[checkpoint, config])
     model, info = load_model(checkpoint, config)
     recipe = info["settings"]  # our checkpoints: evaluate as training evaluated, unless overridden
     precision = precision or recipe.get("precision", "official")

@@ -9,6 +9,7 @@ import typer
 
 from php_runner.cli import app
 from php_runner.cli.common import DbOption, console
+from php_runner.cli.outputs import check_output
 from php_runner.errors import InputError
 from php_runner.store.registry import Registry
 
@@ -30,7 +31,9 @@ def plot(
     """
     from php_runner.reports.figures import plot_learning_curves, write_png
 
-    registry = Registry(db)
+    if out is not None:
+        check_output(out, "--out", db=db)
+    registry = Registry(db, read_only=True)
     try:
         record = registry.get_run(run)
         epochs, results = registry.epochs(record.id), registry.results(record.id)

@@ -72,7 +72,7 @@ def status(
     if dataset is not None and dataset not in DATASET_NAMES:
         raise InputError(f"--dataset: expected one of {', '.join(DATASET_NAMES)}, got {dataset!r}")
     spec_name = None if spec is None else Path(spec).stem  # a path names the spec by its file name
-    registry = Registry(db)
+    registry = Registry(db, read_only=True)
     entries = []
     abandoned = set()
     for run in registry.list_runs(status=run_status, dataset=dataset, spec_name=spec_name, preset=preset):
@@ -113,8 +113,9 @@ def status(
         view.add_row(str(run.id), run.config_hash[:8], f"{run.spec_name}: {run.row_label}{kind}", run.dataset,
                      str(run.seed), run.preset, f"[{styles[shown]}]{shown}[/]", *values, *job)
     filtered = any(value is not None for value in (spec, dataset, run_status, preset))
+    empty = f"No registry at {shown_url(registry.url)} yet" if registry.absent else "The registry has no runs yet"
     console.print(view if entries else "No run matches these filters." if filtered
-                  else "The registry has no runs yet. Start with: php-run demo")
+                  else f"{empty}. Start with: php-run demo")
 
 
 def _run_details(registry: Registry, run: RunRecord) -> dict:
@@ -144,7 +145,7 @@ def show(
     """
     import json
 
-    registry = Registry(db)
+    registry = Registry(db, read_only=True)
     details = _run_details(registry, registry.get_run(run))
     registry.close()
     if as_json:

@@ -18,6 +18,7 @@ from php_runner.cli.common import (
     print_json,
     say,
 )
+from php_runner.cli.outputs import check_outputs
 from php_runner.errors import InputError
 from php_runner.store.registry import Registry
 
@@ -57,7 +58,7 @@ def print_tables(names: list[str], db: str | None, include_empty: bool, as_json:
 
     machine = as_json or fmt != "rich"
     table_specs = {shipped.table: shipped for shipped in load_all_specs(specs_folder()).values() if shipped.table}
-    registry = Registry(db)
+    registry = Registry(db, read_only=True)
     views, run_ids, messages = [], set(), []
     for name in names:
         rows, matched, lines = _recipe_rows(registry, name, table_specs[name], preset, spec)
@@ -70,6 +71,8 @@ def print_tables(names: list[str], db: str | None, include_empty: bool, as_json:
     registry.close()
     for line in damaged:
         err_console.print(f"[yellow]warning:[/yellow] {line}", highlight=False, soft_wrap=True)
+    check_outputs([REPORTS_DIR / f"{view.file_stem}{ext}" for view in views for ext in (".md", ".csv", ".tex", ".png")]
+                  + [REPORTS_DIR / "index.md"] * index, "table: report", db=db)
     written = [path for view in views for path in publish.write_reports(view, REPORTS_DIR)]
     if index:
         written.append(publish.write_index(views, REPORTS_DIR, preset))

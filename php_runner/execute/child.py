@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from php_runner.errors import InputError
+from php_runner.files import remove_stale_temporaries
 from php_runner.execute.checkpoints import restart_hint, run_dir_of
 from php_runner.execute.preflight import ensure_data
 from php_runner.execute.provenance import provenance_info
@@ -151,6 +152,7 @@ def _train_claimed(registry: Registry, run: RunRecord, heartbeat: Heartbeat, com
     overrides = run.config.get("runtime", {}).get("overrides") or {}  # the command line's key=value values
     run_dir = run_dir_of(run)
     run_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(run_dir)  # last.pth/best.pth temporaries of a writer killed mid-save
     registry.set_run_dir(run.id, str(run_dir))
     folder, fresh = open_run_folder(run, run_dir, registry.provenance(run.id))
     registry.record_provenance(run.id, {**provenance_info(str(device), command), RUN_FOLDER_KEY: str(folder.path),

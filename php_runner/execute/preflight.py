@@ -62,6 +62,12 @@ def preflight(config: dict, local: bool = True) -> None:
             raise InputError("--clip-weights: the ViT-B/16 preset needs the OpenAI weights file (ViT-B-16.pt)")
         if not Path(weights).is_file():
             raise InputError(f"--clip-weights {weights}: file not found")
+        from php_runner.model.clip import ClipWeightsError, check_clip_weights
+
+        try:
+            check_clip_weights(weights)
+        except ClipWeightsError as err:
+            raise InputError(f"--clip-weights {err}") from None
 
 
 def check_device(device: str) -> None:

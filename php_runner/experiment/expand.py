@@ -10,9 +10,12 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
+import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from php_runner.errors import InputError
 from php_runner.experiment.layers import Layer, nest, validate_layers
 from php_runner.experiment.schema import (
     SECTIONS,
@@ -40,12 +43,39 @@ def override(config: Mapping[str, Any], values: Mapping[str, Any]) -> dict:
     return validate_layers(RunConfig, layers).model_dump(mode="json")
 
 
+MAX_RUNS_DEFAULT = 1000
+MAX_RUNS_ENV = "PHP_RUN_MAX_RUNS"
+
+
+def max_runs() -> int:
+    """The most runs one spec may expand to: ``$PHP_RUN_MAX_RUNS`` when set, else ``MAX_RUNS_DEFAULT``."""
+    text = os.environ.get(MAX_RUNS_ENV, "").strip()
+    if not text:
+        return MAX_RUNS_DEFAULT
+    if not (text.isascii() and text.isdecimal()) or int(text) < 1:
+        raise InputError(f"${MAX_RUNS_ENV}: expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def check_run_count(grid_sizes: Iterable[int], datasets: int, seeds: int, origin: str) -> None:
+    """Refuse a spec whose grid x datasets x seeds exceeds ``max_runs()``, counted before anything is expanded."""
+    sizes = list(grid_sizes)
+    count = math.prod(sizes) * datasets * seeds
+    limit = max_runs()
+    if count > limit:
+        grid = " x ".join(str(size) for size in sizes) or "1"
+        raise InputError(f"{origin}: expands to {count:,} runs (grid {grid} x {datasets} dataset(s) x {seeds} "
+                         f"seed(s)), over the limit of {limit:,} runs; set ${MAX_RUNS_ENV} to allow more")
+
+
 def plan_runs(spec: Spec, preset_name: str, preset: Preset, datasets: Iterable[str], seeds: Iterable[int],
               runtime: Mapping[str, Any], presets_path: str) -> list[PlannedRun]:
     """The runs of ``spec`` under ``preset`` (read from ``presets_path``): dataset x grid point x
     override point x seed."""
     layers = value_layers(spec, preset_name, preset, presets_path)
-    seeds = list(seeds)
+    seeds, datasets = list(seeds), list(datasets)
+    check_run_count([len(spec.points), *(len(values) for values in spec.overrides.values())], len(datasets),
+                    len(seeds), str(spec.path))
     runs = []
     for dataset in datasets:
         for point in spec.points:

@@ -38,6 +38,7 @@ from typing import Any
 from php_runner.data.datasets import DATASET_NAMES
 from php_runner.errors import InputError
 from php_runner.experiment.expand import (
+    check_run_count,
     grid_layer,
     grid_points,
     plan_runs,
@@ -75,6 +76,8 @@ def load_spec(path: str | Path) -> Spec:
     merged = deep_merge(*(raw for _, raw in files))
     top = SpecFile.model_validate(merged)
     origin = str(path)
+    check_run_count((len(values) for values in top.grid.values()), len(top.datasets or DATASET_NAMES),
+                    len(top.seeds or DEFAULT_SEEDS), origin)
 
     for dotted in top.grid:
         check_path(dotted, culprit(files, ("grid", dotted)), "grid.")

@@ -261,13 +261,26 @@ def read_clip_state_dict(path: str | Path) -> dict[str, Tensor]:
         else:
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any reader failure becomes one line naming the file
+        if "weights only load failed" in str(error).lower():  # torch then advises weights_only=False: never pass it on
+            raise ClipWeightsError(f"{path}: not CLIP weights: it holds Python objects other than tensors, which "
+                                   "php-run never unpickles; give OpenAI's ViT-B-16.pt") from None
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ClipWeightsError(f"{path}: cannot read CLIP weights ({first_line})") from None
+        raise ClipWeightsError(f"{path}: not a CLIP weights file: cannot read it ({first_line}); "
+                               "give OpenAI's ViT-B-16.pt") from None
     if isinstance(state_dict, dict) and isinstance(state_dict.get("state_dict"), dict):
         state_dict = state_dict["state_dict"]
     if not isinstance(state_dict, dict) or "visual.conv1.weight" not in state_dict:
         raise ClipWeightsError(f"{path}: not an OpenAI CLIP state dict (no visual.conv1.weight)")
     return dict(state_dict)
+
+
+def check_clip_weights(path: str | Path) -> None:
+    """Refuse a file that is not CLIP weights, cheaply, before a run is recorded: a TorchScript archive is
+    accepted by its layout (it is read when the model is built), anything else is read as a state dict."""
+    path = Path(path)
+    if path.is_file() and _is_torchscript_archive(path):
+        return
+    read_clip_state_dict(path)
 
 
 def load_clip_weights(model: CLIP, state_dict: dict[str, Tensor]) -> None:

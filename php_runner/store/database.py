@@ -182,7 +182,8 @@ def check_sqlite_file(url: str) -> None:
     path = Path(parsed.database)
     if not path.is_file() or path.stat().st_size == 0:
         return
-    engine = create_engine(f"sqlite:///{path.resolve().as_uri()}?mode=ro&uri=true")
+    options = "mode=ro" if writable_sqlite(path) else "mode=ro&immutable=1"  # WAL: -shm cannot be made
+    engine = create_engine(f"sqlite:///{path.resolve().as_uri()}?{options}&uri=true")
     try:
         with engine.connect() as conn:
             tables = set(inspect(conn).get_table_names())
@@ -192,6 +193,83 @@ def check_sqlite_file(url: str) -> None:
     finally:
         engine.dispose()
     _check_known(url, tables, revision)
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The database file of an SQLite URL; None for a server URL or an in-memory database."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return None
+    return Path(parsed.database)
+
+
+def writable_sqlite(path: Path) -> bool:
+    """The file and its folder can be written (SQLite also writes -wal/-shm/-journal files beside it)."""
+    folder = path.resolve().parent
+    return os.access(folder, os.W_OK) and (not path.exists() or os.access(path, os.W_OK))
+
+
+def absent_sqlite(url: str) -> bool:
+    """An SQLite URL whose file does not exist yet or is empty: a new registry, nothing recorded."""
+    path = sqlite_file(url)
+    return path is not None and (not path.is_file() or path.stat().st_size == 0)
+
+
+def read_only_engine(url: str) -> Engine:
+    """An engine that only reads, creating no file: an absent SQLite file reads as an empty registry (in
+    memory); one that cannot be written (read-only file system or permissions) is opened immutable, since
+    WAL mode would need to create its -shm file. The schema must be the current one (reading never upgrades)."""
+    path = sqlite_file(url)
+    if path is not None and not path.resolve().parent.is_dir():
+        raise InputError(f"registry {shown_url(url)}: cannot open (the folder {path.parent} does not exist)")
+    if absent_sqlite(url):
+        return _empty_registry_engine()
+    if path is not None:
+        check_sqlite_file(url)
+        options = "mode=ro" if writable_sqlite(path) else "mode=ro&immutable=1"
+        engine = create_engine(f"sqlite:///{path.resolve().as_uri()}?{options}&uri=true", json_deserializer=load_json)
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_connection, _record):
+            dbapi_connection.isolation_level = None
+            dbapi_connection.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn):
+            conn.exec_driver_sql("BEGIN")  # one consistent snapshot per read
+    else:
+        engine = make_engine(url)
+    with engine.connect() as conn:
+        revision = current_revision(conn)
+        tables = set(inspect(conn).get_table_names())
+        _check_known(engine.url, tables, revision)
+        if revision is None:  # an empty server database: nothing recorded yet
+            engine.dispose()
+            return _empty_registry_engine()
+        if revision != head_revision():
+            engine.dispose()
+            raise InputError(f"registry {shown_url(url)}: schema revision {revision} is older than this php-run's "
+                             f"({head_revision()}); run php-run db upgrade where the registry is writable")
+        _check_tables(engine.url, conn, revision)
+    return engine
+
+
+def _empty_registry_engine() -> Engine:
+    """An empty registry in memory: what reading a registry that does not exist yet finds."""
+    engine = make_engine("sqlite://")
+    upgrade(engine)
+    return engine
+
+
+def refuse_read_only(url: str) -> None:
+    """A writing command on an SQLite registry that cannot be written: one line, before SQLite's own error."""
+    path = sqlite_file(url)
+    if path is not None and path.resolve().parent.is_dir() and not writable_sqlite(path):
+        folder = path.resolve().parent
+        read_only = os.statvfs(folder).f_flag & os.ST_RDONLY
+        why = "on a read-only file system" if read_only else "not writable (permissions)"
+        raise InputError(f"registry {path}: {why}; reading commands (status, show, table) work, this one writes: "
+                         "copy the registry somewhere writable and give --db")
 
 
 def make_engine(url: str) -> Engine:

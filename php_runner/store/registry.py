@@ -39,9 +39,12 @@ from php_runner.store.claims import (
 )
 from php_runner.store.database import (
     BadJSON,
+    absent_sqlite,
     check_sqlite_file,
     first_line,
     make_engine,
+    read_only_engine,
+    refuse_read_only,
     resolve_url,
     shown_url,
     upgrade,
@@ -100,18 +103,25 @@ if TYPE_CHECKING:
 class Registry:
     """Access to one registry database. Opening it creates or upgrades the schema."""
 
-    def __init__(self, url: str | None = None, stale_after: float = DEFAULT_STALE_AFTER_S):
+    def __init__(self, url: str | None = None, stale_after: float = DEFAULT_STALE_AFTER_S, read_only: bool = False):
+        """``read_only``: open for reading only, creating no file and changing nothing (status, show, table);
+        a missing SQLite file then reads as an empty registry (``absent``) and is not created."""
         self.url = resolve_url(url)
         self.stale_after = stale_after
         try:
-            check_sqlite_file(self.url)
-            self.engine = make_engine(self.url)
-            upgrade(self.engine)
+            if read_only:
+                self.engine = read_only_engine(self.url)
+            else:
+                refuse_read_only(self.url)
+                check_sqlite_file(self.url)
+                self.engine = make_engine(self.url)
+                upgrade(self.engine)
         except InputError:
             raise
         except Exception as err:  # a bad URL or an unreadable file is bad input, named by its URL
             raise InputError(f"registry {shown_url(self.url)}: cannot open ({first_line(err)})") from err
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.absent = read_only and absent_sqlite(self.url)  # read as empty; no file was created
 
     def close(self) -> None:
         self.engine.dispose()
@@ -415,6 +425,12 @@ class Registry:
         with self._session() as s:
             s.execute(delete(Checkpoint).where(Checkpoint.run_id == run_id, Checkpoint.role == role))
             s.add(Checkpoint(run_id=run_id, role=role, path=str(path), sha256=sha256, epoch=epoch))
+
+    def checkpoint_owners(self) -> list[tuple[int, CheckpointRecord]]:
+        """``(run id, checkpoint)`` for every recorded checkpoint (outputs must not overwrite them)."""
+        with self._session() as s:
+            rows = s.scalars(select(Checkpoint).order_by(Checkpoint.id))
+            return [(r.run_id, CheckpointRecord(r.role, r.path, r.sha256, r.epoch)) for r in rows]
 
     def checkpoints(self, run_id: int) -> list[CheckpointRecord]:
         with self._session() as s:

@@ -64,7 +64,7 @@ def test_a_foreign_database_is_refused_untouched(cli, tmp_path, statements, comm
 
 def test_a_database_from_a_newer_php_run_is_refused_untouched(cli, tmp_path):
     db = f"sqlite:///{tmp_path / 'registry.db'}"
-    assert cli("status", "--db", db)[0] == 0
+    assert cli("db", "upgrade", "--db", db)[0] == 0
     sqlite_file(tmp_path / "registry.db", "PRAGMA journal_mode = DELETE", "UPDATE php_run_schema_revision SET version_num = 'ffff'")
     before = sha256(tmp_path / "registry.db")
     for command in (*VIEWS, ["db", "upgrade"]):
@@ -77,8 +77,11 @@ def test_a_database_from_a_newer_php_run_is_refused_untouched(cli, tmp_path):
 def test_only_an_absent_or_empty_file_becomes_a_new_registry(cli, tmp_path):
     empty = tmp_path / "empty.db"
     empty.touch()
-    assert cli("status", "--db", f"sqlite:///{empty}")[0] == 0
+    assert cli("status", "--db", f"sqlite:///{empty}")[0] == 0  # reading creates and changes nothing
     assert cli("status", "--db", f"sqlite:///{tmp_path / 'absent.db'}")[0] == 0
+    assert empty.stat().st_size == 0 and not (tmp_path / "absent.db").exists()
+    assert cli("db", "upgrade", "--db", f"sqlite:///{empty}")[0] == 0
+    assert cli("db", "upgrade", "--db", f"sqlite:///{tmp_path / 'absent.db'}")[0] == 0
     for path in (empty, tmp_path / "absent.db"):
         tables = {r[0] for r in sqlite3.connect(path).execute("SELECT name FROM sqlite_master WHERE type='table'")}
         assert {"runs", "results", "php_run_schema_revision"} <= tables
