@@ -512,19 +512,20 @@ class Registry:
                             for run, label, _ in triples}
                 triples = [(run, label, result) for run, label, result in triples
                            if verdicts[(run.id, label.row_label)]]
-            outcomes = self._outcomes_of(run_ids) if run_ids else {}
-            return [
-                ResultRow(
-                    table=label.table_name, spec_name=label.spec_name, row_label=label.row_label,
-                    dataset=run.dataset, seed=run.seed, rule=result.rule,
-                    metrics=checked_metrics(self.url, "results", result.id, result.metrics),
-                    kind=run.kind, audit=audits.get(run.id),
-                    forced_test=run.kind == "trial"
-                    and records[run.id].config.get("train", {}).get("selection") == "test",
-                    run_id=run.id,
-                    outcomes=outcomes.get((run.id, FINAL_TEST_SOURCE if result.rule == FINAL_TEST_SOURCE
-                                           else EVALUATION_SOURCE, result.epoch, result.split)),
-                    shuffled_outcomes=outcomes.get((run.id, AUDIT_SHUFFLED_SOURCE.format(seed=0), 0, "test")),
-                )
-                for run, label, result in triples
-            ]
+        # After the session: _outcomes_of opens its own, and SQLite sessions begin IMMEDIATE.
+        outcomes = self._outcomes_of(run_ids) if run_ids else {}
+        return [
+            ResultRow(
+                table=label.table_name, spec_name=label.spec_name, row_label=label.row_label,
+                dataset=run.dataset, seed=run.seed, rule=result.rule,
+                metrics=checked_metrics(self.url, "results", result.id, result.metrics),
+                kind=run.kind, audit=audits.get(run.id),
+                forced_test=run.kind == "trial"
+                and records[run.id].config.get("train", {}).get("selection") == "test",
+                run_id=run.id,
+                outcomes=outcomes.get((run.id, FINAL_TEST_SOURCE if result.rule == FINAL_TEST_SOURCE
+                                       else EVALUATION_SOURCE, result.epoch, result.split)),
+                shuffled_outcomes=outcomes.get((run.id, AUDIT_SHUFFLED_SOURCE.format(seed=0), 0, "test")),
+            )
+            for run, label, result in triples
+        ]
