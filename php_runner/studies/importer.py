@@ -648,7 +648,8 @@ def _evaluate(model, dataset: PedesDataset, settings) -> dict:
 def _run_audit(
     model, dataset: PedesDataset, settings, yaml_values: dict, epoch: int, options: ImportOptions
 ) -> dict:
-    from php_runner.studies.audit import AuditSettings, run_audit
+    from php_runner.engine.audit_measures import AuditSettings
+    from php_runner.studies.audit import run_audit
 
     audit_settings = AuditSettings(eval=settings, train_batch_size=int(yaml_values.get("batch_size", 64)),
                                    seeds=options.audit_seeds)
