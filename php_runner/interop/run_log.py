@@ -20,9 +20,10 @@ from types import TracebackType
 
 from prettytable import PrettyTable
 
+from php_runner.engine.metrics import METRIC_NAMES
+
 TRAIN_LOG = "train_log.txt"
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s: %(message)s"
-METRIC_COLUMNS = ("R1", "R5", "R10", "mAP", "mINP")
 # The official dataset class names, which its statistics line names.
 DATASET_CLASSES = {"CUHK-PEDES": "CUHKPEDES", "ICFG-PEDES": "ICFGPEDES", "RSTPReid": "RSTPReid"}
 
@@ -37,11 +38,11 @@ def statistics_table(rows: list[Mapping]) -> str:
 
 def metrics_table(metrics: Mapping[str, float], i2t: Mapping[str, float] | None = None) -> str:
     """The official evaluation table: row ``t2i`` (and ``i2t`` when given), every number ``.3f``."""
-    table = PrettyTable(["task", *METRIC_COLUMNS])
-    table.add_row(["t2i", *(float(metrics[name]) for name in METRIC_COLUMNS)])
+    table = PrettyTable(["task", *METRIC_NAMES])
+    table.add_row(["t2i", *(float(metrics[name]) for name in METRIC_NAMES)])
     if i2t is not None:
-        table.add_row(["i2t", *(float(i2t[name]) for name in METRIC_COLUMNS)])
-    for name in METRIC_COLUMNS:
+        table.add_row(["i2t", *(float(i2t[name]) for name in METRIC_NAMES)])
+    for name in METRIC_NAMES:
         table.custom_format[name] = lambda _field, value: f"{value:.3f}"
     return table.get_string()
 
