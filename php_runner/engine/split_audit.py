@@ -7,7 +7,6 @@ examples of each finding. Identities are compared by annotation id (``raw_identi
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from php_runner.data import PedesDataset
+from php_runner.files import file_sha256
 
 
 @dataclass(frozen=True)
@@ -71,14 +71,10 @@ def split_views(dataset: PedesDataset) -> list[SplitView]:
 
 def sha256_of_file(path: str | Path) -> str | None:
     """Hex sha256 of the file's bytes, or None when it cannot be read."""
-    digest = hashlib.sha256()
     try:
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
+        return file_sha256(path)
     except OSError:
         return None
-    return digest.hexdigest()
 
 
 def normalise_caption(caption: str) -> str:

@@ -29,7 +29,7 @@ from php_runner.experiment.build import (
     build_train_settings,
     load_training_data,
 )
-from php_runner.store.checksums import file_sha256
+from php_runner.files import file_sha256
 from php_runner.store.heartbeat import HEARTBEAT_INTERVAL_S, Heartbeat
 from php_runner.store.registry import Registry
 from php_runner.store.records import RunRecord

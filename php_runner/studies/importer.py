@@ -127,7 +127,7 @@ def import_run(
     run: ReleasedRun, cells: Iterable[Cell], dataset: PedesDataset, registry: Registry, options: ImportOptions
 ) -> ImportOutcome:
     """Check, evaluate, audit and record one released run folder (bad files give a skipped outcome)."""
-    from php_runner.store.checksums import file_sha256
+    from php_runner.files import file_sha256
 
     cells = tuple(cells)
     outcome = ImportOutcome(run.label, "skipped", cells=cells, encoder=run.meaning.encoder)

@@ -389,7 +389,7 @@ def _tiny_run_config(model, data_root) -> dict:
 def test_cli_audits_a_registry_run_and_stores_the_report(tmp_path, icfg, tiny_model, run_checkpoint):
     from types import SimpleNamespace
 
-    from php_runner.store.checksums import file_sha256
+    from php_runner.files import file_sha256
     from php_runner.store.registry import Registry
 
     url = f"sqlite:///{tmp_path / 'registry.db'}"
