@@ -91,6 +91,29 @@ def _distribution(values: Iterable[int]) -> dict[str, int]:
     return {str(value): counts[value] for value in sorted(counts)}
 
 
+def overlap(first: SplitView, second: SplitView, digests: dict[str, str | None], max_examples: int) -> dict:
+    """Image paths, image contents (by ``digests``, path -> sha256) and identities that two splits share."""
+    shared_paths = set(first.image_paths) & set(second.image_paths)
+    first_hashes = defaultdict(list)
+    for path in first.image_paths:
+        if digests[path] is not None:
+            first_hashes[digests[path]].append(path)
+    shared_content = [
+        (first_hashes[digests[path]][0], path)
+        for path in second.image_paths
+        if digests[path] is not None and digests[path] in first_hashes
+    ]
+    shared_ids = set(first.image_pids) & set(second.image_pids)
+    return {
+        "image_paths": {"count": len(shared_paths), "examples": _examples(shared_paths, max_examples)},
+        "image_content": {
+            "count": len(shared_content),
+            "examples": [list(pair) for pair in _examples(shared_content, max_examples)],
+        },
+        "identities": {"count": len(shared_ids), "examples": _examples(shared_ids, max_examples)},
+    }
+
+
 def split_audit(views: Sequence[SplitView], max_examples: int = 5, hash_workers: int = 8) -> dict:
     """Overlaps between every pair of splits, captions shared across identities, captions per image.
 
@@ -101,28 +124,11 @@ def split_audit(views: Sequence[SplitView], max_examples: int = 5, hash_workers:
         digests = dict(zip(all_paths, pool.map(sha256_of_file, all_paths)))
     unreadable = [path for path, digest in digests.items() if digest is None]
 
-    overlaps = {}
-    for position, first in enumerate(views):
-        for second in views[position + 1 :]:
-            shared_paths = set(first.image_paths) & set(second.image_paths)
-            first_hashes = defaultdict(list)
-            for path in first.image_paths:
-                if digests[path] is not None:
-                    first_hashes[digests[path]].append(path)
-            shared_content = [
-                (first_hashes[digests[path]][0], path)
-                for path in second.image_paths
-                if digests[path] is not None and digests[path] in first_hashes
-            ]
-            shared_ids = set(first.image_pids) & set(second.image_pids)
-            overlaps[f"{first.name}-{second.name}"] = {
-                "image_paths": {"count": len(shared_paths), "examples": _examples(shared_paths, max_examples)},
-                "image_content": {
-                    "count": len(shared_content),
-                    "examples": [list(pair) for pair in _examples(shared_content, max_examples)],
-                },
-                "identities": {"count": len(shared_ids), "examples": _examples(shared_ids, max_examples)},
-            }
+    overlaps = {
+        f"{first.name}-{second.name}": overlap(first, second, digests, max_examples)
+        for position, first in enumerate(views)
+        for second in views[position + 1 :]
+    }
 
     owners: dict[str, set[tuple[str, int]]] = defaultdict(set)
     for view in views:
