@@ -12,15 +12,6 @@ from php_runner.engine.evaluate import EvalSettings
 from php_runner.engine.metrics import METRIC_NAMES
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU extra threads only wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ----------------------------------------------------------------------------------------------
 # pure pieces
 
