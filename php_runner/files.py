@@ -4,6 +4,7 @@ never half of one, and an interrupted write leaves no stray temporary behind."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import re
 import socket
@@ -126,3 +127,12 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # another user's live process
         return True
     return True
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of the file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

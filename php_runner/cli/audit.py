@@ -10,11 +10,11 @@ from rich.table import Table
 
 from php_runner.cli import app
 from php_runner.cli.common import DataRootOption, DbOption, DeviceOption, JsonOption, check_run_ref, console, print_json
+from php_runner.engine.metrics import METRIC_NAMES
 from php_runner.errors import InputError
 
 COUPLING_CHOICES = ("official", "per-sample")
 ENCODER_CHOICES = ("full", "base", "crfm", "efp")
-METRICS = ("R1", "R5", "R10", "mAP", "mINP")
 
 
 @app.command()
@@ -41,8 +41,8 @@ def audit(
 
     Example: php-run audit 3   (or php-run audit --checkpoint best.pth --config configs.yaml --data-root data --dataset ICFG-PEDES --json)
     """
-    from php_runner.studies.audit import audit_checkpoint, audit_run
     from php_runner.store.registry import Registry
+    from php_runner.studies.audit import audit_checkpoint, audit_run
 
     if (run is None) == (checkpoint is None):
         raise InputError("audit: give either a RUN or --checkpoint, not both and not neither")
@@ -77,7 +77,7 @@ def audit(
 
 
 def _row(values: dict) -> list[str]:
-    return [f"{values[name]:.2f}" for name in METRICS]
+    return [f"{values[name]:.2f}" for name in METRIC_NAMES]
 
 
 def print_report(report: dict) -> None:
@@ -99,12 +99,12 @@ def print_report(report: dict) -> None:
     console.print(table)
 
     table = Table(title="metrics per evaluation protocol")
-    for column in ("protocol", *METRICS):
+    for column in ("protocol", *METRIC_NAMES):
         table.add_column(column, justify="left" if column == "protocol" else "right")
     table.add_row(f"annotation order, batch {report['eval_batch_size']}", *_row(report["ordered"]))
     shuffled = report["shuffled"]
     table.add_row(f"shuffled, mean ± std of {len(shuffled['seeds'])} seeds",
-                  *(f"{shuffled[m]:.2f} ± {shuffled['std'][m]:.2f}" for m in METRICS))
+                  *(f"{shuffled[m]:.2f} ± {shuffled['std'][m]:.2f}" for m in METRIC_NAMES))
     for size, metrics in report["batch_sizes"].items():
         if int(size) != report["eval_batch_size"]:
             table.add_row(f"annotation order, batch {size}", *_row(metrics))

@@ -65,7 +65,8 @@ def tune_command(
 
     from php_runner.execute.provenance import command_line
     from php_runner.experiment.specs import find_spec
-    from php_runner.studies.tuning import TrialRunFailed, tune
+    from php_runner.studies.study import TrialRunFailed
+    from php_runner.studies.tuning import tune
 
     # Each trial's progress is printed by tune(); Optuna's own per-trial log lines would repeat it.
     optuna.logging.set_verbosity(optuna.logging.ERROR)

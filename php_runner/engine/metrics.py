@@ -138,6 +138,11 @@ def metrics_from_outcomes(outcomes: QueryOutcomes) -> dict[str, float]:
     return metrics
 
 
+def metric_values(values: dict) -> dict[str, float]:
+    """The five metrics of an evaluation result (or a stored row with more keys) as python floats."""
+    return {name: float(values[name]) for name in METRIC_NAMES}
+
+
 def retrieval_metrics(
     similarity: Tensor, query_pids: Tensor, gallery_pids: Tensor, max_rank: int = 10, chunk_size: int = 1024
 ) -> dict[str, float]:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from php_runner.errors import InputError
-from php_runner.files import remove_stale_temporaries
+from php_runner.files import file_sha256, remove_stale_temporaries
 from php_runner.execute.checkpoints import restart_hint, run_dir_of
 from php_runner.execute.preflight import ensure_data
 from php_runner.execute.provenance import provenance_info
@@ -36,7 +36,6 @@ from php_runner.interop.official_config import CONFIGS_YAML
 from php_runner.interop.run_folder import OfficialRunFolder
 from php_runner.interop.tensorboard import TensorBoardWriter
 from php_runner.model.checkpoint import read_official_yaml
-from php_runner.store.checksums import file_sha256
 from php_runner.store.heartbeat import HEARTBEAT_INTERVAL_S, Heartbeat
 from php_runner.store.registry import Registry
 from php_runner.store.records import RunRecord

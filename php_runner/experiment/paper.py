@@ -16,14 +16,14 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from php_runner.data.datasets import DATASET_NAMES
+from php_runner.engine.metrics import METRIC_NAMES
 from php_runner.errors import InputError
 from php_runner.experiment.layers import first_problem
 
 PAPER_RESULTS_FILE = Path(__file__).with_name("paper_results.toml")
-METRICS = ("R1", "R5", "R10", "mAP", "mINP")
 
 DatasetName = Literal[DATASET_NAMES]
-MetricName = Literal[METRICS]
+MetricName = Literal[METRIC_NAMES]
 
 
 class _Strict(BaseModel):

@@ -23,10 +23,10 @@ from pydantic import (
 
 from php_runner.data.datasets import DATASET_NAMES, LAYOUTS
 from php_runner.data.synthetic import VARIANTS as SYNTHETIC_VARIANTS
+from php_runner.engine.metrics import METRIC_NAMES
 from php_runner.engine.optim import OPTIMIZERS, SOLVERS
 from php_runner.engine.train import SELECTIONS
 from php_runner.errors import InputError
-from php_runner.experiment.paper import METRICS
 from php_runner.model.config import CLIP_PRESETS, COUPLINGS, SHARINGS, VARIANTS, ClipConfig, PHPConfig
 from php_runner.model.losses import LOSS_NAMES
 from php_runner.model.precision import PRECISIONS
@@ -217,7 +217,7 @@ SearchParam = Annotated[Union[FloatParam, IntParam, CategoricalParam], Field(dis
 class TuneSection(Strict):
     """Optuna study settings; ``space`` keys are dotted config paths like grid keys."""
 
-    objective: str = Field(default="val.R1", pattern=rf"^(val|test)\.({'|'.join(METRICS)})$")
+    objective: str = Field(default="val.R1", pattern=rf"^(val|test)\.({'|'.join(METRIC_NAMES)})$")
     direction: Literal["maximize", "minimize"] = "maximize"
     trials: PositiveInt
     pruner: Literal["median", "none"] = "median"

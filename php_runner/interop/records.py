@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
-METRIC_NAMES = ("R1", "R5", "R10", "mAP", "mINP")
 TOTAL_LOSS = "total"  # the engine's key of the summed loss; the official meter calls it "loss"
 
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from types import TracebackType
 
-from php_runner.interop.records import METRIC_NAMES, EpochLike, StepLike, global_step, meter_name
+from php_runner.engine.metrics import METRIC_NAMES
+from php_runner.interop.records import EpochLike, StepLike, global_step, meter_name
 
 TAGS = {
     "train/<meter>": "a loss meter at a logged iteration (global step)",

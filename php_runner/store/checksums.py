@@ -1,21 +1,10 @@
-"""Artefact checksums: the sha256 of a file and whether a recorded checkpoint still has it."""
+"""Artefact checksums: whether a recorded checkpoint still has its sha256 (``files.file_sha256``)."""
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    pass
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+from php_runner.files import file_sha256
 
 
 def checkpoint_problem(path: str | Path, sha256: str) -> str | None:

@@ -13,7 +13,8 @@ import torch
 import yaml
 
 from php_runner.errors import InputError
-from php_runner.studies.importer import infer_released_config, loss_section, model_section, train_section
+from php_runner.studies.imported_config import loss_section, model_section, train_section
+from php_runner.studies.released_checks import infer_released_config
 from php_runner.interop import run_folder
 from php_runner.interop.official_config import php_run_identity
 from php_runner.interop.run_folder import OfficialRunFolder, link_checkpoint, readable_name

@@ -1,6 +1,5 @@
 """Every shipped spec validates, expands, fills its paper table and pins the paper recipe."""
 
-from pathlib import Path
 
 import pytest
 

@@ -1,21 +1,20 @@
-"""Tests of php_runner/audit.py: batch probes, order sensitivity, split leakage and selection."""
+"""Tests of php_runner/studies/audit.py: the whole audit on tiny models (official coupling batch-dependent,
+per-sample not), the batch-size-1 pass, and the CLI on checkpoint files and registry runs."""
 
 from __future__ import annotations
 
 import json
-import random
-import shutil
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 
-from php_runner.studies import audit
-from php_runner.studies.audit import AuditSettings
 from php_runner.data import read_dataset, write_synthetic
+from php_runner.engine import audit_measures
+from php_runner.engine.audit_measures import AuditSettings
 from php_runner.engine.evaluate import EvalSettings
-
+from php_runner.engine.metrics import METRIC_NAMES
+from php_runner.studies import audit
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -25,182 +24,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-# ----------------------------------------------------------------------------------------------
-# pure pieces
-
-
-def test_relative_change_matches_naive_formula():
-    reference = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
-    changed = torch.tensor([[3.0, 5.0], [1.0, 0.0]])
-    assert audit.relative_change(changed, reference).tolist() == pytest.approx([1 / 5, 0.0])
-
-
-@pytest.mark.parametrize("index,total,size,expected", [(0, 10, 4, [0, 1, 2, 3]), (5, 10, 4, [4, 5, 6, 7]),
-                                                       (9, 10, 4, [8, 9]), (3, 4, 64, [0, 1, 2, 3])])
-def test_evaluation_batch_is_the_annotation_order_batch(index, total, size, expected):
-    assert audit.evaluation_batch(index, total, size) == expected
-
-
-def test_other_batch_avoids_the_evaluation_batch_when_it_can():
-    rng = random.Random(0)
-    mates = audit.other_batch(5, 4, 20, {4, 5, 6, 7}, rng)
-    assert mates[0] == 5 and len(mates) == 4 and len(set(mates)) == 4
-    assert not set(mates[1:]) & {4, 5, 6, 7}
-    # Too few others outside the batch: falls back to any other item.
-    assert sorted(audit.other_batch(1, 3, 3, {0, 1, 2}, rng)) == [0, 1, 2]
-
-
-def _rows(indices):
-    return torch.tensor([[float(i), float(i * i % 7) + 1.0] for i in indices])
-
-
-def test_probe_finds_no_change_for_a_per_row_encoder():
-    figures = audit.probe_batch_dependence(lambda idx: _rows(idx), 10, 4, [0, 5, 9], random.Random(0))
-    assert figures == {"alone": {"max": 0.0, "mean": 0.0}, "other_batch": {"max": 0.0, "mean": 0.0}}
-
-
-def test_probe_measures_a_batch_mean_coupling():
-    def coupled(indices):
-        rows = _rows(indices)
-        return rows + rows.mean(dim=0, keepdim=True)
-
-    figures = audit.probe_batch_dependence(coupled, 12, 4, [1, 6], random.Random(0))
-    # Alone, a row is 2x; in its evaluation batch it is x + the batch mean (naive formula below).
-    expected = []
-    for index, batch in ((1, [0, 1, 2, 3]), (6, [4, 5, 6, 7])):
-        rows = _rows(batch)
-        in_batch = rows[batch.index(index)] + rows.mean(dim=0)
-        expected.append(float((2 * rows[batch.index(index)] - in_batch).norm() / in_batch.norm()))
-    assert figures["alone"]["max"] == pytest.approx(max(expected), rel=1e-6)
-    assert figures["alone"]["mean"] == pytest.approx(sum(expected) / 2, rel=1e-6)
-    assert figures["other_batch"]["max"] > 0
-
-
-def test_mean_and_std_over_runs():
-    runs = [dict.fromkeys(audit.METRIC_NAMES, 10.0), dict.fromkeys(audit.METRIC_NAMES, 20.0)]
-    summary = audit.mean_and_std(runs)
-    assert summary["R1"] == 15.0 and summary["std"]["mAP"] == pytest.approx(7.0710678)
-    assert audit.mean_and_std(runs[:1])["std"]["R1"] == 0.0
-
-
-def test_batch_alignment_of_one_caption_per_image_in_file_order():
-    from php_runner.data import EvalSplit
-
-    pids = [0, 0, 1, 1, 2, 2, 3, 3, 4]
-    aligned = EvalSplit(image_pids=pids, img_paths=[f"{i}.jpg" for i in pids], caption_pids=pids, captions=["c"] * 9)
-    assert audit.batch_alignment(aligned, 4) == {
-        "batch_size": 4, "queries_with_match_in_same_batch": 1.0, "identical_batches": 1.0}
-    # Two captions per image shift the text batches: the last identity's captions sit in a batch
-    # index that has no image batch.
-    doubled = EvalSplit(image_pids=[0, 1], img_paths=["a", "b"], caption_pids=[0, 0, 1, 1], captions=["c"] * 4)
-    result = audit.batch_alignment(doubled, 2)
-    assert result["queries_with_match_in_same_batch"] == 0.5 and result["identical_batches"] == 0.0
-
-
-def test_chance_r1_over_the_gallery_and_inside_the_same_index_batch():
-    from php_runner.data import EvalSplit
-
-    # Images 0 0 1 1 | 2 2 3 3 | 4 4, one caption per image: 2 matches of 10 in the gallery, 2 of 4 (or of 2) in batch.
-    pids = [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
-    split = EvalSplit(image_pids=pids, img_paths=[str(i) for i in range(10)], caption_pids=pids, captions=["c"] * 10)
-    chance = audit.chance_r1(split, 4)
-    assert chance["gallery"] == pytest.approx(20.0)
-    assert chance["same_batch"] == pytest.approx(100 * (8 * 2 / 4 + 2 * 2 / 2) / 10)
-    # A caption in a batch index with no image batch can only be found by chance over the gallery.
-    extra = EvalSplit(image_pids=[0], img_paths=["a"], caption_pids=[0, 0], captions=["c", "c"])
-    assert audit.chance_r1(extra, 1) == {"gallery": 100.0, "same_batch": 50.0, "batch_size": 1}
-
-
-def test_evaluations_run_each_setting_once(monkeypatch):
-    calls = []
-
-    def fake_evaluate(model, split, settings, outcomes=False):
-        calls.append((settings.order, settings.seed, settings.batch_size))
-        assert outcomes  # the audit keeps each evaluation's per-query outcomes for the registry
-        return dict.fromkeys(audit.METRIC_NAMES, float(len(calls))), len(calls)
-
-    monkeypatch.setattr(audit, "evaluate", fake_evaluate)
-    evaluations = audit.Evaluations(None, None, EvalSettings(batch_size=4, seed=7))
-    first = evaluations.metrics()
-    assert evaluations.metrics(seed=3) is first and evaluations.metrics(batch_size=4) is first
-    evaluations.metrics("shuffled", 1)
-    evaluations.metrics("shuffled", 1)
-    evaluations.metrics("shuffled", 2, 8)
-    assert calls == [("annotation", 0, 4), ("shuffled", 1, 4), ("shuffled", 2, 8)]
-    assert evaluations.recorded_outcomes() == {"audit-ordered": 1, "audit-shuffled-1": 2}  # base batch size only
-
-
-def test_selection_audit_golden_values():
-    def m(r1):
-        return {"R1": r1, "R5": r1 + 1, "R10": r1 + 2, "mAP": r1 - 1, "mINP": r1 - 2}
-
-    test = {1: m(10.0), 2: m(30.0), 3: m(30.0), 4: m(20.0)}
-    val = {1: m(5.0), 2: m(6.0), 3: m(9.0), 4: m(7.0)}
-    result = audit.selection_audit(test, val, "test")
-    assert result["selected_by"] == "test"
-    assert result["rules"]["best-on-test"]["epoch"] == 2  # earliest of the tied best epochs
-    assert result["rules"]["best-on-val"]["epoch"] == 3
-    assert result["rules"]["last"]["epoch"] == 4
-    assert result["r1_gaps"] == {"test_minus_val": 0.0, "test_minus_last": 10.0}
-    no_val = audit.selection_audit(test, None, "last")
-    assert no_val["rules"]["best-on-val"] is None and no_val["r1_gaps"]["test_minus_val"] is None
-
-
-# ----------------------------------------------------------------------------------------------
-# planted leakage in a synthetic dataset
-
-
-def _plant_leaks(data_root: Path) -> dict:
-    """Write a CUHK-format set and plant one leak of each kind into its test split."""
-    (annotation,) = write_synthetic(data_root, "CUHK-PEDES", num_ids=4, seed=0)
-    entries = json.loads(annotation.read_text())
-    train = [e for e in entries if e["split"] == "train"]
-    test = [e for e in entries if e["split"] == "test"]
-    images = annotation.parent / "imgs"
-    # A byte copy of a train image under a new test path: same content, different path.
-    shutil.copyfile(images / train[0]["file_path"], images / "test" / "copied.jpg")
-    test[0]["file_path"] = "test/copied.jpg"
-    # The very same path in both splits.
-    test[1]["file_path"] = train[2]["file_path"]
-    # A train caption of identity 1 reused for a test identity.
-    test[2]["captions"][0] = "  " + train[0]["captions"][0].upper() + " "
-    # A test identity that is also a train identity (raw id 2 = train pid 1).
-    test[3]["id"] = train[2]["id"]
-    annotation.write_text(json.dumps(entries))
-    return {"train": train, "test": test, "images": images}
-
-
-def test_split_audit_finds_planted_overlaps(tmp_path):
-    planted = _plant_leaks(tmp_path)
-    dataset = read_dataset(tmp_path, "CUHK-PEDES")
-    report = audit.split_audit(audit.split_views(dataset), max_examples=5, hash_workers=2)
-    overlap = report["overlaps"]["train-test"]
-    images = planted["images"]
-    assert overlap["image_paths"] == {"count": 1, "examples": [str(images / planted["train"][2]["file_path"])]}
-    assert overlap["image_content"]["count"] == 2
-    assert [str(images / planted["train"][0]["file_path"]), str(images / "test" / "copied.jpg")] in overlap[
-        "image_content"]["examples"]
-    assert overlap["identities"] == {"count": 1, "examples": [planted["train"][2]["id"]]}
-    shared = report["captions_shared_across_identities"]
-    assert shared["count"] == 1
-    holders = shared["examples"][0]["holders"]
-    assert ["train", planted["train"][0]["id"]] in holders and ["test", planted["test"][2]["id"]] in holders
-    # The untouched val split shares nothing with train.
-    assert all(entry["count"] == 0 for entry in report["overlaps"]["train-val"].values())
-    train_images = len({item.img_path for item in dataset.train})
-    assert report["splits"]["train"]["captions_per_image"] == {"2": train_images}  # two per image in this format
-    assert report["unreadable_images"]["count"] == 0
-
-
-def test_split_audit_of_a_clean_synthetic_set_finds_nothing(tmp_path):
-    write_synthetic(tmp_path, "ICFG-PEDES", num_ids=4, seed=0)
-    dataset = read_dataset(tmp_path, "ICFG-PEDES")
-    report = audit.split_audit(audit.split_views(dataset))
-    assert [entry["count"] for entry in report["overlaps"]["train-test"].values()] == [0, 0, 0]
-    assert report["captions_shared_across_identities"]["count"] == 0
-    assert report["splits"]["train"]["captions_per_image"] == {"1": len(dataset.train)}  # one per image
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,7 +79,7 @@ def test_official_coupling_is_reported_batch_dependent_and_order_sensitive(icfg,
     # In the ICFG layout text batch k and image batch k hold the same people.
     assert report["alignment"]["identical_batches"] == 1.0
     sweep = report["batch_size_sweep"]
-    assert sweep["batch_sizes"] == list(audit.SWEEP_BATCH_SIZES) == [1, 8, 64, 256]
+    assert sweep["batch_sizes"] == list(audit_measures.SWEEP_BATCH_SIZES) == [1, 8, 64, 256]
     assert set(sweep["ordered"]) == set(sweep["shuffled"]) == set(sweep["r1_gap"]) == {"1", "8", "64", "256"}
     for size, gap in sweep["r1_gap"].items():
         assert gap == sweep["ordered"][size]["R1"] - sweep["shuffled"][size]["R1"]
@@ -280,7 +103,7 @@ def test_per_sample_coupling_is_batch_independent_with_equal_metrics(icfg, tiny_
     assert all(sweep["shuffled"][size]["runs"] == [sweep["ordered"][size]] for size in sweep["ordered"])
     assert set(sweep["r1_gap"].values()) == {0.0}
     assert report["r1_gap"] == 0.0 and report["order_sensitive"] is False
-    assert {k: report["shuffled"][k] for k in audit.METRIC_NAMES} == pytest.approx(report["ordered"])
+    assert {k: report["shuffled"][k] for k in METRIC_NAMES} == pytest.approx(report["ordered"])
     assert audit.audit_summary(report) == {
         "batch_dependent": False, "r1_ordered": report["ordered"]["R1"], "r1_shuffled": report["shuffled"]["R1"],
         "r1_shuffled_std": 0.0, "r1_gap": 0.0}
@@ -297,7 +120,7 @@ def test_the_batch_size_one_pass_is_one_batched_alone_pass_equal_to_one_forward_
     tiny_model.encode_text = lambda inputs, encoder=None: sizes.append(len(inputs)) or original_text(inputs, encoder)
     tiny_model.encode_image = lambda inputs, encoder=None: sizes.append(len(inputs)) or original_image(inputs, encoder)
     try:
-        report = audit.order_sensitivity(tiny_model, split, _settings(tiny_model))
+        report = audit_measures.order_sensitivity(tiny_model, split, _settings(tiny_model))
     finally:
         del tiny_model.encode_text, tiny_model.encode_image
     assert 1 not in sizes  # no single-sample forwards: batch size 1 ran as the batched alone pass
@@ -309,7 +132,7 @@ def test_the_batch_size_one_pass_is_one_batched_alone_pass_equal_to_one_forward_
             text=torch.cat([tiny_model.encode_text(tokens[i:i + 1]) for i in range(len(tokens))]),
             image=torch.cat([tiny_model.encode_image(images[i][1][None]) for i in range(len(images))]),
             text_pids=torch.tensor(split.caption_pids), image_pids=torch.tensor(split.image_pids))
-    expected = {name: score_embeddings(one_at_a_time)[name] for name in audit.METRIC_NAMES}
+    expected = {name: score_embeddings(one_at_a_time)[name] for name in METRIC_NAMES}
     assert report["batch_sizes"]["1"] == expected
 
 
@@ -358,8 +181,8 @@ def test_cli_audits_a_checkpoint_file_as_json(icfg, saved_checkpoint, coupling, 
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["batch_dependent"] is dependent and report["coupling"] == coupling
-    assert set(report["ordered"]) == set(audit.METRIC_NAMES)
-    assert set(report["shuffled"]) >= {*audit.METRIC_NAMES, "std"} and report["shuffled"]["seeds"] == [0, 1]
+    assert set(report["ordered"]) == set(METRIC_NAMES)
+    assert set(report["shuffled"]) >= {*METRIC_NAMES, "std"} and report["shuffled"]["seeds"] == [0, 1]
     assert report["selection"]["selected_by"] == "test" and report["selection"]["epoch"] == 3
 
 
@@ -390,8 +213,8 @@ def _tiny_run_config(model, data_root) -> dict:
 def test_cli_audits_a_registry_run_and_stores_the_report(tmp_path, icfg, tiny_model, run_checkpoint):
     from types import SimpleNamespace
 
+    from php_runner.files import file_sha256
     from php_runner.store.registry import Registry
-    from php_runner.store.checksums import file_sha256
 
     url = f"sqlite:///{tmp_path / 'registry.db'}"
     registry = Registry(url)
@@ -401,7 +224,7 @@ def test_cli_audits_a_registry_run_and_stores_the_report(tmp_path, icfg, tiny_mo
     run = registry.plan_run(planned)
     registry.record_checkpoint(run.id, str(run_checkpoint), file_sha256(run_checkpoint), 2, "best")
     for epoch, r1 in ((1, 20.0), (2, 50.0), (3, 40.0)):
-        registry.record_epoch(run.id, epoch, "test", dict.fromkeys(audit.METRIC_NAMES, r1))
+        registry.record_epoch(run.id, epoch, "test", dict.fromkeys(METRIC_NAMES, r1))
     registry.close()
 
     result = _cli(str(run.id), "--db", url, "--seeds", 2, "--sample", 3, "--device", "cpu", "--json")

@@ -15,7 +15,9 @@ from typer.testing import CliRunner
 
 from php_runner.studies import importer
 from php_runner.reports import tables as reports
-from php_runner.studies.importer import Cell, ImportOptions, ReleasedRun, UnknownFolderError, assign_headline, disagreements, infer_released_config, interpret_folder, parameter_names, solver_era
+from php_runner.studies.importer import ImportOptions
+from php_runner.studies.released import HEADLINE_CELLS, Cell, ReleasedRun, UnknownFolderError, assign_headline, discover, interpret_folder
+from php_runner.studies.released_checks import disagreements, infer_released_config, parameter_names, solver_era
 from php_runner.model.config import PHPConfig
 from php_runner.model.php import PHPModel
 from php_runner.model.precision import apply_precision
@@ -180,7 +182,7 @@ def test_every_cell_the_importer_fills_is_a_row_of_paper_results():
     paper = load_paper_results()
     released = ["itc+aux", "sdm+aux", "sdm+itc+aux", "sdm+itc+aux_cnum3", "sdm+itc+aux_cnum6", "sdm+itc+aux_cnum9",
                 "sdm+itc+aux_cnum12", "ablation_base", "ablation_crfm", "ablation_efp", NS_FOLDER]
-    cells = [cell for name in released for cell in interpret_folder(name).cells] + list(importer.HEADLINE_CELLS)
+    cells = [cell for name in released for cell in interpret_folder(name).cells] + list(HEADLINE_CELLS)
     for cell in cells:
         assert paper.table(cell.table).row(cell.row) is not None, cell
 
@@ -192,9 +194,9 @@ def test_headline_goes_to_the_cnum9_run_else_to_the_plain_sdm_itc_aux_run(tmp_pa
     both = [run("CUHK-PEDES", "sdm+itc+aux"), run("CUHK-PEDES", "sdm+itc+aux_cnum9"), run("RSTPReid", "sdm+itc+aux"),
             run("RSTPReid", "ablation_base")]
     cells = assign_headline(both)
-    assert cells[both[1]] == (Cell("cnum", "9"), *importer.HEADLINE_CELLS)
+    assert cells[both[1]] == (Cell("cnum", "9"), *HEADLINE_CELLS)
     assert cells[both[0]] == (Cell("loss", "sdm+itc+aux"),)
-    assert cells[both[2]] == (Cell("loss", "sdm+itc+aux"), *importer.HEADLINE_CELLS)
+    assert cells[both[2]] == (Cell("loss", "sdm+itc+aux"), *HEADLINE_CELLS)
     assert cells[both[3]] == (Cell("module", "base"),)
 
 
@@ -204,10 +206,10 @@ def test_discover_lists_what_it_cannot_import(tmp_path):
                      "CUHK-PEDES/ablation_base/best.pth", "CUHK-PEDES/ablation_base/configs.yaml"):
         (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / relative).touch()
-    found, skipped = importer.discover(tmp_path)
+    found, skipped = discover(tmp_path)
     assert [run.label for run in found] == ["CUHK-PEDES/ablation_base", "RSTPReid/ablation_crfm"]
     assert [run.meaning.encoder for run in found] == ["base", "crfm"]
-    chosen, left = importer.discover(tmp_path, datasets=["RSTPReid"])
+    chosen, left = discover(tmp_path, datasets=["RSTPReid"])
     assert [run.label for run in chosen] == ["RSTPReid/ablation_crfm"] and [item.label for item in left] == \
         ["RSTPReid/sdm+aux"]
     reasons = {item.label: item.reason for item in skipped}

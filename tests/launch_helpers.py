@@ -12,7 +12,7 @@ import pytest
 
 from php_runner.experiment.specs import expand, load_spec
 
-REPOSITORY = Path(__file__).resolve().parents[2]
+REPOSITORY = Path(__file__).resolve().parents[1]
 JOB_TIMEOUT_S = 420  # outer limit on any wait for a worker or a job (a loaded 2-core CI machine)
 # Interruption tests pause each epoch this long, so the interruption lands between epochs 1 and 2 however
 # fast this machine trains the tiny runs (without it, a quiet machine finishes epoch 2 first).

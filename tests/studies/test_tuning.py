@@ -17,8 +17,11 @@ from php_runner.engine.train import EpochRecord, StopTraining
 from php_runner.errors import InputError
 from php_runner.store.registry import Registry
 from php_runner.experiment.specs import expand, load_spec, shipped_folder
-from php_runner.studies import tuning as tune_module
-from php_runner.studies.tuning import Objective, PruningReporter, build_pruner, check_objective, requeue_interrupted, sample_params, storage_note, study_data, tune, tune_table
+from php_runner.studies import study_table, trials
+from php_runner.studies.study import Objective, storage_note
+from php_runner.studies.study_table import study_data
+from php_runner.studies.trials import PruningReporter, requeue_interrupted, sample_params
+from php_runner.studies.tuning import build_pruner, check_objective, tune, tune_table
 
 EXPERIMENTS = shipped_folder()
 TEST_EPOCHS = 2
@@ -246,7 +249,7 @@ def test_study_runs_trials_as_registry_runs_and_continues(workspace, monkeypatch
     assert data["best"]["test"] == registry.results(best_run)["final-test"]  # evaluated once, then recorded
     test_runs = [run.id for run in registry.list_runs(kind="trial") if "final-test" in registry.results(run.id)]
     assert test_runs == [best_run]  # only the best trial ever saw the test split
-    monkeypatch.setattr(tune_module, "evaluate", lambda *args, **kwargs: pytest.fail("test evaluated twice"))
+    monkeypatch.setattr(study_table, "evaluate", lambda *args, **kwargs: pytest.fail("test evaluated twice"))
     assert tune_table(outcome.study_name, workspace["db"])[1]["best"]["test"] == data["best"]["test"]
     if len({row["value"] for row in data["trials"]}) == 1:  # the tiny synthetic task is often solved by all
         assert "same objective value" in data["importance_note"]
@@ -317,7 +320,7 @@ def test_interrupted_trial_is_queued_again_once_with_its_values(workspace):
 
 
 def test_trial_waits_for_a_run_that_another_process_trains(workspace, monkeypatch):
-    monkeypatch.setattr(tune_module, "BUSY_POLL_S", 0.05)
+    monkeypatch.setattr(trials, "BUSY_POLL_S", 0.05)
     spec = write_spec(workspace["root"] / "specs", "tune_tiny", "trials = 1")
     registry = Registry(workspace["db"])
     planned = expand(load_spec(spec), "tiny", ["ICFG-PEDES"], None, {"data_root": workspace["data_root"]})[0]
@@ -335,8 +338,8 @@ def test_trial_waits_for_a_run_that_another_process_trains(workspace, monkeypatc
     study = optuna.create_study(direction="maximize")
     trial = study.ask()
     lines: list[str] = []
-    done = tune_module._execute_or_wait(run, registry, PruningReporter(trial, Objective("val", "R1")), None, 0,
-                                        lines.append)
+    done = trials._execute_or_wait(run, registry, PruningReporter(trial, Objective("val", "R1")), None, 0,
+                                   lines.append)
     timer.join()
     assert done.status == "done"
     assert any("being trained by another-host:1" in line for line in lines)

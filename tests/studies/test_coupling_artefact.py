@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from php_runner.studies import audit
-from php_runner.studies.audit import AuditSettings
 from php_runner.data import TestSplitSize, read_dataset, write_synthetic
+from php_runner.engine import audit_measures
+from php_runner.engine.audit_measures import AuditSettings
 from php_runner.engine.evaluate import EvalSettings
 from php_runner.engine.train import TrainSettings, seed_everything, train
 from php_runner.model.config import PHPConfig
@@ -58,7 +58,7 @@ def _settings():
 @pytest.mark.slow
 def test_official_coupling_scores_higher_in_annotation_order(icfg_small, tmp_path):
     model = _trained(icfg_small, "official", tmp_path)
-    sweep = audit.batch_size_sweep(model, icfg_small.test, _settings(), batch_sizes=(1, EVAL_BATCH))
+    sweep = audit_measures.batch_size_sweep(model, icfg_small.test, _settings(), batch_sizes=(1, EVAL_BATCH))
     ordered, shuffled = sweep["ordered"][str(EVAL_BATCH)]["R1"], sweep["shuffled"][str(EVAL_BATCH)]["R1"]
     assert ordered > shuffled
 
@@ -66,7 +66,7 @@ def test_official_coupling_scores_higher_in_annotation_order(icfg_small, tmp_pat
 @pytest.mark.slow
 def test_per_sample_coupling_scores_the_same_in_any_order(icfg_small, tmp_path):
     model = _trained(icfg_small, "per-sample", tmp_path)
-    sweep = audit.batch_size_sweep(model, icfg_small.test, _settings(), batch_sizes=(1, EVAL_BATCH, 32))
+    sweep = audit_measures.batch_size_sweep(model, icfg_small.test, _settings(), batch_sizes=(1, EVAL_BATCH, 32))
     for size in (str(EVAL_BATCH), "32"):
         assert sweep["shuffled"][size]["runs"][0] == sweep["ordered"][size]
         assert sweep["r1_gap"][size] == 0.0
