@@ -507,6 +507,9 @@ class Registry:
                 ):
                     audits[audit.run_id] = audit.report  # ascending order: the latest wins
             records = {run.id: run_record(run, self.url) for run, _, _ in triples}
+            # Every row read is checked, also those of runs no cell accepts: a damaged registry is named.
+            metrics = {result.id: checked_metrics(self.url, "results", result.id, result.metrics)
+                       for _, _, result in triples}
             if accept is not None:
                 verdicts = {(run.id, label.row_label): accept(records[run.id], label.row_label)
                             for run, label, _ in triples}
@@ -518,7 +521,7 @@ class Registry:
             ResultRow(
                 table=label.table_name, spec_name=label.spec_name, row_label=label.row_label,
                 dataset=run.dataset, seed=run.seed, rule=result.rule,
-                metrics=checked_metrics(self.url, "results", result.id, result.metrics),
+                metrics=metrics[result.id],
                 kind=run.kind, audit=audits.get(run.id),
                 forced_test=run.kind == "trial"
                 and records[run.id].config.get("train", {}).get("selection") == "test",

@@ -23,7 +23,8 @@ from php_runner.engine.train import train
 from php_runner.interop.official_config import php_run_identity
 from php_runner.model.checkpoint import extract_state_dict, load_checkpoint_file, load_model, read_official_yaml
 from php_runner.store.registry import Registry
-from php_runner.studies.importer import infer_released_config, model_section
+from php_runner.studies.imported_config import model_section
+from php_runner.studies.released_checks import infer_released_config
 
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
 LOSSES = {"total": "loss", "sdm_loss": "sdm_loss", "itc_loss": "itc_loss", "aux_loss": "aux_loss"}
