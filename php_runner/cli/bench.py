@@ -17,7 +17,7 @@ from php_runner.cli.common import (
 from php_runner.errors import InputError
 
 if TYPE_CHECKING:
-    pass
+    import torch
 
 
 @app.command()
@@ -52,26 +52,15 @@ def bench(
 
     Example: php-run bench --device cuda --clip ViT-B/16 --json
     """
-    from datetime import datetime, timezone
-
-    import torch
-
     from php_runner.cli.cache import parse_image_size
     from php_runner.engine.benchmark import BenchSizes, run_benchmark
-    from php_runner.engine.train import resolve_device
-    from php_runner.execute.provenance import command_line, provenance_info
     from php_runner.model.config import ClipConfig, PHPConfig
     from php_runner.reports import bench
 
     configs = {"ViT-B/16": PHPConfig(clip=ClipConfig()), "tiny": PHPConfig.tiny()}
     if clip not in configs:
         raise InputError(f"--clip: expected ViT-B/16 or tiny, got {clip!r}")
-    try:
-        torch_device = resolve_device(device)
-    except RuntimeError as err:
-        raise InputError(f"--device: {err}") from None
-    if torch_device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: CUDA is not available here")
+    torch_device = _bench_device(device)
     on_cuda = torch_device.type == "cuda"
     sizes = BenchSizes(batch_size=batch_size, steps=steps, warmup=warmup,
                        max_batch=max_batch or (1024 if on_cuda else 2 * batch_size), workers=workers,
@@ -80,16 +69,46 @@ def bench(
                        pipeline_size=None if pipeline_size is None else parse_image_size(pipeline_size, "--pipeline-size"))
     log = (lambda _: None) if as_json else (lambda text: err_console.print(f"[dim]bench: {text}[/dim]"))
     result = run_benchmark(configs[clip], sizes, str(torch_device), log=log)
-    provenance = provenance_info(result["device"], command_line())
-    record = {**result, "clip": clip, "device_name": provenance["device"], "host": provenance["host"],
-              **{key: provenance[key] for key in ("git_commit", "git_dirty", "torch", "torchvision", "python")},
-              "recorded": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    record = _bench_record(result, clip)
     written = bench.record_benchmark(record, REPORTS_DIR)
     if as_json:
         print_json(record)
         return
+    _print_bench(result, f"{clip} on {record['device_name']}, batch {batch_size}:")
+    console.print(f"[dim]written: {', '.join(str(p) for p in written)}[/dim]")
+
+
+def _bench_device(device: str) -> torch.device:
+    """The torch device --device names; a one-line error when it is malformed or CUDA is missing."""
+    import torch
+
+    from php_runner.engine.train import resolve_device
+
+    try:
+        torch_device = resolve_device(device)
+    except RuntimeError as err:
+        raise InputError(f"--device: {err}") from None
+    if torch_device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: CUDA is not available here")
+    return torch_device
+
+
+def _bench_record(result: dict, clip: str) -> dict:
+    """The benchmark ``result`` with the model size, the machine, the versions, the git commit and the time."""
+    from datetime import UTC, datetime
+
+    from php_runner.execute.provenance import command_line, provenance_info
+
+    provenance = provenance_info(result["device"], command_line())
+    return {**result, "clip": clip, "device_name": provenance["device"], "host": provenance["host"],
+            **{key: provenance[key] for key in ("git_commit", "git_dirty", "torch", "torchvision", "python")},
+            "recorded": datetime.now(UTC).isoformat(timespec="seconds")}
+
+
+def _print_bench(result: dict, heading: str) -> None:
+    """The ratios, then each measurement in one line."""
     train, pipeline = result["train"], result["pipeline"]
-    console.print(f"{clip} on {provenance['device']}, batch {batch_size}:")
+    console.print(heading)
     for name, ratio in result["ratios"].items():
         console.print(f"  {name.replace('_', ' ')}: {ratio:.2f}x")
     for name, entry in train.items():
@@ -103,4 +122,3 @@ def bench(
                   f"{result['scoring']['seconds']:.2f} s")
     mfu = "n/a on CPU" if result["mfu"] is None else f"{result['mfu']:.1%}"
     console.print(f"  peak memory {result['peak_memory_bytes'] / 2**30:.2f} GiB ({result['peak_memory_kind']}), MFU {mfu}")
-    console.print(f"[dim]written: {', '.join(str(p) for p in written)}[/dim]")

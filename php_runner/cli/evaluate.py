@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -17,11 +17,8 @@ from php_runner.cli.common import (
     print_json,
 )
 from php_runner.cli.outputs import check_output
-from php_runner.errors import InputError
-
-if TYPE_CHECKING:
-    pass
 from php_runner.engine.metrics import METRIC_NAMES
+from php_runner.errors import InputError
 
 
 @app.command()
@@ -54,17 +51,51 @@ def evaluate(
     Example: php-run evaluate --checkpoint logs/CUHK-PEDES/sdm+itc+aux/best.pth
     --config logs/CUHK-PEDES/sdm+itc+aux/configs.yaml --data-root data --dataset CUHK-PEDES --json
     """
-    from php_runner.data import DATASET_NAMES, read_dataset
-    from php_runner.engine.evaluate import (
-        EvalSettings,
-        extract_embeddings,
-        score_embeddings,
-    )
-    from php_runner.engine.train import resolve_device
+    from php_runner.data import read_dataset
+    from php_runner.engine.evaluate import extract_embeddings, score_embeddings
+    from php_runner.engine.evaluation_model import prepare_for_evaluation
     from php_runner.model.checkpoint import load_model, read_official_yaml
-    from php_runner.model.precision import PRECISIONS, apply_precision
 
     yaml_values = read_official_yaml(config) if config is not None else {}
+    name, root = _check_options(yaml_values, dataset, data_root, order, coupling, encoder, precision)
+    if save_embeddings is not None:
+        check_output(save_embeddings, "--save-embeddings", inputs=[checkpoint, config])
+    model, info = load_model(checkpoint, config)
+    recipe = info["settings"]  # our checkpoints: evaluate as training evaluated, unless overridden
+    split = read_dataset(root, name).test
+    settings = prepare_for_evaluation(
+        model,
+        precision=precision or recipe.get("precision", "official"),
+        device=device or "auto",
+        batch_size=test_batch_size or int(recipe.get("test_batch_size", yaml_values.get("test_batch_size", 64))),
+        encoder=encoder,
+        order=order,
+        coupling=coupling,
+    )
+    embeddings = extract_embeddings(model, split, settings)
+    metrics = score_embeddings(embeddings)
+    if save_embeddings is not None:
+        _save_embeddings(embeddings, save_embeddings)
+    result = {k: metrics[k] for k in METRIC_NAMES}
+    if as_json:
+        print_json(result)
+    else:
+        _print_metrics(result, f"{checkpoint} on {name} test ({settings.order} order, batch {settings.batch_size})")
+
+
+def _check_options(
+    yaml_values: dict,
+    dataset: str | None,
+    data_root: Path | None,
+    order: str,
+    coupling: str | None,
+    encoder: str | None,
+    precision: str | None,
+) -> tuple[str, Path | str]:
+    """Refuse a bad option in one line; return the dataset name and data root (configs.yaml's when not given)."""
+    from php_runner.data import DATASET_NAMES
+    from php_runner.model.precision import PRECISIONS
+
     name = dataset or yaml_values.get("dataset_name")
     if name not in DATASET_NAMES:
         raise InputError(f"--dataset: expected one of {', '.join(DATASET_NAMES)}, got {name!r}")
@@ -79,34 +110,12 @@ def evaluate(
         raise InputError(f"--encoder: expected full, base, crfm or efp, got {encoder!r}")
     if precision is not None and precision not in PRECISIONS:
         raise InputError(f"--precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return name, root
 
-    if save_embeddings is not None:
-        check_output(save_embeddings, "--save-embeddings", inputs=[checkpoint, config])
-    model, info = load_model(checkpoint, config)
-    recipe = info["settings"]  # our checkpoints: evaluate as training evaluated, unless overridden
-    precision = precision or recipe.get("precision", "official")
-    if coupling is not None:
-        model.coupling = coupling
-    split = read_dataset(root, name).test
-    torch_device = resolve_device(device or "auto")
-    apply_precision(model, precision).to(torch_device).eval()
-    settings = EvalSettings(
-        batch_size=test_batch_size or int(recipe.get("test_batch_size", yaml_values.get("test_batch_size", 64))),
-        order=order,
-        encoder=encoder,
-        device=str(torch_device),
-        precision=precision,
-        image_size=model.config.clip.image_size,
-    )
-    embeddings = extract_embeddings(model, split, settings)
-    metrics = score_embeddings(embeddings)
-    if save_embeddings is not None:
-        _save_embeddings(embeddings, save_embeddings)
-    result = {k: metrics[k] for k in METRIC_NAMES}
-    if as_json:
-        print_json(result)
-        return
-    view = Table(title=f"{checkpoint} on {name} test ({settings.order} order, batch {settings.batch_size})")
+
+def _print_metrics(result: dict[str, float], title: str) -> None:
+    """One-row table of the metrics, three decimals."""
+    view = Table(title=title)
     for column in METRIC_NAMES:
         view.add_column(column, justify="right")
     view.add_row(*(f"{result[m]:.3f}" for m in METRIC_NAMES))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -18,14 +18,11 @@ from php_runner.cli.common import (
     console,
     print_json,
 )
+from php_runner.engine.metrics import METRIC_NAMES
 from php_runner.store.database import shown_url
 from php_runner.store.records import RunRecord
 from php_runner.store.registry import Registry
 from php_runner.store.tables import RUN_STATUSES
-
-if TYPE_CHECKING:
-    pass
-from php_runner.engine.metrics import METRIC_NAMES
 
 
 def selected_metrics(registry: Registry, run: RunRecord) -> tuple[str | None, dict | None]:
@@ -73,13 +70,7 @@ def status(
         raise InputError(f"--dataset: expected one of {', '.join(DATASET_NAMES)}, got {dataset!r}")
     spec_name = None if spec is None else Path(spec).stem  # a path names the spec by its file name
     registry = Registry(db, read_only=True)
-    entries = []
-    abandoned = set()
-    for run in registry.list_runs(status=run_status, dataset=dataset, spec_name=spec_name, preset=preset):
-        rule, metrics = selected_metrics(registry, run)
-        entries.append((run, rule, metrics))
-        if run.status == "running" and registry.is_claimable(run):
-            abandoned.add(run.id)  # its worker died; the next invocation resumes it
+    entries, abandoned = _listed_runs(registry, run_status, dataset, spec_name, preset)
     registry.close()
     jobs = job_states([run for run, _, _ in entries])
     if as_json:
@@ -91,7 +82,31 @@ def status(
             for run, rule, metrics in entries
         ])
         return
-    view = Table(title=f"runs in {shown_url(registry.url)}")
+    filtered = any(value is not None for value in (spec, dataset, run_status, preset))
+    empty = f"No registry at {shown_url(registry.url)} yet" if registry.absent else "The registry has no runs yet"
+    console.print(_runs_table(entries, abandoned, jobs, f"runs in {shown_url(registry.url)}") if entries
+                  else "No run matches these filters." if filtered else f"{empty}. Start with: php-run demo")
+
+
+RunEntry = tuple[RunRecord, str | None, dict | None]
+
+
+def _listed_runs(
+    registry: Registry, run_status: str | None, dataset: str | None, spec_name: str | None, preset: str | None
+) -> tuple[list[RunEntry], set[int]]:
+    """(run, selected rule, its metrics) for each matching run, and the ids of running runs whose worker died."""
+    entries, abandoned = [], set()
+    for run in registry.list_runs(status=run_status, dataset=dataset, spec_name=spec_name, preset=preset):
+        rule, metrics = selected_metrics(registry, run)
+        entries.append((run, rule, metrics))
+        if run.status == "running" and registry.is_claimable(run):
+            abandoned.add(run.id)  # its worker died; the next invocation resumes it
+    return entries, abandoned
+
+
+def _runs_table(entries: list[RunEntry], abandoned: set[int], jobs: dict[int, str], title: str) -> Table:
+    """One line per run; abandoned running runs show as interrupted; a job column when any run has a job."""
+    view = Table(title=title)
     view.add_column("id", justify="right", no_wrap=True)
     view.add_column("hash", no_wrap=True)
     view.add_column("experiment")
@@ -112,10 +127,7 @@ def status(
         job = [f"{run.job_id or '-'} {jobs.get(run.id, '')}".strip()] if with_jobs else []
         view.add_row(str(run.id), run.config_hash[:8], f"{run.spec_name}: {run.row_label}{kind}", run.dataset,
                      str(run.seed), run.preset, f"[{styles[shown]}]{shown}[/]", *values, *job)
-    filtered = any(value is not None for value in (spec, dataset, run_status, preset))
-    empty = f"No registry at {shown_url(registry.url)} yet" if registry.absent else "The registry has no runs yet"
-    console.print(view if entries else "No run matches these filters." if filtered
-                  else f"{empty}. Start with: php-run demo")
+    return view
 
 
 def _run_details(registry: Registry, run: RunRecord) -> dict:

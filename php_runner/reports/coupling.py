@@ -82,29 +82,7 @@ def collect(registry, dataset: str, preset: str) -> CouplingArtefact:
                            f"{'no audit' if audit is None else 'audit without the batch-size sweep'}")
             continue
         report = audit.report
-        sweep = report["batch_size_sweep"]
-        # (ordered, shuffled) metric pairs of every shuffled evaluation the audit made
-        pairs = [(report["ordered"], run) for run in report["shuffled"]["runs"]] + [
-            (sweep["ordered"][size], run) for size, shuffled in sweep["shuffled"].items() for run in shuffled["runs"]]
-        results = registry.results(run.id)
-        trained = results.get("best-on-test", {}).get("metrics", {}).get("R1")
-        rows.setdefault(coupling, []).append(SeedRow(
-            run_id=run.id,
-            seed=run.seed,
-            trained_r1=trained,
-            losses=[entry.metrics["total"] for entry in registry.epochs(run.id)
-                    if entry.split == "train" and "total" in entry.metrics],
-            ordered=report["r1_ordered"],
-            shuffled=report["r1_shuffled"],
-            alone=sweep["ordered"]["1"]["R1"],
-            sweep_ordered={int(size): metrics["R1"] for size, metrics in sweep["ordered"].items()},
-            sweep_shuffled={int(size): metrics["R1"] for size, metrics in sweep["shuffled"].items()},
-            train_seconds=None if run.started_at is None or run.finished_at is None
-            else run.finished_at - run.started_at,
-            audit_seconds=report.get("seconds"),
-            order_free=all(ordered["R1"] == run["R1"] for ordered, run in pairs),
-            largest_change=max(abs(ordered[name] - run[name]) for ordered, run in pairs for name in ordered),
-        ))
+        rows.setdefault(coupling, []).append(_seed_row(registry, run, report))
         reports.append(report)
         provenance = registry.provenance(run.id) or {}
         if provenance.get("command") and provenance["command"] not in commands:
@@ -133,6 +111,33 @@ def collect(registry, dataset: str, preset: str) -> CouplingArtefact:
     )
 
 
+def _seed_row(registry, run, report: dict) -> SeedRow:
+    """One audited run's row: its training result, losses and times, and its audit's R1 by order and batch size."""
+    sweep = report["batch_size_sweep"]
+    # (ordered, shuffled) metric pairs of every shuffled evaluation the audit made
+    pairs = [(report["ordered"], shuffled) for shuffled in report["shuffled"]["runs"]] + [
+        (sweep["ordered"][size], shuffled) for size, evaluations in sweep["shuffled"].items()
+        for shuffled in evaluations["runs"]]
+    results = registry.results(run.id)
+    return SeedRow(
+        run_id=run.id,
+        seed=run.seed,
+        trained_r1=results.get("best-on-test", {}).get("metrics", {}).get("R1"),
+        losses=[entry.metrics["total"] for entry in registry.epochs(run.id)
+                if entry.split == "train" and "total" in entry.metrics],
+        ordered=report["r1_ordered"],
+        shuffled=report["r1_shuffled"],
+        alone=sweep["ordered"]["1"]["R1"],
+        sweep_ordered={int(size): metrics["R1"] for size, metrics in sweep["ordered"].items()},
+        sweep_shuffled={int(size): metrics["R1"] for size, metrics in sweep["shuffled"].items()},
+        train_seconds=None if run.started_at is None or run.finished_at is None
+        else run.finished_at - run.started_at,
+        audit_seconds=report.get("seconds"),
+        order_free=all(ordered["R1"] == shuffled["R1"] for ordered, shuffled in pairs),
+        largest_change=max(abs(ordered[name] - shuffled[name]) for ordered, shuffled in pairs for name in ordered),
+    )
+
+
 # ---- rendering ------------------------------------------------------------------------------------
 
 def _pm(values: list[float]) -> str:
@@ -153,12 +158,22 @@ def render_markdown(report: CouplingArtefact, figure_name: str) -> str:
               f"php-run report coupling --dataset {report.dataset} --preset {report.preset}", "```", ""]
     if report.commands:
         lines += ["The runs were trained and audited by", "", "```bash", *report.commands, "```", ""]
+    lines += _setting_lines(report) + _summary_lines(report) + _per_seed_lines(report)
+    lines += _sweep_lines(report, figure_name)
+    lines += ["", "## Reading", "", *_reading(report)]
+    if report.missing:
+        lines += ["", "Not shown (no audit with the batch-size sweep): " + "; ".join(report.missing) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def _setting_lines(report: CouplingArtefact) -> list[str]:
+    """Where and how long the runs ran; the test split, its chance levels and batch alignment."""
     seeds_total = sum(len(seeds) for seeds in report.rows.values())
     train_total = sum(row.train_seconds or 0.0 for seeds in report.rows.values() for row in seeds)
     audit_total = sum(row.audit_seconds or 0.0 for seeds in report.rows.values() for row in seeds)
-    lines += [f"on {report.device or 'an unrecorded device'}: {seeds_total} runs, "
-              f"{_minutes(report.wall_seconds)} wall from the first training start to the last audit "
-              f"(training {_minutes(train_total)}, audits {_minutes(audit_total)}, summed over runs).", ""]
+    lines = [f"on {report.device or 'an unrecorded device'}: {seeds_total} runs, "
+             f"{_minutes(report.wall_seconds)} wall from the first training start to the last audit "
+             f"(training {_minutes(train_total)}, audits {_minutes(audit_total)}, summed over runs).", ""]
     split = report.split
     chance = report.chance
     if split:
@@ -168,14 +183,18 @@ def render_markdown(report: CouplingArtefact, figure_name: str) -> str:
                   f"batch with the query's batch index (evaluation batch {report.eval_batch_size}) would reach "
                   f"{chance.get('same_batch', float('nan')):.2f}. Queries whose match is in that batch: "
                   f"{100 * report.alignment.get('queries_with_match_in_same_batch', float('nan')):.1f} %.", ""]
+    return lines
 
-    lines += ["## R1 by evaluation order, mean ± std over seeds", "",
-              f"Ordered and shuffled at the evaluation batch size {report.eval_batch_size}; shuffled is the mean "
-              "over the audit's shuffle seeds; alone is batch size 1 (no batch-mates); trained is the "
-              "in-training best-on-test R1.", "",
-              "| coupling | seeds | trained R1 | ordered R1 | shuffled R1 | alone R1 | gap ordered − shuffled | "
-              f"seeds with gap ≥ {GOAL_GAP:g} |",
-              "|---|---|---|---|---|---|---|---|"]
+
+def _summary_lines(report: CouplingArtefact) -> list[str]:
+    """R1 by evaluation order per coupling, mean ± std over seeds, and how many seeds reach the goal gap."""
+    lines = ["## R1 by evaluation order, mean ± std over seeds", "",
+             f"Ordered and shuffled at the evaluation batch size {report.eval_batch_size}; shuffled is the mean "
+             "over the audit's shuffle seeds; alone is batch size 1 (no batch-mates); trained is the "
+             "in-training best-on-test R1.", "",
+             "| coupling | seeds | trained R1 | ordered R1 | shuffled R1 | alone R1 | gap ordered − shuffled | "
+             f"seeds with gap ≥ {GOAL_GAP:g} |",
+             "|---|---|---|---|---|---|---|---|"]
     for coupling, seeds in report.rows.items():
         trained = [row.trained_r1 for row in seeds if row.trained_r1 is not None]
         reached = sum(row.gap >= GOAL_GAP for row in seeds)
@@ -183,10 +202,15 @@ def render_markdown(report: CouplingArtefact, figure_name: str) -> str:
                      f"{_pm(trained) if trained else '—'} | {_pm([r.ordered for r in seeds])} | "
                      f"{_pm([r.shuffled for r in seeds])} | {_pm([r.alone for r in seeds])} | "
                      f"{_pm([r.gap for r in seeds])} | {reached} of {len(seeds)} |")
-    lines += ["", "## Per seed", "",
-              "| coupling | seed | run | trained R1 | ordered R1 | shuffled R1 | alone R1 | gap | training loss per epoch "
-              "| training | audit |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    return lines
+
+
+def _per_seed_lines(report: CouplingArtefact) -> list[str]:
+    """One table line per audited run."""
+    lines = ["", "## Per seed", "",
+             "| coupling | seed | run | trained R1 | ordered R1 | shuffled R1 | alone R1 | gap | training loss per epoch "
+             "| training | audit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for coupling, seeds in report.rows.items():
         for row in seeds:
             trained = "—" if row.trained_r1 is None else f"{row.trained_r1:.2f}"
@@ -194,10 +218,15 @@ def render_markdown(report: CouplingArtefact, figure_name: str) -> str:
                          f"{row.shuffled:.2f} | {row.alone:.2f} | {row.gap:+.2f} | "
                          f"{' '.join(f'{loss:.1f}' for loss in row.losses)} | {_minutes(row.train_seconds)} | "
                          f"{_minutes(row.audit_seconds)} |")
+    return lines
+
+
+def _sweep_lines(report: CouplingArtefact, figure_name: str) -> list[str]:
+    """R1 against the evaluation batch size: the figure, mean ± std per order, the gap per seed."""
     sizes = sorted({size for seeds in report.rows.values() for row in seeds for size in row.sweep_ordered})
-    lines += ["", "## R1 against the evaluation batch size", "", f"![R1 against evaluation batch size]({figure_name})",
-              "", "| coupling | order | " + " | ".join(f"batch {size}" for size in sizes) + " |",
-              "|---|---|" + "---|" * len(sizes)]
+    lines = ["", "## R1 against the evaluation batch size", "", f"![R1 against evaluation batch size]({figure_name})",
+             "", "| coupling | order | " + " | ".join(f"batch {size}" for size in sizes) + " |",
+             "|---|---|" + "---|" * len(sizes)]
     for coupling, seeds in report.rows.items():
         for order, attribute in (("ordered", "sweep_ordered"), ("shuffled", "sweep_shuffled")):
             cells = [_pm([getattr(row, attribute)[size] for row in seeds]) for size in sizes]
@@ -209,10 +238,7 @@ def render_markdown(report: CouplingArtefact, figure_name: str) -> str:
         for row in seeds:
             cells = [f"{row.sweep_ordered[size] - row.sweep_shuffled[size]:+.2f}" for size in sizes]
             lines.append(f"| {coupling} | {row.seed} | " + " | ".join(cells) + " |")
-    lines += ["", "## Reading", "", *_reading(report)]
-    if report.missing:
-        lines += ["", "Not shown (no audit with the batch-size sweep): " + "; ".join(report.missing) + "."]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _reading(report: CouplingArtefact) -> list[str]:

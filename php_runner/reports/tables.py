@@ -154,41 +154,13 @@ def build_table(table_name: str, rows: Iterable[ResultRow], *, rules: Sequence[s
         table_notes += notes.add_text(NOT_PAPER_SCALE_NOTE.format(preset=preset))
     lines, chosen_cells = [], {}
     for key in row_keys:
-        paper_row = table.row(key)
-        reference = paper_row is not None and paper_row.reference
-        display = paper_row.display if paper_row is not None else key
         row_notes = notes.add(paper.footnotes_for(table_name, key))
         for dataset in datasets:
-            line_notes = row_notes + notes.add(paper.footnotes_for(table_name, key, dataset))
-            cell_notes = {m: notes.add(paper.footnotes_for(table_name, key, dataset, m)) for m in table.metrics}
             here = [r for r in rows if r.row_label == key and r.dataset == dataset]
-            groups = {(r.kind, r.forced_test) for r in here}
-            if not reference:
-                groups.add(("trained", False))
-            for kind, forced in sorted(groups, key=_group_order):
-                members = [r for r in here if (r.kind, r.forced_test) == (kind, forced)]
-                rule = next((rule for rule in rules if any(r.rule == rule for r in members)), None)
-                chosen = _one_per_seed(r for r in members if r.rule == rule)
-                chosen_cells[(key, dataset, kind, forced)] = chosen
-                intervals, why = cell_intervals(chosen)
-                cells = tuple(_metric_cell(metric, table.value(key, dataset, metric), chosen, cell_notes[metric],
-                                           intervals, why) for metric in table.metrics)
-                extra = ()
-                if forced:
-                    extra += notes.add_text(FORCED_TEST_NOTE)
-                if kind == "imported":
-                    extra += notes.add_text(IMPORTED_NOTE)
-                lines.append(ViewLine(
-                    row_key=key, row_display=display, dataset=dataset, kind=kind, forced_test=forced,
-                    rule=rule, seeds=tuple(sorted(r.seed for r in chosen)), metrics=cells,
-                    audit=_audit_verdict(chosen),
-                    fill_command=None if chosen else fill_command(table_name, dataset, preset),
-                    notes=line_notes + extra,
-                ))
-            if reference:
-                cells = tuple(_metric_cell(metric, table.value(key, dataset, metric), [], cell_notes[metric])
-                              for metric in table.metrics)
-                lines.append(ViewLine(key, display, dataset, REFERENCE, False, None, (), cells, None, None, line_notes))
+            dataset_lines, chosen = _dataset_lines(paper, table_name, key, dataset, here, rules=rules, preset=preset,
+                                                   notes=notes, row_notes=row_notes)
+            lines += dataset_lines
+            chosen_cells.update(chosen)
     reference_row = reference_row or load_paper_claims().baselines.get(table_name)
     return TableView(
         name=table_name, title=table.title, source=table.source, in_paper=table.in_paper, preset=preset,
@@ -196,6 +168,48 @@ def build_table(table_name: str, rows: Iterable[ResultRow], *, rules: Sequence[s
         lines=tuple(lines), footnotes=tuple(notes.texts), notes=table_notes, reference=reference_row,
         comparisons=_comparisons(table, reference_row, chosen_cells), method=method_text(),
     )
+
+def _dataset_lines(paper, table_name: str, key: str, dataset: str, here: list[ResultRow], *, rules: Sequence[str],
+                   preset: str | None, notes: _Notes, row_notes: tuple) -> tuple[list[ViewLine], dict]:
+    """The lines of one row on one dataset: one per (kind, forced test) group of ``here`` (a trained line even
+    without results, unless the row is a reference), then the paper's line of a reference row; and the rows
+    each group chose, by ``(key, dataset, kind, forced)``."""
+    table = paper.table(table_name)
+    paper_row = table.row(key)
+    reference = paper_row is not None and paper_row.reference
+    display = paper_row.display if paper_row is not None else key
+    line_notes = row_notes + notes.add(paper.footnotes_for(table_name, key, dataset))
+    cell_notes = {m: notes.add(paper.footnotes_for(table_name, key, dataset, m)) for m in table.metrics}
+    groups = {(r.kind, r.forced_test) for r in here}
+    if not reference:
+        groups.add(("trained", False))
+    lines, chosen_cells = [], {}
+    for kind, forced in sorted(groups, key=_group_order):
+        members = [r for r in here if (r.kind, r.forced_test) == (kind, forced)]
+        rule = next((rule for rule in rules if any(r.rule == rule for r in members)), None)
+        chosen = _one_per_seed(r for r in members if r.rule == rule)
+        chosen_cells[(key, dataset, kind, forced)] = chosen
+        intervals, why = cell_intervals(chosen)
+        cells = tuple(_metric_cell(metric, table.value(key, dataset, metric), chosen, cell_notes[metric],
+                                   intervals, why) for metric in table.metrics)
+        extra = ()
+        if forced:
+            extra += notes.add_text(FORCED_TEST_NOTE)
+        if kind == "imported":
+            extra += notes.add_text(IMPORTED_NOTE)
+        lines.append(ViewLine(
+            row_key=key, row_display=display, dataset=dataset, kind=kind, forced_test=forced,
+            rule=rule, seeds=tuple(sorted(r.seed for r in chosen)), metrics=cells,
+            audit=_audit_verdict(chosen),
+            fill_command=None if chosen else fill_command(table_name, dataset, preset),
+            notes=line_notes + extra,
+        ))
+    if reference:
+        cells = tuple(_metric_cell(metric, table.value(key, dataset, metric), [], cell_notes[metric])
+                      for metric in table.metrics)
+        lines.append(ViewLine(key, display, dataset, REFERENCE, False, None, (), cells, None, None, line_notes))
+    return lines, chosen_cells
+
 
 
 def _comparisons(table, reference_row: str | None, chosen_cells: dict) -> tuple[RowComparison, ...]:
