@@ -43,7 +43,7 @@ from php_runner.engine.selection import RULE_OF_SELECTION, SELECTIONS, Selection
 from php_runner.errors import InputError
 from php_runner.model.checkpoint import CONFIG_KEY, config_to_dict, load_checkpoint_file, save_atomic
 from php_runner.model.losses import LossConfig, compute_losses
-from php_runner.model.precision import PRECISIONS, apply_precision, autocast_context
+from php_runner.model.precision import PRECISIONS, apply_precision, autocast_context, training_matmul_scope
 
 LAST_CHECKPOINT = "last.pth"
 BEST_CHECKPOINT = "best.pth"
@@ -319,14 +319,12 @@ def train(
 def prepare_training_model(model: nn.Module, settings: TrainSettings, device) -> nn.Module:
     """``model`` laid out for training, in place: the precision's weight dtypes, on ``device``, compiled if asked.
 
-    ``amp`` on CUDA lets fp32 matmuls use TF32 (the bf16 autocast already rounds harder); every other
-    case asks for full fp32 matmuls, so the official regime keeps its numerics even after an ``amp``
-    model was prepared in the same process. Compiling in place keeps parameter names and state-dict keys.
+    Compiling in place keeps parameter names and state-dict keys. The fp32 matmul precision is no setting of
+    the model: each step chooses it for itself (:func:`train_step`).
     """
     device = torch.device(device)
     apply_precision(model, settings.precision)
     model.to(device)
-    torch.set_float32_matmul_precision("high" if settings.precision == "amp" and device.type == "cuda" else "highest")
     if settings.compile:
         model.compile()
     return model
@@ -362,16 +360,20 @@ def build_training_optimizer(model: nn.Module, settings: TrainSettings) -> torch
 
 
 def train_step(model, batch: dict, optimizer, settings: TrainSettings, device) -> dict[str, torch.Tensor]:
-    """One optimisation step on a batch (keys images, caption_ids, pids); returns the loss terms."""
+    """One optimisation step on a batch (keys images, caption_ids, pids); returns the loss terms.
+
+    The step's fp32 matmul precision (TF32 for ``amp`` on CUDA) holds for the step only.
+    """
     images = batch["images"].to(device, non_blocking=True)
     caption_ids = batch["caption_ids"].to(device, non_blocking=True)
     pids = batch["pids"].to(device, non_blocking=True)
-    with autocast_context(settings.precision, device):
-        output = model(images, caption_ids)
-    losses = compute_losses(output, pids, settings.loss)
-    optimizer.zero_grad(set_to_none=True)
-    losses["total"].backward()
-    optimizer.step()
+    with training_matmul_scope(settings.precision, device):
+        with autocast_context(settings.precision, device):
+            output = model(images, caption_ids)
+        losses = compute_losses(output, pids, settings.loss)
+        optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        optimizer.step()
     return losses
 
 

@@ -297,6 +297,47 @@ def test_fast_regime_trains_exactly_like_per_tensor_groups_and_official_keeps_th
     assert len(optimizer.param_groups) == len(list(model.parameters())) and not optimizer.defaults["foreach"]
 
 
+@pytest.fixture
+def non_default_matmul_settings():
+    """Process-wide TF32 settings nobody uses by default, restored after the test."""
+    previous = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("medium")
+    torch.backends.cudnn.allow_tf32 = False
+    yield "medium", True, False
+    torch.set_float32_matmul_precision(previous[0])
+    torch.backends.cudnn.allow_tf32 = previous[1]
+
+
+def _matmul_settings():
+    return torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+@pytest.mark.parametrize("precision", ["amp", "official"])
+def test_a_training_step_leaves_the_process_matmul_settings_as_they_were(precision, non_default_matmul_settings):
+    settings = TrainSettings(precision=precision, lr=1e-3, device="cpu")
+    model = prepare_training_model(_model(), settings, "cpu")
+    optimizer = build_training_optimizer(model, settings)
+    inside = []
+    real_step = optimizer.step
+    optimizer.step = lambda: (inside.append(torch.get_float32_matmul_precision()), real_step())
+    train_step(model, _random_batch(model.config), optimizer, settings, "cpu")
+    assert inside == ["highest"]  # CPU and the official regime: full fp32 whatever the process says
+    assert _matmul_settings() == non_default_matmul_settings
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_evaluation_after_an_amp_step_equals_the_one_before(device, small_dataset):
+    """An amp step on CUDA runs in TF32; the evaluation after it (same process) must not."""
+    settings = TrainSettings(precision="amp", lr=1e-3, device=device)
+    model = _model()
+    eval_settings = EvalSettings(batch_size=16, device=device, image_size=model.config.clip.image_size)
+    before = evaluate(model, small_dataset.test, eval_settings)
+    trained = prepare_training_model(_model(), settings, device)
+    train_step(trained, _random_batch(trained.config), build_training_optimizer(trained, settings), settings, device)
+    assert evaluate(model, small_dataset.test, eval_settings) == before
+
+
 _READ_BACKS = ("item", "tolist", "__bool__", "__float__", "__int__", "nonzero")
 
 
