@@ -194,6 +194,52 @@ def test_a_last_checkpoint_whose_optimizer_groups_do_not_fit_is_refused_naming_t
         train(_model(), small_dataset, settings, tmp_path)
 
 
+def _as_per_tensor_groups(optimizer_state: dict) -> dict:
+    """A merged-group optimiser state laid out as older php-runs wrote it: one group per tensor, ``name`` each."""
+    groups, state, position = [], {}, 0
+    for group in optimizer_state["param_groups"]:
+        options = {key: value for key, value in group.items() if key not in ("params", "names")}
+        for index, name in zip(group["params"], group["names"]):
+            groups.append({**options, "params": [position], "name": name})
+            if index in optimizer_state["state"]:
+                state[position] = optimizer_state["state"][index]
+            position += 1
+    return {"state": state, "param_groups": groups}
+
+
+@pytest.mark.slow
+def test_an_official_last_checkpoint_with_per_tensor_groups_resumes_exactly(small_dataset, tmp_path):
+    settings = _small_settings(epochs=2, precision="official")
+    reference_model = _model()
+    reference = train(reference_model, small_dataset, settings, tmp_path / "reference")
+
+    def stop(record):
+        raise StopTraining
+
+    train(_model(), small_dataset, settings, tmp_path / "resumed", on_epoch=stop)
+    last = tmp_path / "resumed" / LAST_CHECKPOINT
+    payload = torch.load(last, weights_only=True)
+    payload["stopped"] = False
+    payload["optimizer"] = _as_per_tensor_groups(payload["optimizer"])
+    assert len(payload["optimizer"]["param_groups"]) == len(list(_model().parameters()))
+    torch.save(payload, last)
+    resumed_model = _model(seed=123)
+    resumed = train(resumed_model, small_dataset, settings, tmp_path / "resumed")
+    assert [record.losses for record in resumed.history] == [record.losses for record in reference.history]
+    reference_state, resumed_state = reference_model.state_dict(), resumed_model.state_dict()
+    assert all(torch.equal(reference_state[key], resumed_state[key]) for key in reference_state)
+
+    payload = torch.load(last, weights_only=True)
+    sizes = [len(group["names"]) for group in payload["optimizer"]["param_groups"]]
+    in_largest_group = sum(sizes[:sizes.index(max(sizes))]) + 1
+    payload["optimizer"] = _as_per_tensor_groups(payload["optimizer"])
+    payload["optimizer"]["param_groups"][in_largest_group]["lr"] *= 2  # no longer its merged group's hyper-parameters
+    payload["epoch"], payload["stopped"] = 1, False
+    torch.save(payload, last)
+    with pytest.raises(InputError, match=f"{last}: its saved training state does not fit.*no longer fit"):
+        train(_model(), small_dataset, settings, tmp_path / "resumed")
+
+
 def test_official_precision_trains_fp16_weights_and_its_checkpoint_evaluates_the_same(small_dataset, tmp_path):
     settings = _small_settings(epochs=1, precision="official")
     result = train(_model(), small_dataset, settings, tmp_path)
@@ -291,10 +337,45 @@ def test_fast_regime_trains_exactly_like_per_tensor_groups_and_official_keeps_th
     for (name, a), b in zip(reference.named_parameters(), fast.parameters()):
         assert torch.equal(a, b), name
 
-    official = TrainSettings(precision="official")
-    model = prepare_training_model(_model(), official, "cpu")
-    optimizer = build_training_optimizer(model, official)
-    assert len(optimizer.param_groups) == len(list(model.parameters())) and not optimizer.defaults["foreach"]
+
+
+def _optimizer_state_by_name(optimizer):
+    names = [name for group in optimizer.param_groups for name in group.get("names", [group.get("name")])]
+    params = [param for group in optimizer.param_groups for param in group["params"]]
+    return {name: optimizer.state[param] for name, param in zip(names, params)}
+
+
+_DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])]
+
+
+@pytest.mark.parametrize("device", _DEVICES)
+@pytest.mark.parametrize("optimizer_name", ["adam", "sgd"])
+def test_official_regime_merged_groups_are_bit_equal_to_per_tensor_groups(optimizer_name, device):
+    """The official fp16 layout, four steps: parameters and every optimiser state tensor bit-equal to torch's
+    default kernel over the official per-tensor groups (on CUDA both run the multi-tensor kernel)."""
+    settings = TrainSettings(precision="official", solver="v1", lr=1e-3, optimizer=optimizer_name, device=device)
+    merged, reference = prepare_training_model(_model(), settings, device), prepare_training_model(_model(), settings, device)
+    assert {p.dtype for p in merged.parameters()} == {torch.float16, torch.float32}
+    merged_optimizer = build_training_optimizer(merged, settings)
+    groups = build_param_groups(reference, settings.lr, solver=settings.solver, moe_lr_factor=settings.moe_lr_factor)
+    reference_optimizer = build_optimizer(groups, optimizer_name, lr=settings.lr, adam_eps=settings.adam_eps)
+    assert len(merged_optimizer.param_groups) <= 4 < 100 < len(reference_optimizer.param_groups)
+    for seed in range(4):
+        torch.manual_seed(seed)
+        merged_losses = train_step(merged, _random_batch(merged.config, seed=seed), merged_optimizer, settings, device)
+        torch.manual_seed(seed)
+        reference_losses = train_step(reference, _random_batch(reference.config, seed=seed), reference_optimizer,
+                                      settings, device)
+        assert merged_losses["total"].item() == reference_losses["total"].item()
+    for (name, a), b in zip(reference.named_parameters(), merged.parameters()):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    merged_state, reference_state = _optimizer_state_by_name(merged_optimizer), _optimizer_state_by_name(reference_optimizer)
+    assert sorted(merged_state) == sorted(reference_state)
+    for name, state in reference_state.items():
+        assert state.keys() == merged_state[name].keys(), name
+        for key, value in state.items():
+            assert torch.equal(merged_state[name][key], value), (name, key)
 
 
 @pytest.fixture
