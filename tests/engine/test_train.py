@@ -6,12 +6,14 @@ import math
 import pytest
 import torch
 
+import php_runner.engine.step as step_module
 import php_runner.engine.train as train_module
 from php_runner.data import read_dataset, write_synthetic
 from php_runner.engine.evaluate import EvalSettings, evaluate
 from php_runner.engine.optim import build_optimizer, build_param_groups
 from php_runner.engine.train import (
     LAST_CHECKPOINT,
+    StepRecord,
     StopTraining,
     TrainSettings,
     build_training_optimizer,
@@ -134,7 +136,7 @@ def test_resume_after_an_interrupt_equals_an_uninterrupted_run(small_dataset, tm
     reference = train(reference_model, small_dataset, settings, tmp_path / "reference")
 
     steps_per_epoch = math.ceil(len(small_dataset.train) / settings.batch_size)
-    real_losses, calls = train_module.compute_losses, []
+    real_losses, calls = step_module.compute_losses, []
 
     def interrupt_in_epoch_two(*args, **kwargs):
         calls.append(1)
@@ -142,11 +144,11 @@ def test_resume_after_an_interrupt_equals_an_uninterrupted_run(small_dataset, tm
             raise KeyboardInterrupt
         return real_losses(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "compute_losses", interrupt_in_epoch_two)
+    monkeypatch.setattr(step_module, "compute_losses", interrupt_in_epoch_two)
     with pytest.raises(KeyboardInterrupt):
         train(_model(), small_dataset, settings, tmp_path / "resumed")
     assert torch.load(tmp_path / "resumed" / "last.pth", weights_only=True)["epoch"] == 1
-    monkeypatch.setattr(train_module, "compute_losses", real_losses)
+    monkeypatch.setattr(step_module, "compute_losses", real_losses)
 
     resumed_model = _model(seed=123)  # weights must come from last.pth, not from this initialisation
     resumed = train(resumed_model, small_dataset, settings, tmp_path / "resumed")
@@ -233,7 +235,7 @@ def test_an_official_last_checkpoint_with_per_tensor_groups_resumes_exactly(smal
     sizes = [len(group["names"]) for group in payload["optimizer"]["param_groups"]]
     in_largest_group = sum(sizes[:sizes.index(max(sizes))]) + 1
     payload["optimizer"] = _as_per_tensor_groups(payload["optimizer"])
-    payload["optimizer"]["param_groups"][in_largest_group]["lr"] *= 2  # no longer its merged group's hyper-parameters
+    payload["optimizer"]["param_groups"][in_largest_group]["weight_decay"] += 1  # no longer its merged group's
     payload["epoch"], payload["stopped"] = 1, False
     torch.save(payload, last)
     with pytest.raises(InputError, match=f"{last}: its saved training state does not fit.*no longer fit"):
@@ -446,6 +448,29 @@ def test_training_reads_nothing_back_from_the_device_inside_a_step(small_dataset
         monkeypatch.setattr(train_module, "evaluate", lambda model, split, settings: {"R1": 0.0})
         counts.append(reads)
     assert counts[0] == counts[1] and len(counts[0]) == 1  # the epoch's mean losses, read once
+
+
+def test_on_step_gets_the_running_mean_losses_every_log_period(small_dataset, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_module, "evaluate", lambda model, split, settings: {"R1": 0.0})
+    real_losses, seen = step_module.compute_losses, []
+
+    def recorded(output, pids, config):
+        losses = real_losses(output, pids, config)
+        seen.append((len(pids), {name: value.item() for name, value in losses.items()}))
+        return losses
+
+    monkeypatch.setattr(step_module, "compute_losses", recorded)
+    settings = _small_settings(epochs=2, batch_size=len(small_dataset.train) // 5 + 1)  # 5 steps, the last partial
+    records = []
+    result = train(_model(), small_dataset, settings, tmp_path, on_step=records.append, log_period=2)
+    assert [(r.epoch, r.iteration, r.iterations_per_epoch) for r in records] == [(1, 2, 5), (1, 4, 5), (2, 2, 5), (2, 4, 5)]
+    assert [r.lr for r in records] == [result.history[0].lr] * 2 + [result.history[1].lr] * 2
+    for record in records:
+        steps = seen[(record.epoch - 1) * 5:(record.epoch - 1) * 5 + record.iteration]
+        samples = sum(size for size, _ in steps)
+        for name, value in record.losses.items():
+            assert value == pytest.approx(sum(size * losses[name] for size, losses in steps) / samples, rel=1e-6), name
+    assert isinstance(records[0], StepRecord) and set(records[0].losses) == set(result.history[0].losses)
 
 
 @pytest.mark.slow
