@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from php_runner.model.clip import LayerNorm
-from php_runner.model.precision import apply_precision, autocast_context, float32_matmul_scope, training_matmul_scope
+from php_runner.model.precision import (
+    apply_precision,
+    autocast_context,
+    float32_matmul_scope,
+    training_matmul_scope,
+)
 
 
 @pytest.mark.parametrize("sharing", ["shared", "separate"])
