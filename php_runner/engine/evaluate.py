@@ -27,7 +27,7 @@ from php_runner.data import EvalSplit
 from php_runner.data.loaders import ImageSet, TextSet
 from php_runner.data.transforms import build_transform
 from php_runner.engine.metrics import metrics_from_outcomes, query_outcomes, retrieval_metrics
-from php_runner.model.precision import autocast_context
+from php_runner.model.precision import autocast_context, float32_matmul_scope
 
 ORDERS = ("annotation", "shuffled")
 BATCH_INDEPENDENT_ENCODERS = ("base", "crfm")  # no EFP attention, so nothing couples batch-mates
@@ -135,12 +135,14 @@ def score_embeddings(embeddings: Embeddings, i2t: bool = False, device: str | to
                      outcomes: bool = False):
     """Metrics of cosine-similarity retrieval: captions query images; ``i2t`` adds the reverse direction.
 
-    The similarity matrix and the ranking (chunked over queries) are computed on ``device``. With
+    The similarity matrix and the ranking (chunked over queries) are computed on ``device``; the similarity in
+    full fp32 whatever the process's matmul precision (TF32 scores move ranks, hence R5 and mAP, on CUDA). With
     ``outcomes``: ``(metrics, QueryOutcomes)``, the text-to-image per-query outcomes the metrics average.
     """
     text = F.normalize(embeddings.text.to(device), p=2, dim=1)
     image = F.normalize(embeddings.image.to(device), p=2, dim=1)
-    similarity = text @ image.t()
+    with float32_matmul_scope(allow_tf32=False):
+        similarity = text @ image.t()
     per_query = query_outcomes(similarity, embeddings.text_pids, embeddings.image_pids)
     metrics = metrics_from_outcomes(per_query)
     if i2t:

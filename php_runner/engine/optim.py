@@ -1,8 +1,11 @@
 """Optimiser recipe of spec 5: one parameter group per tensor, Adam/AdamW/SGD, per-epoch warm-up + cosine.
 
-The fast regime merges the per-tensor groups that share their hyper-parameters (a handful remain) and
-runs the multi-tensor kernels (``foreach``, or ``fused`` on CUDA): Adam, AdamW and SGD update each
-element from its own gradient and state only, so the parameters follow the same trajectory.
+Training merges the per-tensor groups that share their hyper-parameters (a handful remain): Adam, AdamW
+and SGD update each element from its own gradient and state only, so with the same kernel the updates are
+bit-equal, and the fast regime's multi-tensor (``foreach``, or ``fused`` on CUDA) kernels follow the same
+trajectory. A
+``last.pth`` written with per-tensor groups is translated to the merged layout on resume
+(:func:`per_tensor_state_to_merged`).
 
 Two solver versions exist in the official history. ``head`` (the IRRA rules, current code) and ``v1``
 (the 2025 solver that adds the EFP transformer and MoE learning-rate factors). Rules are applied in
@@ -86,6 +89,34 @@ def merge_param_groups(param_groups: list[dict]) -> list[dict]:
         target["params"].extend(group["params"])
         target["names"].append(group["name"])
     return list(merged.values())
+
+
+def per_tensor_state_to_merged(saved: dict, current: dict) -> dict | None:
+    """``saved`` (an optimiser state dict with one group per tensor, each naming its ``name``) laid out as
+    ``current`` (the state dict of an optimiser over merged groups, each listing its ``names``).
+
+    None when ``saved`` is not of that per-tensor form. Raises ValueError when the saved groups no longer fit
+    the merged ones (other names, or hyper-parameters that differ within one merged group).
+    """
+    saved_groups, current_groups = saved["param_groups"], current["param_groups"]
+    if not all("name" in group and len(group["params"]) == 1 for group in saved_groups):
+        return None
+    if not all("names" in group for group in current_groups):
+        return None
+    by_name = {group["name"]: group for group in saved_groups}
+    if sorted(by_name) != sorted(name for group in current_groups for name in group["names"]):
+        raise ValueError("the saved per-tensor optimiser groups no longer fit this model's parameters")
+    state, groups = {}, []
+    for group in current_groups:
+        members = [by_name[name] for name in group["names"]]
+        options = [{key: value for key, value in member.items() if key not in ("params", "name")} for member in members]
+        if any(option != options[0] for option in options):
+            raise ValueError(f"the saved per-tensor optimiser groups no longer fit the merged group of {members[0]['name']}")
+        groups.append({**options[0], "params": list(group["params"]), "names": list(group["names"])})
+        for index, member in zip(group["params"], members):
+            if member["params"][0] in saved["state"]:
+                state[index] = saved["state"][member["params"][0]]
+    return {"state": state, "param_groups": groups}
 
 
 def build_optimizer(

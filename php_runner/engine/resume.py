@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from php_runner.engine.optim import per_tensor_state_to_merged
 from php_runner.errors import InputError
 
 
@@ -51,10 +52,12 @@ def check_resumable(payload: dict, recipe: dict, path: Path) -> None:
 
 def restore_training_state(payload: dict, path: Path, model, optimizer, scheduler) -> None:
     """Load the model, optimiser and schedule of ``path`` (a ``last.pth``); a state that does not fit them
-    (e.g. the per-tensor optimiser groups an older php-run wrote for ``amp``) is bad input naming the file."""
+    is bad input naming the file. The per-tensor optimiser groups older php-runs wrote for the ``official``
+    regime are translated to today's merged groups (the same per-tensor state)."""
     try:
         model.load_state_dict(payload["model"])
-        optimizer.load_state_dict(payload["optimizer"])
+        saved_optimizer = payload["optimizer"]
+        optimizer.load_state_dict(per_tensor_state_to_merged(saved_optimizer, optimizer.state_dict()) or saved_optimizer)
         scheduler.load_state_dict(payload["scheduler"])
     except (KeyError, ValueError, RuntimeError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

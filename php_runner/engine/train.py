@@ -30,21 +30,35 @@ from php_runner.data.loaders import PIPELINES, CachedTrainBatches, TrainPairs
 from php_runner.data.transforms import build_transform
 from php_runner.engine.evaluate import EvalSettings, evaluate
 from php_runner.engine.metrics import QueryOutcomes
-from php_runner.engine.optim import (
-    OPTIMIZERS,
-    SOLVERS,
-    WarmupCosine,
-    build_optimizer,
-    build_param_groups,
-    merge_param_groups,
+from php_runner.engine.optim import OPTIMIZERS, SOLVERS, WarmupCosine
+from php_runner.engine.progress import LOG_PERIOD, Progress
+from php_runner.engine.resume import (
+    capture_rng_state,
+    check_resumable,
+    restore_rng_state,
+    restore_training_state,
 )
-from php_runner.engine.progress import Progress
-from php_runner.engine.resume import capture_rng_state, check_resumable, restore_rng_state, restore_training_state
 from php_runner.engine.selection import RULE_OF_SELECTION, SELECTIONS, Selection
+from php_runner.engine.step import (
+    StepRecord,
+    build_training_optimizer,
+    prepare_training_model,
+    train_one_epoch,
+    train_step,
+)
 from php_runner.errors import InputError
-from php_runner.model.checkpoint import CONFIG_KEY, config_to_dict, load_checkpoint_file, save_atomic
-from php_runner.model.losses import LossConfig, compute_losses
-from php_runner.model.precision import PRECISIONS, apply_precision, autocast_context
+from php_runner.model.checkpoint import (
+    CONFIG_KEY,
+    config_to_dict,
+    load_checkpoint_file,
+    save_atomic,
+)
+from php_runner.model.losses import LossConfig
+from php_runner.model.precision import PRECISIONS
+
+__all__ = ["BEST_CHECKPOINT", "LAST_CHECKPOINT", "RUNTIME_FIELDS", "EpochRecord", "StepRecord", "StopTraining",
+           "TrainResult", "TrainSettings", "build_training_optimizer", "deterministic_mode", "prepare_training_model",
+           "resolve_device", "seed_everything", "train", "train_step"]
 
 LAST_CHECKPOINT = "last.pth"
 BEST_CHECKPOINT = "best.pth"
@@ -194,209 +208,145 @@ def _train_loader(model, dataset: PedesDataset, settings: TrainSettings, device,
     )
 
 
+@dataclass
+class _Run:
+    """What a training call carries from phase to phase."""
+
+    model: nn.Module
+    settings: TrainSettings
+    optimizer: torch.optim.Optimizer
+    scheduler: WarmupCosine
+    loader_generator: torch.Generator
+    last_path: Path
+    best_path: Path
+    history: list[EpochRecord] = field(default_factory=list)
+    selection: Selection = field(default_factory=Selection)
+    start_epoch: int = 1
+    stopped: bool = False
+
+
 def train(
     model,
     dataset: PedesDataset,
     settings: TrainSettings,
     run_dir: Path,
     on_epoch: Callable[[EpochRecord], None] | None = None,
+    on_step: Callable[[StepRecord], None] | None = None,
+    log_period: int = LOG_PERIOD,
 ) -> TrainResult:
     """Train ``model`` on ``dataset.train``, resuming from ``run_dir/last.pth`` when it exists.
 
     ``on_epoch`` receives every new epoch's record before that epoch's ``last.pth`` is written (so
     an epoch interrupted in between is trained and reported again on resume); raising
-    :class:`StopTraining` from it ends the run cleanly after saving.
+    :class:`StopTraining` from it ends the run cleanly after saving. ``on_step`` receives a
+    :class:`StepRecord` every ``log_period`` iterations (the official 100), the only host syncs it adds.
     """
     if settings.selection == "val" and dataset.val is None:
         raise InputError(f"train.selection: 'val' needs a val split and {dataset.name} has none")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    last_path, best_path = run_dir / LAST_CHECKPOINT, run_dir / BEST_CHECKPOINT
     device = resolve_device(settings.device)
-
     with deterministic_mode(settings.deterministic):
-        seed_everything(settings.seed)
-        loader_generator = torch.Generator().manual_seed(settings.seed)
-        model = prepare_training_model(model, settings, device)
-        optimizer = build_training_optimizer(model, settings)
-        scheduler = WarmupCosine(optimizer, settings.epochs, settings.warmup_epochs, settings.warmup_factor)
-
-        history: list[EpochRecord] = []
-        selection = Selection()
-        start_epoch, stopped = 1, False
-        if last_path.exists():
-            payload = load_checkpoint_file(last_path)
-            check_resumable(payload, settings.recipe(), last_path)
-            restore_training_state(payload, last_path, model, optimizer, scheduler)
-            restore_rng_state(payload["rng"], loader_generator)
-            history = [EpochRecord(**record) for record in payload["history"]]
-            selection = Selection(payload["selection"])
-            start_epoch, stopped = payload["epoch"] + 1, payload["stopped"]
-            print(f"resuming {run_dir} after epoch {payload['epoch']}", flush=True)
-
-        def save_last(epoch: int) -> None:
-            save_atomic(
-                {
-                    "model": model.state_dict(),
-                    CONFIG_KEY: config_to_dict(model.config),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "epoch": epoch,
-                    "num_epoch": settings.epochs,
-                    "rng": capture_rng_state(loader_generator),
-                    "history": [dataclasses.asdict(dataclasses.replace(record, outcomes={})) for record in history],
-                    "selection": selection.state,
-                    "settings": settings.recipe(),
-                    "stopped": stopped,
-                },
-                last_path,
-            )
-
+        run = _start(model, settings, device, run_dir)
         image_cache = None
         if settings.pipeline == "cache":
             image_cache = open_cache(dataset, model.config.clip.image_size, workers=max(settings.num_workers, 1))
         # The official trainer's evaluation (the one that picks best.pth) batches with the training batch
         # size; only test.py uses test_batch_size. Under official coupling the batch size changes the numbers.
-        eval_settings = EvalSettings(
-            batch_size=settings.batch_size,
-            device=str(device),
-            precision=settings.precision,
-            num_workers=settings.num_workers,
-            image_size=model.config.clip.image_size,
-            image_cache=image_cache,
-        )
+        eval_settings = EvalSettings(batch_size=settings.batch_size, device=str(device), precision=settings.precision,
+                                     num_workers=settings.num_workers, image_size=model.config.clip.image_size,
+                                     image_cache=image_cache)
         splits = ({"test": dataset.test} if settings.evaluate_test else {}) | (
             {"val": dataset.val} if dataset.val is not None else {})
-        loader = _train_loader(model, dataset, settings, device, loader_generator, image_cache)
-        progress = Progress(settings.epochs, len(loader), start_epoch)
-        epoch = start_epoch
+        loader = _train_loader(run.model, dataset, settings, device, run.loader_generator, image_cache)
+        progress = Progress(settings.epochs, len(loader), run.start_epoch)
+        epoch = run.start_epoch
         try:
-            for epoch in range(start_epoch, settings.epochs + 1):
-                if stopped:
+            for epoch in range(run.start_epoch, settings.epochs + 1):
+                if run.stopped:
                     break
                 started = time.perf_counter()
-                lr = settings.lr * scheduler.factor()
-                losses = _train_one_epoch(model, loader, optimizer, settings, device, progress, epoch)
-                scheduler.step()
-                metrics, outcomes = {}, {}
-                if epoch % settings.eval_period == 0 or epoch == settings.epochs:
-                    evaluated = {name: evaluate(model, split, eval_settings, outcomes=True) for name, split in splits.items()}
-                    metrics = {name: pair[0] for name, pair in evaluated.items()}
-                    outcomes = {name: pair[1] for name, pair in evaluated.items()}
-                    changed = selection.update(epoch, metrics)
-                    if RULE_OF_SELECTION[settings.selection] in changed:
-                        save_atomic(
-                            {
-                                "model": model.state_dict(),
-                                CONFIG_KEY: config_to_dict(model.config),
-                                "epoch": epoch,
-                                "num_epoch": settings.epochs,
-                                "rule": RULE_OF_SELECTION[settings.selection],
-                                "metrics": metrics,
-                                "settings": settings.recipe(),
-                            },
-                            best_path,
-                        )
-                record = EpochRecord(epoch=epoch, lr=lr, losses=losses, metrics=metrics, seconds=time.perf_counter() - started,
+                lr = settings.lr * run.scheduler.factor()
+                losses = train_one_epoch(run.model, loader, run.optimizer, settings, device, progress, epoch, lr,
+                                         on_step, log_period)
+                run.scheduler.step()
+                metrics, outcomes = _evaluate_and_select(run, epoch, splits, eval_settings)
+                record = EpochRecord(epoch, lr, losses, metrics, seconds=time.perf_counter() - started,
                                      outcomes=outcomes)
-                history.append(record)
+                run.history.append(record)
                 progress.end_epoch(record)
-                try:
-                    if on_epoch is not None:
-                        on_epoch(record)
-                except StopTraining:
-                    stopped = True
-                save_last(epoch)
+                _deliver(record, on_epoch, run)
+                _save_last(run, epoch)
         except KeyboardInterrupt:
-            print(f"interrupted during epoch {epoch}; run again to resume from {last_path}", flush=True)
+            print(f"interrupted during epoch {epoch}; run again to resume from {run.last_path}", flush=True)
             raise
         finally:
             progress.close()
+    return TrainResult(selected=run.selection.selected(), history=run.history, last_checkpoint=run.last_path,
+                       best_checkpoint=run.best_path, stopped=run.stopped)
 
-    return TrainResult(
-        selected=selection.selected(),
-        history=history,
-        last_checkpoint=last_path,
-        best_checkpoint=best_path,
-        stopped=stopped,
+
+def _start(model, settings: TrainSettings, device, run_dir: Path) -> _Run:
+    """Seeded model, optimiser and schedule, restored from ``run_dir/last.pth`` when it exists."""
+    seed_everything(settings.seed)
+    loader_generator = torch.Generator().manual_seed(settings.seed)
+    model = prepare_training_model(model, settings, device)
+    optimizer = build_training_optimizer(model, settings)
+    scheduler = WarmupCosine(optimizer, settings.epochs, settings.warmup_epochs, settings.warmup_factor)
+    run = _Run(model, settings, optimizer, scheduler, loader_generator, run_dir / LAST_CHECKPOINT, run_dir / BEST_CHECKPOINT)
+    if run.last_path.exists():
+        payload = load_checkpoint_file(run.last_path)
+        check_resumable(payload, settings.recipe(), run.last_path)
+        restore_training_state(payload, run.last_path, model, optimizer, scheduler)
+        restore_rng_state(payload["rng"], loader_generator)
+        run.history = [EpochRecord(**record) for record in payload["history"]]
+        run.selection = Selection(payload["selection"])
+        run.start_epoch, run.stopped = payload["epoch"] + 1, payload["stopped"]
+        print(f"resuming {run_dir} after epoch {payload['epoch']}", flush=True)
+    return run
+
+
+def _evaluate_and_select(run: _Run, epoch: int, splits: dict, eval_settings: EvalSettings) -> tuple[dict, dict]:
+    """The epoch's metrics and per-query outcomes per split (none off the evaluation period); ``best.pth``
+    when the rule picks it."""
+    settings = run.settings
+    if epoch % settings.eval_period != 0 and epoch != settings.epochs:
+        return {}, {}
+    evaluated = {name: evaluate(run.model, split, eval_settings, outcomes=True) for name, split in splits.items()}
+    metrics = {name: pair[0] for name, pair in evaluated.items()}
+    rule = RULE_OF_SELECTION[settings.selection]
+    if rule in run.selection.update(epoch, metrics):
+        save_atomic({"model": run.model.state_dict(), CONFIG_KEY: config_to_dict(run.model.config), "epoch": epoch,
+                     "num_epoch": settings.epochs, "rule": rule, "metrics": metrics, "settings": settings.recipe()},
+                    run.best_path)
+    return metrics, {name: pair[1] for name, pair in evaluated.items()}
+
+
+def _deliver(record: EpochRecord, on_epoch: Callable[[EpochRecord], None] | None, run: _Run) -> None:
+    """Hand the record to ``on_epoch``; its :class:`StopTraining` marks the run stopped."""
+    try:
+        if on_epoch is not None:
+            on_epoch(record)
+    except StopTraining:
+        run.stopped = True
+
+
+def _save_last(run: _Run, epoch: int) -> None:
+    """``last.pth``: everything needed to continue after ``epoch`` as if the run had never stopped."""
+    save_atomic(
+        {
+            "model": run.model.state_dict(),
+            CONFIG_KEY: config_to_dict(run.model.config),
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "epoch": epoch,
+            "num_epoch": run.settings.epochs,
+            "rng": capture_rng_state(run.loader_generator),
+            # Outcomes stay out of last.pth (weights_only loading reads no numpy arrays): the registry keeps them.
+            "history": [dataclasses.asdict(dataclasses.replace(record, outcomes={})) for record in run.history],
+            "selection": run.selection.state,
+            "settings": run.settings.recipe(),
+            "stopped": run.stopped,
+        },
+        run.last_path,
     )
-
-
-def prepare_training_model(model: nn.Module, settings: TrainSettings, device) -> nn.Module:
-    """``model`` laid out for training, in place: the precision's weight dtypes, on ``device``, compiled if asked.
-
-    ``amp`` on CUDA lets fp32 matmuls use TF32 (the bf16 autocast already rounds harder); every other
-    case asks for full fp32 matmuls, so the official regime keeps its numerics even after an ``amp``
-    model was prepared in the same process. Compiling in place keeps parameter names and state-dict keys.
-    """
-    device = torch.device(device)
-    apply_precision(model, settings.precision)
-    model.to(device)
-    torch.set_float32_matmul_precision("high" if settings.precision == "amp" and device.type == "cuda" else "highest")
-    if settings.compile:
-        model.compile()
-    return model
-
-
-def build_training_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
-    """The optimiser of the recipe over ``model`` as :func:`prepare_training_model` left it.
-
-    ``official``: the per-tensor groups of spec 5 with torch's default kernel, as the official code.
-    ``amp`` (the fast regime): the same hyper-parameters with groups merged and the fused kernel on CUDA
-    (Adam/AdamW), the multi-tensor one otherwise; the updates are the same (tested).
-    """
-    groups = build_param_groups(
-        model,
-        settings.lr,
-        solver=settings.solver,
-        weight_decay=settings.weight_decay,
-        weight_decay_bias=settings.weight_decay_bias,
-        bias_lr_factor=settings.bias_lr_factor,
-        lr_factor=settings.lr_factor,
-        transformer_lr_factor=settings.transformer_lr_factor,
-        moe_lr_factor=settings.moe_lr_factor,
-    )
-    kernel = "default"
-    if settings.precision == "amp":
-        groups = merge_param_groups(groups)
-        on_cuda = next(model.parameters()).device.type == "cuda"
-        kernel = "fused" if on_cuda and settings.optimizer in ("adam", "adamw") else "foreach"
-    return build_optimizer(
-        groups, settings.optimizer, lr=settings.lr, betas=settings.betas, adam_eps=settings.adam_eps,
-        momentum=settings.momentum, kernel=kernel,
-    )
-
-
-def train_step(model, batch: dict, optimizer, settings: TrainSettings, device) -> dict[str, torch.Tensor]:
-    """One optimisation step on a batch (keys images, caption_ids, pids); returns the loss terms."""
-    images = batch["images"].to(device, non_blocking=True)
-    caption_ids = batch["caption_ids"].to(device, non_blocking=True)
-    pids = batch["pids"].to(device, non_blocking=True)
-    with autocast_context(settings.precision, device):
-        output = model(images, caption_ids)
-    losses = compute_losses(output, pids, settings.loss)
-    optimizer.zero_grad(set_to_none=True)
-    losses["total"].backward()
-    optimizer.step()
-    return losses
-
-
-def _train_one_epoch(model, loader, optimizer, settings: TrainSettings, device, progress: Progress, epoch: int) -> dict:
-    """One pass over the train loader; returns the sample-weighted mean of every loss term.
-
-    Nothing is read back from the device inside a step: the sums stay on the device and are read once
-    at the end of the epoch, and the progress display reads the loss only on the steps it shows.
-    """
-    model.train()
-    progress.start_epoch(epoch)
-    sums: dict[str, torch.Tensor] = {}
-    seen = 0
-    for batch in loader:
-        losses = train_step(model, batch, optimizer, settings, device)
-        size = len(batch["pids"])
-        seen += size
-        for name, value in losses.items():
-            sums[name] = sums.get(name, 0) + value.detach().float() * size
-        progress.step(size, lambda: losses["total"].item())
-    means = (torch.stack(list(sums.values())) / seen).tolist()  # one read-back for all the terms
-    return dict(zip(sums, means))

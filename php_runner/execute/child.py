@@ -11,7 +11,6 @@ SIGKILL ends one worker only; its run stays resumable from its last checkpoint.
 from __future__ import annotations
 
 import argparse
-import inspect
 import math
 import os
 import socket
@@ -32,7 +31,7 @@ from php_runner.experiment.build import (
     build_train_settings,
     load_training_data,
 )
-from php_runner.interop.official_config import CONFIGS_YAML
+from php_runner.interop.official_config import CONFIGS_YAML, DEFAULT_LOG_PERIOD
 from php_runner.interop.run_folder import OfficialRunFolder
 from php_runner.interop.tensorboard import TensorBoardWriter
 from php_runner.model.checkpoint import read_official_yaml
@@ -188,19 +187,14 @@ def _train_claimed(registry: Registry, run: RunRecord, heartbeat: Heartbeat, com
                 then(record)
             time.sleep(epoch_pause)
 
-        result = train(model, dataset, settings, run_dir, on_epoch=on_epoch, **step_hook(train, on_step))
+        result = train(model, dataset, settings, run_dir, on_epoch=on_epoch, on_step=on_step,
+                       log_period=log_period_of(config))
         if heartbeat.lost.is_set():
             raise LostClaim()
         best = result.selected.get("best-on-test")
         if Path(result.best_checkpoint).is_file():
             folder.finish(result.best_checkpoint, *((best[2]["R1"], best[0]) if best else ()))
     _record_training(registry, run.id, settings, result)
-
-
-def step_hook(train: Callable, on_step: Callable[[Any], None]) -> dict[str, Any]:
-    """``{"on_step": on_step}`` where ``engine.train.train`` takes per-iteration records (its ``on_step``,
-    coming with the speed-engine2 branch), else nothing: the log and the events then hold epochs only."""
-    return {"on_step": on_step} if "on_step" in inspect.signature(train).parameters else {}
 
 
 def open_run_folder(run: RunRecord, run_dir: Path, provenance: dict | None) -> tuple[OfficialRunFolder, bool]:
@@ -218,8 +212,14 @@ def open_run_folder(run: RunRecord, run_dir: Path, provenance: dict | None) -> t
         return OfficialRunFolder(recorded, read_official_yaml(yaml_path)), False
     identity = {"run_id": run.id, "config_hash": run.config_hash, "preset": run.preset, "table": run.table}
     folder = OfficialRunFolder.create(run_dir.parent.parent / LOGS_FOLDER, run.config, spec=run.spec_name,
-                                      row=run.row_label, seed=run.seed, identity=identity)
+                                      row=run.row_label, seed=run.seed, identity=identity,
+                                      log_period=log_period_of(run.config))
     return folder, True
+
+
+def log_period_of(config: dict) -> int:
+    """The run's iterations between per-iteration records (runs recorded before the field: the official 100)."""
+    return int(config.get("runtime", {}).get("log_period", DEFAULT_LOG_PERIOD))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -256,10 +256,6 @@ def die_with_parent(owner: str) -> None:
     if host == socket.gethostname() and pid.isdigit() and os.getppid() != int(pid):
         sys.exit(EXIT_NOT_CLAIMED)
 
-
-# --------------------------------------------------------------------------------------------
-# The parent: planning and scheduling workers
-# --------------------------------------------------------------------------------------------
 
 
 if __name__ == "__main__":

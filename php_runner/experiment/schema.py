@@ -152,6 +152,8 @@ class RuntimeSection(Strict):
     device: str = Field(default="auto", pattern=DEVICE_PATTERN)
     num_workers: NonNegativeInt = 8
     compile: bool = False  # torch.compile the training forward: how fast a run goes, not what it computes
+    # Iterations between the per-iteration records (train_log.txt lines, TensorBoard points); official: 100.
+    log_period: PositiveInt = 100
     # The command line's key=value overrides of this run (dotted name -> value), for provenance: the
     # values themselves are in the sections (and the hash) already.
     overrides: dict[str, Any] = Field(default_factory=dict)

@@ -62,6 +62,29 @@ def apply_precision(model: nn.Module, precision: str) -> nn.Module:
     return model
 
 
+@contextlib.contextmanager
+def float32_matmul_scope(allow_tf32: bool):
+    """fp32 matmuls in TF32 (``allow_tf32``) or in full fp32 for the block only; the process settings come back.
+
+    Restored on exit: ``torch.get_float32_matmul_precision()`` (which also decides
+    ``torch.backends.cuda.matmul.allow_tf32``) and ``torch.backends.cudnn.allow_tf32``, so a training regime's
+    TF32 never reaches a later evaluation or another run in the same process.
+    """
+    previous_precision, previous_cudnn = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("high" if allow_tf32 else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous_precision)
+        torch.backends.cudnn.allow_tf32 = previous_cudnn
+
+
+def training_matmul_scope(precision: str, device: str | torch.device) -> contextlib.AbstractContextManager:
+    """The fp32 matmul precision of a training step: TF32 for ``amp`` on CUDA (its bf16 autocast already
+    rounds harder), full fp32 otherwise, so the ``official`` regime keeps its numerics in any process."""
+    return float32_matmul_scope(precision == "amp" and torch.device(device).type == "cuda")
+
+
 def autocast_context(precision: str, device: str | torch.device) -> contextlib.AbstractContextManager:
     """bf16 autocast for ``amp`` on CUDA; a null context otherwise (``official`` runs in the weights' dtypes)."""
     if precision not in PRECISIONS:

@@ -150,4 +150,8 @@ def test_cuda_batch_equals_cpu_batch():
     augment = BatchAugment(SIZE)
     cpu = augment(pixels, torch.Generator().manual_seed(4))
     cuda = augment(pixels.cuda(), torch.Generator().manual_seed(4))
-    assert torch.equal(cuda.cpu(), cpu)
+    # Devices round divisions differently (CUDA may multiply by a reciprocal), so the contract is one float32
+    # ulp, not bits: one ulp of the [0, 1] pixel carried through Normalize (atol = eps / smallest std) plus one
+    # ulp of the result (rtol = eps). Measured on an H200: at most 4.8e-7, in 38% of the elements.
+    eps = torch.finfo(torch.float32).eps
+    torch.testing.assert_close(cuda.cpu(), cpu, rtol=eps, atol=eps / min(CLIP_STD))

@@ -223,5 +223,13 @@ def test_batch_independent_encoders_encode_at_the_large_batch_and_coupled_ones_a
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_scoring_on_cuda_gives_the_cpu_metrics(model, split):
+    """Scoring computes its similarity in full fp32 even when the process allows TF32 (which moves ranks)."""
     embeddings = extract_embeddings(model, split, _settings(model))
-    assert score_embeddings(embeddings, i2t=True, device="cuda") == score_embeddings(embeddings, i2t=True)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        on_cuda = score_embeddings(embeddings, i2t=True, device="cuda")
+        assert torch.get_float32_matmul_precision() == "high"  # scoring's own scope ends with it
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert on_cuda == pytest.approx(score_embeddings(embeddings, i2t=True), rel=1e-12)

@@ -6,12 +6,14 @@ import math
 import pytest
 import torch
 
+import php_runner.engine.step as step_module
 import php_runner.engine.train as train_module
 from php_runner.data import read_dataset, write_synthetic
 from php_runner.engine.evaluate import EvalSettings, evaluate
 from php_runner.engine.optim import build_optimizer, build_param_groups
 from php_runner.engine.train import (
     LAST_CHECKPOINT,
+    StepRecord,
     StopTraining,
     TrainSettings,
     build_training_optimizer,
@@ -147,7 +149,7 @@ def test_resume_after_an_interrupt_equals_an_uninterrupted_run(small_dataset, tm
     reference = train(reference_model, small_dataset, settings, tmp_path / "reference")
 
     steps_per_epoch = math.ceil(len(small_dataset.train) / settings.batch_size)
-    real_losses, calls = train_module.compute_losses, []
+    real_losses, calls = step_module.compute_losses, []
 
     def interrupt_in_epoch_two(*args, **kwargs):
         calls.append(1)
@@ -155,11 +157,11 @@ def test_resume_after_an_interrupt_equals_an_uninterrupted_run(small_dataset, tm
             raise KeyboardInterrupt
         return real_losses(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "compute_losses", interrupt_in_epoch_two)
+    monkeypatch.setattr(step_module, "compute_losses", interrupt_in_epoch_two)
     with pytest.raises(KeyboardInterrupt):
         train(_model(), small_dataset, settings, tmp_path / "resumed")
     assert torch.load(tmp_path / "resumed" / "last.pth", weights_only=True)["epoch"] == 1
-    monkeypatch.setattr(train_module, "compute_losses", real_losses)
+    monkeypatch.setattr(step_module, "compute_losses", real_losses)
 
     resumed_model = _model(seed=123)  # weights must come from last.pth, not from this initialisation
     resumed = train(resumed_model, small_dataset, settings, tmp_path / "resumed")
@@ -205,6 +207,52 @@ def test_a_last_checkpoint_whose_optimizer_groups_do_not_fit_is_refused_naming_t
     torch.save(payload, last)
     with pytest.raises(InputError, match=f"{last}: its saved training state does not fit"):
         train(_model(), small_dataset, settings, tmp_path)
+
+
+def _as_per_tensor_groups(optimizer_state: dict) -> dict:
+    """A merged-group optimiser state laid out as older php-runs wrote it: one group per tensor, ``name`` each."""
+    groups, state, position = [], {}, 0
+    for group in optimizer_state["param_groups"]:
+        options = {key: value for key, value in group.items() if key not in ("params", "names")}
+        for index, name in zip(group["params"], group["names"]):
+            groups.append({**options, "params": [position], "name": name})
+            if index in optimizer_state["state"]:
+                state[position] = optimizer_state["state"][index]
+            position += 1
+    return {"state": state, "param_groups": groups}
+
+
+@pytest.mark.slow
+def test_an_official_last_checkpoint_with_per_tensor_groups_resumes_exactly(small_dataset, tmp_path):
+    settings = _small_settings(epochs=2, precision="official")
+    reference_model = _model()
+    reference = train(reference_model, small_dataset, settings, tmp_path / "reference")
+
+    def stop(record):
+        raise StopTraining
+
+    train(_model(), small_dataset, settings, tmp_path / "resumed", on_epoch=stop)
+    last = tmp_path / "resumed" / LAST_CHECKPOINT
+    payload = torch.load(last, weights_only=True)
+    payload["stopped"] = False
+    payload["optimizer"] = _as_per_tensor_groups(payload["optimizer"])
+    assert len(payload["optimizer"]["param_groups"]) == len(list(_model().parameters()))
+    torch.save(payload, last)
+    resumed_model = _model(seed=123)
+    resumed = train(resumed_model, small_dataset, settings, tmp_path / "resumed")
+    assert [record.losses for record in resumed.history] == [record.losses for record in reference.history]
+    reference_state, resumed_state = reference_model.state_dict(), resumed_model.state_dict()
+    assert all(torch.equal(reference_state[key], resumed_state[key]) for key in reference_state)
+
+    payload = torch.load(last, weights_only=True)
+    sizes = [len(group["names"]) for group in payload["optimizer"]["param_groups"]]
+    in_largest_group = sum(sizes[:sizes.index(max(sizes))]) + 1
+    payload["optimizer"] = _as_per_tensor_groups(payload["optimizer"])
+    payload["optimizer"]["param_groups"][in_largest_group]["weight_decay"] += 1  # no longer its merged group's
+    payload["epoch"], payload["stopped"] = 1, False
+    torch.save(payload, last)
+    with pytest.raises(InputError, match=f"{last}: its saved training state does not fit.*no longer fit"):
+        train(_model(), small_dataset, settings, tmp_path / "resumed")
 
 
 def test_official_precision_trains_fp16_weights_and_its_checkpoint_evaluates_the_same(small_dataset, tmp_path):
@@ -304,10 +352,86 @@ def test_fast_regime_trains_exactly_like_per_tensor_groups_and_official_keeps_th
     for (name, a), b in zip(reference.named_parameters(), fast.parameters()):
         assert torch.equal(a, b), name
 
-    official = TrainSettings(precision="official")
-    model = prepare_training_model(_model(), official, "cpu")
-    optimizer = build_training_optimizer(model, official)
-    assert len(optimizer.param_groups) == len(list(model.parameters())) and not optimizer.defaults["foreach"]
+
+
+def _optimizer_state_by_name(optimizer):
+    names = [name for group in optimizer.param_groups for name in group.get("names", [group.get("name")])]
+    params = [param for group in optimizer.param_groups for param in group["params"]]
+    return {name: optimizer.state[param] for name, param in zip(names, params)}
+
+
+_DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])]
+
+
+@pytest.mark.parametrize("device", _DEVICES)
+@pytest.mark.parametrize("optimizer_name", ["adam", "sgd"])
+def test_official_regime_merged_groups_are_bit_equal_to_per_tensor_groups(optimizer_name, device):
+    """The official fp16 layout, four steps: parameters and every optimiser state tensor bit-equal to torch's
+    default kernel over the official per-tensor groups (on CUDA both run the multi-tensor kernel)."""
+    settings = TrainSettings(precision="official", solver="v1", lr=1e-3, optimizer=optimizer_name, device=device)
+    merged, reference = prepare_training_model(_model(), settings, device), prepare_training_model(_model(), settings, device)
+    assert {p.dtype for p in merged.parameters()} == {torch.float16, torch.float32}
+    merged_optimizer = build_training_optimizer(merged, settings)
+    groups = build_param_groups(reference, settings.lr, solver=settings.solver, moe_lr_factor=settings.moe_lr_factor)
+    reference_optimizer = build_optimizer(groups, optimizer_name, lr=settings.lr, adam_eps=settings.adam_eps)
+    assert len(merged_optimizer.param_groups) <= 4 and len(reference_optimizer.param_groups) > 100
+    for seed in range(4):
+        torch.manual_seed(seed)
+        merged_losses = train_step(merged, _random_batch(merged.config, seed=seed), merged_optimizer, settings, device)
+        torch.manual_seed(seed)
+        reference_losses = train_step(reference, _random_batch(reference.config, seed=seed), reference_optimizer,
+                                      settings, device)
+        assert merged_losses["total"].item() == reference_losses["total"].item()
+    for (name, a), b in zip(reference.named_parameters(), merged.parameters()):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    merged_state, reference_state = _optimizer_state_by_name(merged_optimizer), _optimizer_state_by_name(reference_optimizer)
+    assert sorted(merged_state) == sorted(reference_state)
+    for name, state in reference_state.items():
+        assert state.keys() == merged_state[name].keys(), name
+        for key, value in state.items():
+            assert torch.equal(merged_state[name][key], value), (name, key)
+
+
+@pytest.fixture
+def non_default_matmul_settings():
+    """Process-wide TF32 settings nobody uses by default, restored after the test."""
+    previous = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("medium")
+    torch.backends.cudnn.allow_tf32 = False
+    yield "medium", True, False
+    torch.set_float32_matmul_precision(previous[0])
+    torch.backends.cudnn.allow_tf32 = previous[1]
+
+
+def _matmul_settings():
+    return torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+@pytest.mark.parametrize("precision", ["amp", "official"])
+def test_a_training_step_leaves_the_process_matmul_settings_as_they_were(precision, non_default_matmul_settings):
+    settings = TrainSettings(precision=precision, lr=1e-3, device="cpu")
+    model = prepare_training_model(_model(), settings, "cpu")
+    optimizer = build_training_optimizer(model, settings)
+    inside = []
+    real_step = optimizer.step
+    optimizer.step = lambda: (inside.append(torch.get_float32_matmul_precision()), real_step())
+    train_step(model, _random_batch(model.config), optimizer, settings, "cpu")
+    assert inside == ["highest"]  # CPU and the official regime: full fp32 whatever the process says
+    assert _matmul_settings() == non_default_matmul_settings
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_evaluation_after_an_amp_step_equals_the_one_before(device, small_dataset):
+    """An amp step on CUDA runs in TF32; the evaluation after it (same process) must not."""
+    settings = TrainSettings(precision="amp", lr=1e-3, device=device)
+    model = _model()
+    eval_settings = EvalSettings(batch_size=16, device=device, image_size=model.config.clip.image_size)
+    before = evaluate(model, small_dataset.test, eval_settings)
+    trained = prepare_training_model(_model(), settings, device)
+    train_step(trained, _random_batch(trained.config), build_training_optimizer(trained, settings), settings, device)
+    assert evaluate(model, small_dataset.test, eval_settings) == before
 
 
 _READ_BACKS = ("item", "tolist", "__bool__", "__float__", "__int__", "nonzero")
@@ -337,6 +461,29 @@ def test_training_reads_nothing_back_from_the_device_inside_a_step(small_dataset
         monkeypatch.setattr(train_module, "evaluate", lambda model, split, settings: {"R1": 0.0})
         counts.append(reads)
     assert counts[0] == counts[1] and len(counts[0]) == 1  # the epoch's mean losses, read once
+
+
+def test_on_step_gets_the_running_mean_losses_every_log_period(small_dataset, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_module, "evaluate", lambda model, split, settings: {"R1": 0.0})
+    real_losses, seen = step_module.compute_losses, []
+
+    def recorded(output, pids, config):
+        losses = real_losses(output, pids, config)
+        seen.append((len(pids), {name: value.item() for name, value in losses.items()}))
+        return losses
+
+    monkeypatch.setattr(step_module, "compute_losses", recorded)
+    settings = _small_settings(epochs=2, batch_size=len(small_dataset.train) // 5 + 1)  # 5 steps, the last partial
+    records = []
+    result = train(_model(), small_dataset, settings, tmp_path, on_step=records.append, log_period=2)
+    assert [(r.epoch, r.iteration, r.iterations_per_epoch) for r in records] == [(1, 2, 5), (1, 4, 5), (2, 2, 5), (2, 4, 5)]
+    assert [r.lr for r in records] == [result.history[0].lr] * 2 + [result.history[1].lr] * 2
+    for record in records:
+        steps = seen[(record.epoch - 1) * 5:(record.epoch - 1) * 5 + record.iteration]
+        samples = sum(size for size, _ in steps)
+        for name, value in record.losses.items():
+            assert value == pytest.approx(sum(size * losses[name] for size, losses in steps) / samples, rel=1e-6), name
+    assert isinstance(records[0], StepRecord) and set(records[0].losses) == set(result.history[0].losses)
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import php_runner.engine.step as step_module
 import php_runner.engine.train as train_module
 from php_runner.data import read_dataset, write_synthetic
 from php_runner.data.loaders import CachedTrainBatches
@@ -40,7 +41,7 @@ def test_cache_pipeline_resume_equals_an_uninterrupted_run(dataset, tmp_path, mo
     assert isinstance(loaders[0], CachedTrainBatches)
 
     steps_per_epoch = math.ceil(len(dataset.train) / settings.batch_size)
-    real_losses, calls = train_module.compute_losses, []
+    real_losses, calls = step_module.compute_losses, []
 
     def interrupt_in_epoch_two(*args, **kwargs):
         calls.append(1)
@@ -48,10 +49,10 @@ def test_cache_pipeline_resume_equals_an_uninterrupted_run(dataset, tmp_path, mo
             raise KeyboardInterrupt
         return real_losses(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "compute_losses", interrupt_in_epoch_two)
+    monkeypatch.setattr(step_module, "compute_losses", interrupt_in_epoch_two)
     with pytest.raises(KeyboardInterrupt):
         train(_model(), dataset, settings, tmp_path / "resumed")
-    monkeypatch.setattr(train_module, "compute_losses", real_losses)
+    monkeypatch.setattr(step_module, "compute_losses", real_losses)
     resumed_model = _model(seed=5)
     resumed = train(resumed_model, dataset, settings, tmp_path / "resumed")
     strip = lambda history: [dataclasses.replace(record, seconds=0) for record in history]  # noqa: E731

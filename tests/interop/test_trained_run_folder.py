@@ -5,7 +5,6 @@ same folder."""
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import signal
@@ -19,7 +18,6 @@ import yaml
 from test_log_layout import eval_blocks, official_block, stamped
 from test_run_folder import OFFICIAL_KEYS
 
-from php_runner.engine.train import train
 from php_runner.interop.official_config import php_run_identity
 from php_runner.model.checkpoint import extract_state_dict, load_checkpoint_file, load_model, read_official_yaml
 from php_runner.store.registry import Registry
@@ -28,7 +26,6 @@ from php_runner.studies.released_checks import infer_released_config
 
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
 LOSSES = {"total": "loss", "sdm_loss": "sdm_loss", "itc_loss": "itc_loss", "aux_loss": "aux_loss"}
-ENGINE_STEPS = "on_step" in inspect.signature(train).parameters
 
 
 def php_run(*args: str, cwd: Path, **popen) -> subprocess.Popen:
@@ -41,8 +38,23 @@ def run_args(spec_dir: Path, data_root: Path, url: str) -> tuple[str, ...]:
 
 
 @pytest.fixture(scope="module")
-def trained(spec_dir, tiny_data_root, tmp_path_factory):
+def step_spec_dir(spec_dir, tmp_path_factory) -> Path:
+    """The test specs with a per-iteration record every iteration (a tiny epoch has fewer than log_period)."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("step_specs")
+    for path in spec_dir.iterdir():
+        shutil.copy(path, folder / path.name)
+    presets = folder / "presets.toml"
+    presets.write_text(presets.read_text().replace("log_period = 10 ", "log_period = 1 "))
+    assert "log_period = 1 " in presets.read_text()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(step_spec_dir, tiny_data_root, tmp_path_factory):
     """One uninterrupted two-epoch tiny run, trained through the real CLI in a fresh folder."""
+    spec_dir = step_spec_dir
     workdir = tmp_path_factory.mktemp("trained")
     url = f"sqlite:///{workdir / 'registry.db'}"
     output, _ = php_run(*run_args(spec_dir, tiny_data_root, url), cwd=workdir).communicate(timeout=300)
@@ -126,7 +138,6 @@ def test_tensorboard_events_hold_the_recorded_losses_lr_and_metrics(trained):
     assert checked == 6 and sorted(found["test/R1"]) == [1, 2]
 
 
-@pytest.mark.skipif(not ENGINE_STEPS, reason="engine.train has no on_step yet (branch speed-engine2)")
 def test_tensorboard_events_hold_per_iteration_losses(trained):
     found = scalars(trained["folder"])
     assert found["train/loss"] and found["train/lr"] and min(found["train/loss"]) >= 1

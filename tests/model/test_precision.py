@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from php_runner.model.clip import LayerNorm
-from php_runner.model.precision import apply_precision, autocast_context
+from php_runner.model.precision import (
+    apply_precision,
+    autocast_context,
+    float32_matmul_scope,
+    training_matmul_scope,
+)
 
 
 @pytest.mark.parametrize("sharing", ["shared", "separate"])
@@ -75,6 +80,26 @@ def test_autocast_context_is_null_except_amp_on_cuda():
     assert isinstance(autocast_context("official", "cuda"), contextlib.nullcontext)
     with pytest.raises(ValueError):
         autocast_context("bf16", "cpu")
+
+
+def test_matmul_scopes_set_their_precision_and_restore_the_process_settings_even_on_error():
+    previous = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("medium")
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        with float32_matmul_scope(allow_tf32=True):
+            assert (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32) == ("high", True)
+        with pytest.raises(KeyError), float32_matmul_scope(allow_tf32=False):
+            assert not torch.backends.cuda.matmul.allow_tf32
+            raise KeyError("inside")
+        for precision, device, inside in (("amp", "cuda", "high"), ("amp", "cpu", "highest"), ("official", "cuda", "highest")):
+            with training_matmul_scope(precision, device):
+                assert torch.get_float32_matmul_precision() == inside, (precision, device)
+        assert (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32,
+                torch.backends.cudnn.allow_tf32) == ("medium", True, False)
+    finally:
+        torch.set_float32_matmul_precision(previous[0])
+        torch.backends.cudnn.allow_tf32 = previous[1]
 
 
 @pytest.mark.gpu
