@@ -165,7 +165,8 @@ def test_resume_after_an_interrupt_equals_an_uninterrupted_run(small_dataset, tm
 
     resumed_model = _model(seed=123)  # weights must come from last.pth, not from this initialisation
     resumed = train(resumed_model, small_dataset, settings, tmp_path / "resumed")
-    strip = lambda history: [dataclasses.replace(record, seconds=0) for record in history]  # noqa: E731
+    # Epochs restored from last.pth carry no per-query outcomes (the registry keeps them).
+    strip = lambda history: [dataclasses.replace(record, seconds=0, outcomes={}) for record in history]  # noqa: E731
     assert strip(resumed.history) == strip(reference.history)
     assert resumed.selected == reference.selected
     reference_state, resumed_state = reference_model.state_dict(), resumed_model.state_dict()
@@ -302,9 +303,9 @@ def test_without_test_evaluation_training_never_touches_the_test_split(small_dat
 
     real_evaluate = train_module.evaluate
 
-    def evaluate_but_not_test(model, split, settings):
+    def evaluate_but_not_test(model, split, settings, outcomes=False):
         assert split is not small_dataset.test, "the test split was evaluated during training"
-        return real_evaluate(model, split, settings)
+        return real_evaluate(model, split, settings, outcomes=outcomes)
 
     monkeypatch.setattr(train_module, "evaluate", evaluate_but_not_test)
     result = train(_model(), small_dataset, _small_settings(epochs=2, selection="val", evaluate_test=False), tmp_path)
@@ -441,7 +442,7 @@ def test_training_reads_nothing_back_from_the_device_inside_a_step(small_dataset
     """Counts php_runner's read-backs (each a host-device sync on CUDA) over a 3-step and a 6-step epoch."""
     import inspect
 
-    monkeypatch.setattr(train_module, "evaluate", lambda model, split, settings: {"R1": 0.0})
+    monkeypatch.setattr(train_module, "evaluate", lambda model, split, settings, outcomes=False: ({"R1": 0.0}, None))
     counts = []
     for batch_size in (len(small_dataset.train) // 3 + 1, len(small_dataset.train) // 6 + 1):
         reads = []
@@ -458,13 +459,13 @@ def test_training_reads_nothing_back_from_the_device_inside_a_step(small_dataset
         settings = _small_settings(epochs=1, batch_size=batch_size)
         train(_model(), small_dataset, settings, tmp_path / str(batch_size))  # the full model: EFP MoE included
         monkeypatch.undo()
-        monkeypatch.setattr(train_module, "evaluate", lambda model, split, settings: {"R1": 0.0})
+        monkeypatch.setattr(train_module, "evaluate", lambda model, split, settings, outcomes=False: ({"R1": 0.0}, None))
         counts.append(reads)
     assert counts[0] == counts[1] and len(counts[0]) == 1  # the epoch's mean losses, read once
 
 
 def test_on_step_gets_the_running_mean_losses_every_log_period(small_dataset, tmp_path, monkeypatch):
-    monkeypatch.setattr(train_module, "evaluate", lambda model, split, settings: {"R1": 0.0})
+    monkeypatch.setattr(train_module, "evaluate", lambda model, split, settings, outcomes=False: ({"R1": 0.0}, None))
     real_losses, seen = step_module.compute_losses, []
 
     def recorded(output, pids, config):

@@ -112,7 +112,15 @@ def set_path(config: dict, path: tuple, value) -> dict:
 
 
 RESOLVED = expand(SPECS["headline"], "tiny", datasets=["RSTPReid"], seeds=[1], runtime={"data_root": "."})[0].config
-FIELDS = list(schema_fields(RunConfig))
+# runtime.overrides is written only when the command line set some (provenance, outside the hash).
+OVERRIDES = ("runtime", "overrides")
+FIELDS = [path for path in schema_fields(RunConfig) if path != OVERRIDES]
+
+
+def test_recorded_overrides_leave_the_hash_unchanged():
+    with_overrides = copy.deepcopy(RESOLVED)
+    with_overrides["runtime"]["overrides"] = {"train.lr": 1e-5}
+    assert config_hash(with_overrides) == config_hash(RESOLVED)
 
 
 def test_the_resolved_config_holds_every_field_of_the_schema():
