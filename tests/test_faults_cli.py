@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from php_runner.store.registry import Registry
+
 from php_runner.data import write_synthetic
 
 DATASET = "RSTPReid"
@@ -300,9 +302,7 @@ def one_run_spec(tmp_path, spec_dir) -> Path:
 
 
 def test_run_refuses_a_deep_annotation_and_a_huge_id_in_one_line(cli, data, cache_root, one_run_spec, tmp_path):
-    """The runner's preflight only checks that the dataset folder exists, so today the worker reads the
-    annotation and the run fails (exit 1) with the one-line DatasetError; exit 2 needs the runner to read
-    the dataset in its preflight (runner-owned)."""
+    """The preflight reads the annotation, so the run is refused (exit 2) before anything is recorded."""
     text = annotation(data).read_text()
     for body, expected in (("[" * 5000 + "]" * 5000, "JSON nested 5000 deep, over the limit of 64"),
                            (text.replace('"id": 0', '"id": 1000000000000', 1), "field 'id' is outside")):
@@ -310,8 +310,9 @@ def test_run_refuses_a_deep_annotation_and_a_huge_id_in_one_line(cli, data, cach
         before = snapshot(data)
         code, out, err = cli("run", one_run_spec, "--preset", "tiny", "--data-root", data, "--db",
                              f"sqlite:///{tmp_path / 'r.db'}")
-        assert code in (1, 2) and "Traceback" not in out + err, err
+        assert code == 2 and "Traceback" not in out + err, err
         assert f"{annotation(data)}: " in err and expected in err and snapshot(data) == before
+        assert not Registry(f"sqlite:///{tmp_path / 'r.db'}", read_only=True).list_runs()  # nothing recorded
 
 
 def test_run_refuses_a_truncated_image_by_path_instead_of_training_on_grey_rows(data, cache_root, one_run_spec,

@@ -56,6 +56,7 @@ def preflight(config: dict, local: bool = True) -> None:
     runtime = config.get("runtime", {})
     if local:
         check_device(runtime.get("device", "auto"))
+        check_annotations(config)
     weights = runtime.get("clip_weights")
     if config["model"].get("clip") == "ViT-B/16":
         if not weights:
@@ -68,6 +69,14 @@ def preflight(config: dict, local: bool = True) -> None:
             check_clip_weights(weights)
         except ClipWeightsError as err:
             raise InputError(f"--clip-weights {err}") from None
+
+
+def check_annotations(config: dict) -> None:
+    """Read the run's annotation file (depth, size, ids, fields) so a damaged one is refused before anything
+    is recorded; images are decoded by ``php-run data check`` and by training, not here (a full pass)."""
+    from php_runner.data import read_dataset
+
+    read_dataset(Path(config.get("runtime", {}).get("data_root") or "."), config["data"]["dataset"])
 
 
 def check_device(device: str) -> None:

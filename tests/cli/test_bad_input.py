@@ -68,7 +68,7 @@ class _FinishedWorker:
         return self.returncode
 
 
-def _stub_train(model, dataset, settings, run_dir, on_epoch=None):
+def _stub_train(model, dataset, settings, run_dir, on_epoch=None, on_step=None, log_period=100):
     """Writes best.pth and last.pth as training would, without training."""
     payload = {"model": model.state_dict(), "config": config_to_dict(model.config), "epoch": 1,
                "settings": settings.recipe()}
