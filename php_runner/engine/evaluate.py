@@ -11,7 +11,8 @@ batch-mates (the per-sample coupling, and the ``base`` and ``crfm`` encoders, wh
 attention) encode at ``independent_batch_size``. The official coupling at batch size 1 is each EFP slot
 attending only to itself; it is computed for ``independent_batch_size`` samples at once with the EFP
 blocks' ``alone`` attention, which gives the batch-size-1 embeddings (tested). Scoring runs on
-``device``, chunked over queries.
+``device``, chunked over queries. The ``amp`` regime on CUDA encodes with a bf16 cast of the weights
+(``precision.weights_as``; the fp32 masters come back after) instead of autocast over fp32 weights.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from php_runner.data import EvalSplit
 from php_runner.data.loaders import ImageSet, TextSet
 from php_runner.data.transforms import build_transform
 from php_runner.engine.metrics import metrics_from_outcomes, query_outcomes, retrieval_metrics
-from php_runner.model.precision import autocast_context, float32_matmul_scope
+from php_runner.model.precision import autocast_context, float32_matmul_scope, inference_weight_dtype, weights_as
 
 ORDERS = ("annotation", "shuffled")
 BATCH_INDEPENDENT_ENCODERS = ("base", "crfm")  # no EFP attention, so nothing couples batch-mates
@@ -96,8 +97,10 @@ def _encode(model, dataset: Dataset, order: torch.Tensor, encode, settings: Eval
         pin_memory=device.type == "cuda",
     )
     features, pids = [], []
+    # bf16 weights (amp on CUDA) compute in bf16 without autocast; otherwise the precision's autocast.
+    weights_cast = inference_weight_dtype(settings.precision, device) is not None
     for batch_pids, inputs in loader:
-        with autocast_context(settings.precision, device):
+        with nullcontext() if weights_cast else autocast_context(settings.precision, device):
             output = encode(inputs.to(device, non_blocking=True), encoder=settings.encoder)
         features.append(output.float().cpu())
         pids.append(batch_pids)
@@ -118,7 +121,8 @@ def extract_embeddings(model, split: EvalSplit, settings: EvalSettings | None = 
     generator = torch.Generator().manual_seed(settings.seed)
     batch_size, alone = encoding_plan(model, settings)
     try:
-        with model.attending_alone() if alone else nullcontext():
+        with model.attending_alone() if alone else nullcontext(), \
+                weights_as(model, inference_weight_dtype(settings.precision, settings.device)):
             texts = TextSet(split.caption_pids, split.captions)
             text_order = _batch_order(len(texts), settings, generator)
             text, text_pids = _encode(model, texts, text_order, model.encode_text, settings, batch_size)

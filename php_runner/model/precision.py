@@ -85,6 +85,27 @@ def training_matmul_scope(precision: str, device: str | torch.device) -> context
     return float32_matmul_scope(precision == "amp" and torch.device(device).type == "cuda")
 
 
+def inference_weight_dtype(precision: str, device: str | torch.device) -> torch.dtype | None:
+    """The dtype evaluation casts the weights to: bf16 for ``amp`` on CUDA (faster than autocast over fp32
+    weights: no per-op casts), None (the training layout as it is) otherwise."""
+    return torch.bfloat16 if precision == "amp" and torch.device(device).type == "cuda" else None
+
+
+@contextlib.contextmanager
+def weights_as(model: nn.Module, dtype: torch.dtype | None):
+    """``model``'s floating parameters and buffers in ``dtype`` for the duration (``None``: unchanged); the
+    original tensors (fp32 masters, fp16 layout) are put back after, keeping the parameter objects."""
+    tensors = [] if dtype is None else [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    originals = [tensor.data for tensor in tensors]
+    try:
+        for tensor, original in zip(tensors, originals):
+            tensor.data = original.to(dtype)
+        yield model
+    finally:
+        for tensor, original in zip(tensors, originals):
+            tensor.data = original
+
+
 def autocast_context(precision: str, device: str | torch.device) -> contextlib.AbstractContextManager:
     """bf16 autocast for ``amp`` on CUDA; a null context otherwise (``official`` runs in the weights' dtypes)."""
     if precision not in PRECISIONS:

@@ -111,3 +111,33 @@ def test_amp_autocasts_to_bf16_on_cuda(tiny_model, tiny_images, tiny_token_ids):
         out = model(tiny_images(2).cuda(), tiny_token_ids(2).cuda())
     assert tokens.dtype == torch.bfloat16
     assert out.image_feats.dtype == torch.float32
+
+
+def test_bf16_inference_weights_give_faithful_embeddings_and_restore_the_masters(tiny_model):
+    """amp on CUDA evaluates with bf16 weights: on the CPU (bf16 kernels exist) the unit-normalised embeddings
+    stay within atol 2e-2 of fp32 (bf16 keeps 8 significant bits) and cosine >= 0.999; the masters come back."""
+    import torch.nn.functional as F
+
+    from php_runner.model.precision import inference_weight_dtype, weights_as
+
+    model = tiny_model().eval()
+    masters = list(model.parameters())
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(8, 3, *model.config.clip.image_size, generator=generator)
+    ids = torch.randint(1, 400, (8, model.config.clip.context_length), generator=generator)
+    ids[:, 12] = model.config.clip.vocab_size - 1
+    with torch.no_grad():
+        reference = [F.normalize(model.encode_image(images), dim=1), F.normalize(model.encode_text(ids), dim=1)]
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        with weights_as(model, torch.bfloat16):
+            assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+            cast = [F.normalize(model.encode_image(images).float(), dim=1),
+                    F.normalize(model.encode_text(ids).float(), dim=1)]
+    for fp32, bf16 in zip(reference, cast):
+        torch.testing.assert_close(bf16, fp32, atol=2e-2, rtol=0)
+        assert (fp32 * bf16).sum(dim=1).min() >= 0.999
+        assert not torch.equal(bf16, fp32)  # the cast happened
+    assert list(model.parameters()) == masters
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert inference_weight_dtype("amp", "cuda") == torch.bfloat16
+    assert inference_weight_dtype("amp", "cpu") is None and inference_weight_dtype("official", "cuda") is None
