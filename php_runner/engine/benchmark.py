@@ -137,6 +137,13 @@ class _Regime:
         return sizes.steps * batch_size / _timed(self.device, sizes.steps, sizes.warmup, lambda _: self.step(batch))
 
 
+def training_samples_per_s(config: PHPConfig, regime: str, batch_size: int, sizes: BenchSizes, device: str = "auto",
+                           compile: bool = False) -> float:
+    """Model-only training samples/s of one regime (``official`` or ``fast``) at ``batch_size``, compiled or not."""
+    torch_device = resolve_device(device)
+    return _Regime(config, regime, batch_size, torch_device, compile).samples_per_s(config, batch_size, sizes)
+
+
 def _largest_batch(config: PHPConfig, regime: str, sizes: BenchSizes, device: torch.device, compile: bool) -> dict:
     """The largest batch (doubling from ``batch_size`` up to ``max_batch``) whose training step fits, and its rate."""
     best = {"batch_size": None, "samples_per_s": None}
