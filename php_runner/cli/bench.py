@@ -120,5 +120,7 @@ def _print_bench(result: dict, heading: str) -> None:
     console.print(f"  eval: {result['eval']['images_per_s']:.1f} images/s, {result['eval']['texts_per_s']:.1f} "
                   f"captions/s; scoring {result['scoring']['queries']}x{result['scoring']['gallery']}: "
                   f"{result['scoring']['seconds']:.2f} s")
+    console.print("  projected 60-epoch CUHK-PEDES run (per-epoch evaluation): " + ", ".join(
+        f"{name} {entry['hours_60_epochs_cuhk']:.2f} h" for name, entry in result["projection"].items()))
     mfu = "n/a on CPU" if result["mfu"] is None else f"{result['mfu']:.1%}"
     console.print(f"  peak memory {result['peak_memory_bytes'] / 2**30:.2f} GiB ({result['peak_memory_kind']}), MFU {mfu}")

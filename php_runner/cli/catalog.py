@@ -23,6 +23,13 @@ from php_runner.cli.common import JsonOption, OverridesArgument, console, note, 
 HEADER_KEYS = ("Runs", "Fills", "Cost")
 _ENTRY = re.compile(rf"^#\s*({'|'.join(HEADER_KEYS)}):\s*(.*)$")
 _CONTINUATION = re.compile(r"^#\s{2,}(\S.*)$")
+BENCHMARK_LOG = Path("reports") / "benchmarks.jsonl"
+# Training pairs per epoch (php_spec.md, dataset sizes): a run on another dataset than CUHK-PEDES, which the
+# bench projects, is scaled by its training set size (its smaller or larger test split is neglected).
+TRAIN_PAIRS = {"CUHK-PEDES": 68_126, "ICFG-PEDES": 34_674, "RSTPReid": 37_010}
+# The shipped recipe trains in the official precision, so specs are costed at the official regime's projection.
+COSTED_REGIME = "official"
+NO_BENCH = "no bench recorded"
 
 
 def spec_header(path: Path) -> dict[str, str]:
@@ -44,10 +51,51 @@ def spec_header(path: Path) -> dict[str, str]:
     return {key: " ".join(parts) for key, parts in entries.items()}
 
 
+def machine_device_name() -> str:
+    """This machine's device as ``php-run bench`` records it (its first CUDA device, else the CPU)."""
+    import torch
+
+    from php_runner.execute.provenance import provenance_info
+
+    return provenance_info("cuda" if torch.cuda.is_available() else "cpu", None)["device"]
+
+
+def latest_bench(device_name: str, log: Path = BENCHMARK_LOG) -> dict | None:
+    """The last record of ``log`` measured on ``device_name`` that has a projection; None when there is none."""
+    from php_runner.errors import InputError
+
+    if not log.exists():
+        return None
+    latest = None
+    for number, line in enumerate(log.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{log}:{number}: not a JSON record ({err.msg})") from None
+        if isinstance(record, dict) and record.get("device_name") == device_name and "projection" in record:
+            latest = record
+    return latest
+
+
+def projected_gpu_hours(spec, bench: dict | None) -> float | None:
+    """GPU-hours of every run of ``spec`` (datasets x grid x seeds) at ``bench``'s projected CUHK-PEDES run
+    hours, each dataset's runs scaled by its training set size; None without a bench of the costed regime."""
+    hours = ((bench or {}).get("projection", {}).get(COSTED_REGIME) or {}).get("hours_60_epochs_cuhk")
+    if hours is None:
+        return None
+    runs_per_dataset = len(spec.points) * len(spec.seeds)
+    scale = sum(TRAIN_PAIRS[dataset] for dataset in spec.datasets) / TRAIN_PAIRS["CUHK-PEDES"]
+    return hours * runs_per_dataset * scale
+
+
 def catalog() -> list[dict[str, Any]]:
-    """One entry per shipped spec: name, table, description, runs per seed, and its header entries."""
+    """One entry per shipped spec: name, table, description, runs per seed, its header entries, and its
+    GPU-hours at the last bench recorded (reports/benchmarks.jsonl) on this machine's device."""
     from php_runner.experiment.specs import load_all_specs
 
+    bench = latest_bench(machine_device_name())
     entries = []
     for name, spec in sorted(load_all_specs().items()):
         header = spec_header(spec.path)
@@ -55,6 +103,10 @@ def catalog() -> list[dict[str, Any]]:
             "spec": name, "table": spec.table, "description": spec.description,
             "runs_per_seed": len(spec.points) * len(spec.datasets), "path": str(spec.path),
             "runs": header.get("Runs"), "fills": header.get("Fills"), "cost": header.get("Cost"),
+            "gpu_hours": projected_gpu_hours(spec, bench),
+            "gpu_hours_basis": NO_BENCH if bench is None else
+            f"{COSTED_REGIME} regime, bench of {bench.get('recorded')} on {bench.get('device_name')}; runs on "
+            "ICFG-PEDES and RSTPReid scaled from CUHK-PEDES by training set size",
         })
     return entries
 
@@ -166,12 +218,15 @@ def list_specs(as_json: JsonOption = False) -> None:
         return
     view = Table(title=f"{len(entries)} shipped specs (php-run cat NAME prints one; php-run run NAME runs it)",
                  show_lines=True)
-    for column in ("spec", "table", "runs/seed", "description", "cost"):
+    for column in ("spec", "table", "runs/seed", "description", "cost", "GPU-h (bench)"):
         view.add_column(column, no_wrap=column in ("spec", "table"))
     for entry in entries:
+        hours = NO_BENCH if entry["gpu_hours"] is None else f"{entry['gpu_hours']:.1f}"
         view.add_row(entry["spec"], entry["table"] or "-", str(entry["runs_per_seed"]), entry["description"],
-                     entry["cost"] or "")
+                     entry["cost"] or "", hours)
     console.print(view)
+    if entries and entries[0]["gpu_hours"] is not None:
+        note(f"GPU-h: all seeds, {entries[0]['gpu_hours_basis']}")
 
 
 @app.command("cat")

@@ -54,6 +54,12 @@ from php_runner.model.precision import autocast_context
 
 EOT_ID = 49407  # the text encoder reads the global feature at the highest id's position
 ICFG_TEST_SIZE = 19_848
+# One paper run of CUHK-PEDES (php_spec.md, dataset sizes): 60 epochs of 68,126 training pairs, the test
+# split (3,074 images, 6,156 captions) encoded after every epoch.
+CUHK_TRAIN_PAIRS = 68_126
+CUHK_TEST_IMAGES = 3_074
+CUHK_TEST_CAPTIONS = 6_156
+PAPER_EPOCHS = 60
 REGIMES = {"official": "official", "fast": "amp"}  # regime name -> train.precision
 
 
@@ -129,6 +135,13 @@ class _Regime:
         batch = {key: value.to(self.device) for key, value in
                  random_batch(config, batch_size, torch.Generator().manual_seed(batch_size)).items()}
         return sizes.steps * batch_size / _timed(self.device, sizes.steps, sizes.warmup, lambda _: self.step(batch))
+
+
+def training_samples_per_s(config: PHPConfig, regime: str, batch_size: int, sizes: BenchSizes, device: str = "auto",
+                           compile: bool = False) -> float:
+    """Model-only training samples/s of one regime (``official`` or ``fast``) at ``batch_size``, compiled or not."""
+    torch_device = resolve_device(device)
+    return _Regime(config, regime, batch_size, torch_device, compile).samples_per_s(config, batch_size, sizes)
 
 
 def _largest_batch(config: PHPConfig, regime: str, sizes: BenchSizes, device: torch.device, compile: bool) -> dict:
@@ -344,7 +357,29 @@ def run_benchmark(config: PHPConfig, sizes: BenchSizes = BenchSizes(), device: s
     result["mfu"] = None if peak is None else best_rate * result["flops_per_sample"] / peak
     result["peak_memory_bytes"], result["peak_memory_kind"] = _peak_memory(torch_device)
     result["ratios"] = _ratios(result)
+    result["projection"] = projection(result)
     return result
+
+
+def projected_run_hours(train_samples_per_s: float, eval_images_per_s: float, eval_captions_per_s: float) -> float:
+    """Hours of one 60-epoch CUHK-PEDES run evaluated after every epoch, at the given measured rates."""
+    epoch_seconds = (CUHK_TRAIN_PAIRS / train_samples_per_s + CUHK_TEST_IMAGES / eval_images_per_s
+                     + CUHK_TEST_CAPTIONS / eval_captions_per_s)
+    return PAPER_EPOCHS * epoch_seconds / 3600
+
+
+def projection(result: dict) -> dict:
+    """Per training regime: the projected hours of a paper CUHK-PEDES run from the bench's model-only training
+    rate at the bench's batch and that regime's evaluation rates (the compiled regime uses the eager fast ones)."""
+    projected = {}
+    for name, entry in result["train"].items():
+        rates = result["eval"]["official" if name == "official" else "fast"]
+        projected[name] = {
+            "hours_60_epochs_cuhk": projected_run_hours(entry["samples_per_s"], rates["images_per_s"],
+                                                        rates["texts_per_s"]),
+            "batch_size": entry["batch_size"],
+        }
+    return projected
 
 
 def _ratios(result: dict) -> dict:

@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from php_runner.cli import app
-from php_runner.cli.catalog import spec_header
+from php_runner.cli.catalog import machine_device_name, spec_header
 from php_runner.experiment.specs import expand, load_spec, shipped_folder
 
 CHECKOUT = Path(__file__).resolve().parents[2]
@@ -60,6 +60,32 @@ def test_ls_lists_every_shipped_spec_with_its_table_and_cost_line():
     table_view = invoke("ls")
     for path in SPEC_FILES:
         assert re.search(rf"│ {path.stem} +│", table_view)
+
+
+def test_ls_costs_every_run_at_the_last_bench_of_this_device(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert {entry["gpu_hours"] for entry in json.loads(invoke("ls", "--json"))} == {None}
+    assert "no bench recorded" in invoke("ls")
+    here = machine_device_name()
+    records = [
+        {"device_name": here, "recorded": "first", "projection": {"official": {"hours_60_epochs_cuhk": 9.0}}},
+        {"device_name": here, "recorded": "latest", "projection": {"official": {"hours_60_epochs_cuhk": 2.5},
+                                                                  "fast": {"hours_60_epochs_cuhk": 1.0}}},
+        {"device_name": "another GPU", "recorded": "later", "projection": {"official": {"hours_60_epochs_cuhk": 7.0}}},
+        {"device_name": here, "recorded": "no projection (an older bench)"},
+    ]
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "benchmarks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    pairs = {"CUHK-PEDES": 68126, "ICFG-PEDES": 34674, "RSTPReid": 37010}  # training pairs, php_spec.md
+    runtime = {"data_root": "/data", "clip_weights": "/w.pt"}
+    entries = json.loads(invoke("ls", "--json"))
+    for entry, path in zip(entries, SPEC_FILES):
+        runs = expand(load_spec(path), "paper", runtime=runtime)
+        expected = sum(2.5 * pairs[run.dataset] / pairs["CUHK-PEDES"] for run in runs)
+        assert entry["gpu_hours"] == pytest.approx(expected)
+        assert "latest" in entry["gpu_hours_basis"] and "official" in entry["gpu_hours_basis"]
+    assert re.search(rf"│ headline .*│ {entries[[e['spec'] for e in entries].index('headline')]['gpu_hours']:.1f} +│",
+                     invoke("ls").replace("\n", " "))
 
 
 def test_cat_prints_the_chain_and_preset_merged_by_hand():

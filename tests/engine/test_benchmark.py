@@ -6,8 +6,17 @@ import pytest
 import torch
 
 from php_runner.engine import benchmark as benchmark_module
-from php_runner.engine.benchmark import EOT_ID, BenchSizes, _largest_batch, _scoring, random_batch, run_benchmark
+from php_runner.engine.benchmark import (
+    EOT_ID,
+    BenchSizes,
+    _largest_batch,
+    _scoring,
+    projection,
+    random_batch,
+    run_benchmark,
+)
 from php_runner.model.config import PHPConfig
+from php_runner.reports.bench import render_benchmarks
 
 SMALL = BenchSizes(batch_size=2, steps=1, warmup=0, max_batch=4, workers=0, pipeline_images=4,
                    scoring_queries=30, scoring_gallery=20, compile=False)
@@ -47,6 +56,28 @@ def test_scoring_uses_the_requested_sizes():
     assert (result["queries"], result["gallery"]) == (30, 20) and result["seconds"] > 0
 
 
+def test_projection_is_sixty_cuhk_epochs_of_training_and_evaluation_per_regime():
+    result = {
+        "train": {"official": {"samples_per_s": 300.0, "batch_size": 64},
+                  "fast": {"samples_per_s": 600.0, "batch_size": 64},
+                  "fast_compiled": {"samples_per_s": 800.0, "batch_size": 64}},
+        "eval": {"official": {"images_per_s": 1000.0, "texts_per_s": 4000.0},
+                 "fast": {"images_per_s": 2000.0, "texts_per_s": 9000.0}},
+    }
+    projected = projection(result)
+    # 68,126 pairs per epoch; 3,074 images and 6,156 captions per evaluation; 60 epochs.
+    official_epoch = 68126 / 300 + 3074 / 1000 + 6156 / 4000
+    fast_eval = 3074 / 2000 + 6156 / 9000
+    assert projected["official"]["hours_60_epochs_cuhk"] == pytest.approx(60 * official_epoch / 3600)
+    assert projected["fast"]["hours_60_epochs_cuhk"] == pytest.approx(60 * (68126 / 600 + fast_eval) / 3600)
+    assert projected["fast_compiled"]["hours_60_epochs_cuhk"] == pytest.approx(60 * (68126 / 800 + fast_eval) / 3600)
+    assert projected["official"]["hours_60_epochs_cuhk"] == pytest.approx(3.8617, abs=1e-4)
+    assert {entry["batch_size"] for entry in projected.values()} == {64}
+    markdown = render_benchmarks([{"ratios": {}, "projection": projected}])
+    fast_hours = projected["fast"]["hours_60_epochs_cuhk"]
+    assert f"| projected hours of a 60-epoch CUHK-PEDES run (official / fast / compiled) | 3.86 / {fast_hours:.2f} / " in markdown
+
+
 @pytest.mark.slow
 def test_run_benchmark_times_both_regimes_through_the_engine(monkeypatch):
     steps, settings_seen = [], []
@@ -68,6 +99,7 @@ def test_run_benchmark_times_both_regimes_through_the_engine(monkeypatch):
     assert result["mfu"] is None and result["matmul_peak_flops"] is None and result["flops_per_sample"] > 0
     assert result["pipeline"]["pil_images_per_s"] > 0 and result["pipeline"]["cache_images_per_s"] > 0
     assert result["peak_memory_bytes"] > 0 and result["scoring"]["queries"] == 30
+    assert set(result["projection"]) == {"official", "fast"}
     assert result["ratios"]["cache_vs_pil_pipeline"] == (
         result["pipeline"]["cache_images_per_s"] / result["pipeline"]["pil_images_per_s"])
 
