@@ -30,6 +30,11 @@ def parse_datasets(text: str | None) -> list[str] | None:
     names = [part.strip() for part in text.split(",") if part.strip()]
     if not names:
         raise InputError("--datasets: no dataset given")
+    from php_runner.data import DATASET_NAMES
+
+    for name in names:
+        if name not in DATASET_NAMES:
+            raise InputError(f"--datasets: unknown dataset {name!r}; expected {', '.join(DATASET_NAMES)}")
     return names
 
 
@@ -124,6 +129,7 @@ def import_command(
         data_root=data_root, audit=audit, device=str(resolve_device(device)), num_workers=num_workers,
         data_source=data_source, command=command_line(),
     )
+    chosen = parse_datasets(datasets)  # bad input refused before the registry is opened (or created)
     registry = Registry(db)
 
     def progress(outcome: "ImportOutcome") -> None:
@@ -133,7 +139,7 @@ def import_command(
                           + (f": {outcome.reason}" if outcome.reason else ""), highlight=False)
 
     try:
-        outcomes = importer.import_logs(logs_dir, registry, options, parse_datasets(datasets), on_outcome=progress)
+        outcomes = importer.import_logs(logs_dir, registry, options, chosen, on_outcome=progress)
     finally:
         registry.close()
     if as_json:

@@ -506,5 +506,6 @@ def test_cli_bad_input_is_one_line_and_exit_code_2(tmp_path, tiny_data_root):
     assert result.exit_code == 2
     assert "no best.pth or configs.yaml" in result.output
     result = CliRunner().invoke(app, ["import", str(empty), "--data-root", str(tiny_data_root), "--datasets", "Market",
-                                      "--db", f"sqlite:///{tmp_path / 'r.db'}"])  # never ./registry.db of the checkout
+                                      "--db", f"sqlite:///{tmp_path / 'm.db'}"])  # never ./registry.db of the checkout
     assert result.exit_code == 2 and "unknown dataset 'Market'" in result.output
+    assert not (tmp_path / "m.db").exists()  # refused before the registry is opened
