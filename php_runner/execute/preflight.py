@@ -56,7 +56,6 @@ def preflight(config: dict, local: bool = True) -> None:
     runtime = config.get("runtime", {})
     if local:
         check_device(runtime.get("device", "auto"))
-        check_annotations(config)
     weights = runtime.get("clip_weights")
     if config["model"].get("clip") == "ViT-B/16":
         if not weights:
@@ -69,6 +68,8 @@ def preflight(config: dict, local: bool = True) -> None:
             check_clip_weights(weights)
         except ClipWeightsError as err:
             raise InputError(f"--clip-weights {err}") from None
+    if local:  # last: it reads the whole annotation file
+        check_annotations(config)
 
 
 def check_annotations(config: dict) -> None:

@@ -155,7 +155,7 @@ def test_expand_defaults_and_runtime(folder):
     assert [(r.dataset, r.seed) for r in runs] == [(d, s) for d in ("CUHK-PEDES", "ICFG-PEDES", "RSTPReid") for s in (3, 4)]
     assert {r.row_label for r in runs} == {"PHP"} and runs[0].table is None and runs[0].spec_name == "plain"
     assert runs[0].config["runtime"] == {"data_root": "/data", "clip_weights": "/w/ViT-B-16.pt", "device": "auto",
-                                         "num_workers": 8, "compile": False}
+                                         "num_workers": 8, "compile": False, "log_period": 100}
     moved = expand(spec, "paper", None, None, {**RUNTIME, "data_root": "/elsewhere", "device": "cuda:1"})
     assert [r.config_hash for r in moved] == [r.config_hash for r in runs]  # runtime is not hashed
 
