@@ -11,7 +11,7 @@ from __future__ import annotations
 import tomllib
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -136,7 +136,7 @@ def load_paper_results(path: str | Path | None = None) -> PaperResults:
     """Read and validate a paper-results file; None reads the packaged one (cached)."""
     if path is None:
         return _packaged()
-    return _load(Path(path))
+    return _load(Path(path), PaperResults)
 
 
 def paper_value(table: str, row: str, dataset: str, metric: str) -> float | None:
@@ -149,12 +149,16 @@ def table_names() -> list[str]:
     return list(_packaged().tables)
 
 
+SchemaT = TypeVar("SchemaT", bound=BaseModel)
+
+
 @lru_cache(maxsize=1)
 def _packaged() -> PaperResults:
-    return _load(PAPER_RESULTS_FILE)
+    return _load(PAPER_RESULTS_FILE, PaperResults)
 
 
-def _load(path: Path) -> PaperResults:
+def _load(path: Path, schema: type[SchemaT]) -> SchemaT:
+    """Read the TOML file ``path`` and validate it as ``schema``; bad input is one line naming the field."""
     try:
         with path.open("rb") as handle:
             raw = tomllib.load(handle)
@@ -163,7 +167,7 @@ def _load(path: Path) -> PaperResults:
     except tomllib.TOMLDecodeError as err:
         raise InputError(f"{path}: not valid TOML ({err})") from None
     try:
-        return PaperResults.model_validate(raw)
+        return schema.model_validate(raw)
     except ValidationError as err:
         field, message = first_problem(err)
         raise InputError(f"{path}: {field}: {message}" if field else f"{path}: {message}") from None
@@ -203,16 +207,4 @@ class PaperClaims(_Strict):
 
 def load_paper_claims(path: str | Path | None = None) -> PaperClaims:
     """Read and validate a claims file (None: the packaged ``paper_claims.toml``); bad input names the field."""
-    path = PAPER_CLAIMS_FILE if path is None else Path(path)
-    try:
-        with path.open("rb") as handle:
-            raw = tomllib.load(handle)
-    except OSError as err:
-        raise InputError(f"{path}: cannot read ({err.strerror})") from None
-    except tomllib.TOMLDecodeError as err:
-        raise InputError(f"{path}: not valid TOML ({err})") from None
-    try:
-        return PaperClaims.model_validate(raw)
-    except ValidationError as err:
-        field, message = first_problem(err)
-        raise InputError(f"{path}: {field}: {message}" if field else f"{path}: {message}") from None
+    return _load(PAPER_CLAIMS_FILE if path is None else Path(path), PaperClaims)
