@@ -34,7 +34,6 @@ import os
 import shutil
 import sys
 import tempfile
-import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -42,25 +41,33 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import PIL
 import torch
-import torchvision
 from torchvision import transforms as T
 
-from php_runner.data.datasets import LAYOUTS, PedesDataset
+from php_runner.data.cache_manifest import (
+    ARRAY_FILE,
+    INDEX_FILE,
+    MANIFEST_FILE,
+    CacheError,
+    build_manifest,
+    cache_problems,
+    check_cache,
+    chunk_crc32s,
+    dataset_images,
+    expected_source,
+    manifest_text,
+    relative_to_root,
+    sha256_of,
+)
+from php_runner.data.datasets import PedesDataset
 from php_runner.data.images import read_image
 from php_runner.data.limits import check_input_size
 from php_runner.errors import InputError
 
+__all__ = ["ARRAY_FILE", "INDEX_FILE", "MANIFEST_FILE", "CacheError", "CacheSpaceError", "ImageCache", "cache_dir_for",
+           "cache_root", "check_cache", "clear_caches", "dataset_images", "list_caches", "open_cache"]
+
 CACHE_ENV = "PHP_RUN_CACHE"
-FORMAT_VERSION = 1
-RESIZE_RULE = "PIL Image.convert('RGB') then torchvision Resize((H, W), BILINEAR, antialias) on the PIL image"
-ROWS_PER_CHUNK = 256
-ARRAY_FILE, INDEX_FILE, MANIFEST_FILE = "images.npy", "index.json", "manifest.json"
-
-
-class CacheError(InputError):
-    """A cache folder that cannot be used (missing, stale, truncated or corrupt)."""
 
 
 class CacheSpaceError(InputError):
@@ -75,77 +82,11 @@ def cache_root() -> Path:
     return Path(base) / "php-run"
 
 
-def dataset_images(dataset: PedesDataset) -> list[str]:
-    """Every distinct image path of the dataset (train, val, test), in a fixed order."""
-    paths: dict[str, None] = {}
-    for item in dataset.train:
-        paths.setdefault(item.img_path)
-    for split in (dataset.val, dataset.test):
-        if split is not None:
-            for path in split.img_paths:
-                paths.setdefault(path)
-    return sorted(paths)
-
-
-def annotation_file(dataset: PedesDataset) -> Path:
-    layout = LAYOUTS[dataset.name]
-    for name in layout.annotation_files:
-        if (Path(dataset.root) / name).is_file():
-            return Path(dataset.root) / name
-    raise CacheError(f"{dataset.root}: no annotation file ({' or '.join(layout.annotation_files)}) to key the cache on")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _relative(path: str, root: Path) -> str:
-    try:
-        return str(Path(path).resolve().relative_to(root.resolve()))
-    except ValueError:
-        return str(Path(path).resolve())
-
-
-def _images_fingerprint(paths: Sequence[str], root: Path) -> str:
-    """sha256 over (relative path, size, mtime) of every image: a replaced image makes the cache stale."""
-    digest = hashlib.sha256()
-    for path in paths:
-        stat = os.stat(path)
-        digest.update(f"{_relative(path, root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
-
-
 def cache_dir_for(dataset: PedesDataset, image_size: tuple[int, int], root: Path | None = None) -> Path:
     """The cache folder of a dataset folder at an image size (one per dataset folder and size)."""
     height, width = image_size
     folder_key = hashlib.sha256(str(Path(dataset.root).resolve()).encode()).hexdigest()[:12]
     return (root or cache_root()) / f"{dataset.name}-{height}x{width}-{folder_key}"
-
-
-def expected_source(dataset: PedesDataset, image_size: tuple[int, int], paths: Sequence[str]) -> dict:
-    """The manifest fields the current dataset and settings require (everything the pixels depend on)."""
-    return {
-        "format_version": FORMAT_VERSION,
-        "dataset": dataset.name,
-        "dataset_root": str(Path(dataset.root).resolve()),
-        "annotation_sha256": _sha256(annotation_file(dataset)),
-        "images_fingerprint": _images_fingerprint(paths, Path(dataset.root)),
-        "image_size": [int(image_size[0]), int(image_size[1])],
-        "resize_rule": RESIZE_RULE,
-        "versions": {"pillow": PIL.__version__, "torchvision": torchvision.__version__, "numpy": np.__version__},
-        "rows": len(paths),
-    }
-
-
-def _chunk_crcs(array: np.ndarray, workers: int) -> list[int]:
-    starts = range(0, max(len(array), 1), ROWS_PER_CHUNK)
-    # zlib releases the GIL on large buffers, so threads checksum chunks in parallel.
-    with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
-        return list(pool.map(lambda start: zlib.crc32(memoryview(np.ascontiguousarray(array[start:start + ROWS_PER_CHUNK])).cast("B")), starts))
 
 
 @dataclass
@@ -166,7 +107,7 @@ class ImageCache:
         """Rows of image paths as the dataset lists them; a path the cache lacks is a ``CacheError``."""
         found = []
         for path in paths:
-            key = _relative(path, self.dataset_root)
+            key = relative_to_root(path, self.dataset_root)
             if key not in self.rows:
                 raise CacheError(f"{self.folder}: image {path} is not in the cache; run php-run cache build")
             found.append(self.rows[key])
@@ -176,75 +117,6 @@ class ImageCache:
         """uint8 ``(len(rows), H, W, 3)`` on the CPU, gathered in the given order."""
         index = np.asarray(rows, dtype=np.int64)
         return torch.from_numpy(self.array[index])
-
-
-def _problems(folder: Path, source: dict | None, workers: int) -> list[str]:
-    """Why the cache in ``folder`` may not be used (empty: it is sound and matches ``source``)."""
-    manifest_path, array_path = folder / MANIFEST_FILE, folder / ARRAY_FILE
-    if not manifest_path.is_file():
-        return [f"{folder}: no cache here"]
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        recorded = manifest["source"]
-        shape, nbytes, crcs = manifest["array"]["shape"], manifest["array"]["bytes"], manifest["array"]["chunk_crc32"]
-        if not (_is_ints(shape) and len(shape) == 4 and _is_ints([nbytes]) and _is_ints(crcs)):
-            raise TypeError("array shape, bytes or chunk_crc32 are not integers")
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        return [f"{manifest_path}: unreadable manifest ({err})"]
-    problems = []
-    if source is not None:
-        stale = sorted(key for key in set(source) | set(recorded) if source.get(key) != recorded.get(key))
-        if stale:  # it will be rebuilt: no need to read the array
-            return [f"{folder}: stale, manifest differs in {', '.join(stale)}"]
-    if not array_path.is_file() or not (folder / INDEX_FILE).is_file():
-        return problems + [f"{folder}: {ARRAY_FILE} or {INDEX_FILE} missing"]
-    index_problem = _index_problem(folder, manifest, shape[0])
-    if index_problem:
-        return problems + [index_problem]
-    if array_path.stat().st_size != nbytes:
-        return problems + [f"{array_path}: {array_path.stat().st_size} bytes, the manifest says {nbytes} (truncated?)"]
-    try:
-        array = np.load(array_path, mmap_mode="r")
-    except (OSError, ValueError) as err:
-        return problems + [f"{array_path}: unreadable ({err})"]
-    if list(array.shape) != list(shape) or array.dtype != np.uint8:
-        return problems + [f"{array_path}: shape {list(array.shape)} {array.dtype}, the manifest says {shape} uint8"]
-    bad = [index for index, (got, want) in enumerate(zip(_chunk_crcs(array, workers), crcs)) if got != want]
-    if len(crcs) != len(range(0, max(len(array), 1), ROWS_PER_CHUNK)):
-        bad.append(-1)
-    if bad:
-        problems.append(f"{array_path}: {len(bad)} corrupt chunk(s) of {ROWS_PER_CHUNK} rows (first at row "
-                        f"{max(bad[0], 0) * ROWS_PER_CHUNK})")
-    return problems
-
-
-def _is_ints(values: object) -> bool:
-    return isinstance(values, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in values)
-
-
-def _index_problem(folder: Path, manifest: dict, rows: int) -> str | None:
-    """Why ``index.json`` may not be trusted: its sha256 differs from the manifest's, or it is not a
-    one-to-one map of paths to the rows ``0..rows-1``."""
-    index_path = folder / INDEX_FILE
-    if _sha256(index_path) != manifest["array"].get("index_sha256"):
-        return f"{index_path}: sha256 differs from the manifest's (modified or damaged)"
-    try:
-        index = json.loads(index_path.read_bytes())
-    except (ValueError, UnicodeDecodeError) as err:
-        return f"{index_path}: unreadable ({err})"
-    if not isinstance(index, dict) or not _is_ints(list(index.values())) or sorted(index.values()) != list(range(rows)):
-        return f"{index_path}: not a map of image paths to the rows 0..{rows - 1}"
-    return None
-
-
-def check_cache(folder: Path, dataset: PedesDataset | None = None, image_size: tuple[int, int] | None = None,
-                workers: int | None = None) -> list[str]:
-    """Problems of the cache in ``folder``; with a dataset and size, also whether it is stale for them."""
-    source = None
-    if dataset is not None and image_size is not None:
-        check_input_size(*image_size)
-        source = expected_source(dataset, image_size, dataset_images(dataset))
-    return _problems(Path(folder), source, workers or os.cpu_count() or 1)
 
 
 def _open(folder: Path, dataset_root: Path) -> ImageCache:
@@ -271,18 +143,18 @@ def open_cache(dataset: PedesDataset, image_size: tuple[int, int], root: Path | 
     check_input_size(*image_size, rows=len(paths))
     folder = cache_dir_for(dataset, image_size, root)
     source = expected_source(dataset, image_size, paths)
-    problems = ["rebuild asked"] if rebuild else _problems(folder, source, workers)
+    problems = ["rebuild asked"] if rebuild else cache_problems(folder, source, workers)
     if not problems:
         return _open(folder, Path(dataset.root))
     # One builder at a time (parallel workers on one machine share caches); the others wait, then reuse it.
     with _build_lock(folder):
-        problems = ["rebuild asked"] if rebuild else _problems(folder, source, workers)
+        problems = ["rebuild asked"] if rebuild else cache_problems(folder, source, workers)
         if problems:
             if folder.exists() and not rebuild:
                 print(f"rebuilding image cache: {problems[0]}", file=sys.stderr, flush=True)
             _remove_stale_staging(folder)
             build_cache(folder, paths, source, image_size, workers, progress)
-            problems = _problems(folder, source, workers)
+            problems = cache_problems(folder, source, workers)
             if problems:
                 raise CacheError(problems[0])
         return _open(folder, Path(dataset.root))
@@ -333,45 +205,45 @@ def build_cache(folder: Path, paths: Sequence[str], source: dict, image_size: tu
     """Decode and resize ``paths`` into a new cache at ``folder`` (threads: Pillow releases the GIL)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    height, width = image_size
-    resize = T.Resize((height, width), interpolation=T.InterpolationMode.BILINEAR)
-    check_input_size(height, width, rows=len(paths))
+    check_input_size(*image_size, rows=len(paths))
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        array = np.lib.format.open_memmap(staging / ARRAY_FILE, mode="w+", dtype=np.uint8,
-                                          shape=(len(paths), height, width, 3))
-        _reserve(staging / ARRAY_FILE, folder)
-
-        def decode(row: int) -> None:
-            array[row] = np.asarray(resize(read_image(paths[row])), dtype=np.uint8)
-
-        bar = _progress(len(paths), progress, f"caching {source['dataset']} at {height}x{width}")
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            if bar is None:
-                print(f"caching {len(paths)} images of {source['dataset']} at {height}x{width} in {folder}",
-                      file=sys.stderr, flush=True)
-                list(pool.map(decode, range(len(paths))))
-            else:
-                with bar:
-                    task = bar.add_task("images", total=len(paths))
-                    for _ in pool.map(decode, range(len(paths))):
-                        bar.advance(task)
-        array.flush()
-        crcs = _chunk_crcs(array, workers)
-        del array
+        shape = (len(paths), *image_size, 3)
+        crcs = _write_pixels(staging / ARRAY_FILE, folder, paths, shape, workers, source["dataset"], progress)
         root = Path(source["dataset_root"])
-        (staging / INDEX_FILE).write_text(json.dumps({_relative(path, root): row for row, path in enumerate(paths)}))
-        manifest = {
-            "source": source,
-            "array": {"file": ARRAY_FILE, "shape": [len(paths), height, width, 3], "dtype": "uint8",
-                      "bytes": (staging / ARRAY_FILE).stat().st_size, "rows_per_chunk": ROWS_PER_CHUNK,
-                      "chunk_crc32": crcs, "index_sha256": _sha256(staging / INDEX_FILE)},
-        }
-        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+        (staging / INDEX_FILE).write_text(json.dumps({relative_to_root(path, root): row for row, path in enumerate(paths)}))
+        manifest = build_manifest(source, shape, (staging / ARRAY_FILE).stat().st_size, crcs,
+                                  sha256_of(staging / INDEX_FILE))
+        (staging / MANIFEST_FILE).write_text(manifest_text(manifest))
         _replace_folder(staging, folder)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_pixels(path: Path, folder: Path, paths: Sequence[str], shape: tuple[int, ...], workers: int,
+                  dataset: str, progress: bool) -> list[int]:
+    """Decode every image into a new memory-mapped array at ``path``; returns its chunks' CRC32s. The map
+    is closed on return, before the staging folder is renamed."""
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+    _reserve(path, folder)
+    resize = T.Resize(shape[1:3], interpolation=T.InterpolationMode.BILINEAR)
+    bar = _progress(len(paths), progress, f"caching {dataset} at {shape[1]}x{shape[2]}")
+
+    def decode(row: int) -> None:
+        array[row] = np.asarray(resize(read_image(paths[row])), dtype=np.uint8)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        if bar is None:
+            print(f"caching {len(paths)} images of {dataset} at {shape[1]}x{shape[2]} in {folder}", file=sys.stderr, flush=True)
+            list(pool.map(decode, range(len(paths))))
+        else:
+            with bar:
+                task = bar.add_task("images", total=len(paths))
+                for _ in pool.map(decode, range(len(paths))):
+                    bar.advance(task)
+    array.flush()
+    return chunk_crc32s(array, workers)
 
 
 def _reserve(path: Path, folder: Path) -> None:

@@ -179,3 +179,20 @@ def test_an_index_that_is_not_one_to_one_is_refused_even_with_a_matching_hash(da
     (cache.folder / "manifest.json").write_text(json.dumps(manifest))
     problems = check_cache(cache.folder, workers=1)
     assert problems and "not a map of image paths to the rows" in problems[0]
+
+
+def test_every_changed_byte_of_the_manifest_is_found(data):
+    """The CI fuzz case of issue 24: a bit flipped in a field no reader uses (``file``, ``dtype``,
+    ``rows_per_chunk``, formatting) went unnoticed. Flip each byte's low bit in turn: always a problem."""
+    dataset, root = data
+    cache = build(dataset, root)
+    path = cache.folder / "manifest.json"
+    sound = path.read_bytes()
+    missed = []
+    for at in range(len(sound)):
+        path.write_bytes(sound[:at] + bytes([sound[at] ^ 1]) + sound[at + 1:])
+        if not check_cache(cache.folder, dataset, SIZE):
+            missed.append(sound[max(at - 20, 0):at + 5].decode(errors="replace"))
+    path.write_bytes(sound)
+    assert check_cache(cache.folder, dataset, SIZE) == []
+    assert missed == []
