@@ -9,7 +9,15 @@ import typer
 from rich.table import Table
 
 from php_runner.cli import app
-from php_runner.cli.common import DataRootOption, DbOption, DeviceOption, JsonOption, check_run_ref, console, print_json
+from php_runner.cli.common import (
+    DataRootOption,
+    DbOption,
+    DeviceOption,
+    JsonOption,
+    check_run_ref,
+    console,
+    print_json,
+)
 from php_runner.engine.metrics import METRIC_NAMES
 from php_runner.errors import InputError
 
@@ -86,7 +94,13 @@ def print_report(report: dict) -> None:
     console.rule(f"audit of {report.get('run') or report.get('checkpoint')}: {report['dataset']}, "
                  f"coupling {report['coupling']}, encoder {report['encoder']}")
     console.print(f"verdict: {verdict}; ordered - shuffled R1 = [bold]{report['r1_gap']:+.2f}[/]")
+    _print_coupling(report)
+    _print_split(report["split"])
+    _print_selection(report["selection"])
 
+
+def _print_coupling(report: dict) -> None:
+    """Embedding changes against the evaluation batch, metrics per protocol, batch alignment."""
     probes = report["batch_independence"]
     table = Table(title=f"relative embedding change vs. the evaluation batch (threshold {probes['threshold']:.1e}, "
                         f"noise floor {probes['noise_floor']:.1e}, from the CLIP-only encoder)")
@@ -113,7 +127,9 @@ def print_report(report: dict) -> None:
     console.print(f"text batch k vs image batch k: {alignment['identical_batches']:.0%} hold the same people; "
                   f"{alignment['queries_with_match_in_same_batch']:.0%} of queries have their match in the same batch")
 
-    split = report["split"]
+
+def _print_split(split: dict) -> None:
+    """Overlaps between the splits and each split's counts."""
     table = Table(title="data split overlaps (count, examples)")
     for column in ("splits", "image paths", "image content", "identities"):
         table.add_column(column)
@@ -130,7 +146,10 @@ def print_report(report: dict) -> None:
     if split["unreadable_images"]["count"]:
         console.print(f"[red]unreadable images: {split['unreadable_images']['count']}[/]")
 
-    selection = report["selection"]
+
+
+def _print_selection(selection: dict | None) -> None:
+    """Which rule chose the checkpoint, and the R1 gaps between the rules."""
     if selection:
         console.print(f"checkpoint selected on: [bold]{selection['selected_by']}[/]")
         gaps = selection.get("r1_gaps") or {}
