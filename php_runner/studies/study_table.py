@@ -15,6 +15,7 @@ from php_runner.execute.checkpoints import verified_checkpoint
 from php_runner.experiment.build import load_training_data
 from php_runner.model.checkpoint import load_model
 from php_runner.store.registry import Registry
+from php_runner.store.tables import FINAL_TEST_SOURCE
 from php_runner.studies.study import Objective, storage_note
 
 
@@ -53,7 +54,8 @@ def final_test_result(registry: Registry, run_id: int, objective: Objective) -> 
     """The test metrics of a trial run's selected checkpoint, evaluated at most once and then read back.
 
     Trials with a val objective never evaluate test; the first request evaluates ``best.pth`` on the
-    test split with the run's own precision and test batch size and records it under ``final-test``.
+    test split with the run's own precision and test batch size and records it, with its per-query outcomes
+    (for intervals and paired tests), under ``final-test``.
     A forced test objective already has them under its selection rule.
     """
     results = registry.results(run_id)
@@ -66,7 +68,8 @@ def final_test_result(registry: Registry, run_id: int, objective: Objective) -> 
     train = run.config["train"]
     settings = prepare_for_evaluation(model, precision=train["precision"], batch_size=train["test_batch_size"],
                                       device=run.config["runtime"].get("device", "auto"))
-    metrics = evaluate(model, load_training_data(run.config).test, settings)
+    metrics, per_query = evaluate(model, load_training_data(run.config).test, settings, outcomes=True)
+    registry.record_outcomes(run_id, FINAL_TEST_SOURCE, info["epoch"], "test", per_query)
     registry.record_result(run_id, FINAL_TEST_RULE, info["epoch"], "test", metrics)
     return registry.results(run_id)[FINAL_TEST_RULE]
 

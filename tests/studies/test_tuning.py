@@ -13,6 +13,7 @@ from optuna.trial import TrialState
 from rich.console import Console
 
 from php_runner.data import write_synthetic
+from php_runner.engine.metrics import metrics_from_outcomes
 from php_runner.engine.train import EpochRecord, StopTraining
 from php_runner.errors import InputError
 from php_runner.store.registry import Registry
@@ -247,6 +248,10 @@ def test_study_runs_trials_as_registry_runs_and_continues(workspace, monkeypatch
     assert data["best"]["test"]["split"] == "test"
     assert data["best"]["test"]["epoch"] == registry.results(best_run)["best-on-val"]["epoch"] == best_checkpoint.epoch
     assert data["best"]["test"] == registry.results(best_run)["final-test"]  # evaluated once, then recorded
+    final = registry.results(best_run)["final-test"]
+    per_query = registry.outcomes(best_run, "final-test", final["epoch"], "test")
+    assert per_query is not None and metrics_from_outcomes(per_query) == pytest.approx(
+        final["metrics"], abs=1e-9)  # the outcomes behind the recorded metrics
     test_runs = [run.id for run in registry.list_runs(kind="trial") if "final-test" in registry.results(run.id)]
     assert test_runs == [best_run]  # only the best trial ever saw the test split
     monkeypatch.setattr(study_table, "evaluate", lambda *args, **kwargs: pytest.fail("test evaluated twice"))
