@@ -80,7 +80,7 @@ def plan_runs(spec: Spec, preset_name: str, preset: Preset, datasets: Iterable[s
     for dataset in datasets:
         for point in spec.points:
             for chosen in override_points(spec.overrides):
-                label = point.label + (f" [{override_label(chosen)}]" if chosen else "")
+                label = " ".join(filter(None, (point_label(point, chosen), f"[{override_label(chosen)}]" if chosen else "")))
                 runtime_layer = Layer("command line", "", {"runtime": {**runtime, **({"overrides": chosen} if chosen else {})}})
                 for seed in seeds:
                     config = resolve_config([*layers, grid_layer(str(spec.path), point)], override_layer(chosen),
@@ -158,6 +158,14 @@ def grid_points(grid: Mapping[str, list[Any]], single_label: str) -> tuple[GridP
         label = ", ".join(row_label_of(value) for value in combination)
         points.append(GridPoint(label=label, values=dict(zip(keys, combination))))
     return tuple(points)
+
+
+def point_label(point: GridPoint, overridden: Mapping[str, Any]) -> str:
+    """A grid point's row label without the grid keys the command line overrides: those points collapse
+    into one config, which the override's own label names."""
+    if not any(key in overridden for key in point.values):
+        return point.label
+    return ", ".join(row_label_of(value) for key, value in point.values.items() if key not in overridden)
 
 
 def row_label_of(value: Any) -> str:

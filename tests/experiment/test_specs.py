@@ -12,7 +12,15 @@ from php_runner.model.config import PHPConfig
 from php_runner.model.losses import LossConfig
 from php_runner.experiment.schema import DataSection, ModelSection, LossSection, RunConfig, RuntimeSection, TrainSection
 from php_runner.experiment.expand import config_hash, override
-from php_runner.experiment.specs import expand, load_all_specs, load_spec, find_spec, shipped_folder, shipped_spec_names
+from php_runner.experiment.specs import (
+    expand,
+    find_spec,
+    load_all_specs,
+    load_spec,
+    shipped_folder,
+    shipped_spec_names,
+    with_overrides,
+)
 
 EXPERIMENTS = shipped_folder()
 RUNTIME = {"data_root": "/data", "clip_weights": "/w/ViT-B-16.pt", "device": None, "num_workers": None}
@@ -249,6 +257,16 @@ def test_override_sets_dotted_values_and_revalidates(folder):
     assert trial["model"]["topk"] == run.config["model"]["topk"] and config_hash(trial) != run.config_hash
     assert error_of(lambda: override(run.config, {"train.lr": -1.0})).startswith("override: train.lr:")
     assert error_of(lambda: override(run.config, {"train.speed": 1})).startswith("override: train.speed: unknown field")
+
+
+def test_an_override_of_a_grid_key_leaves_that_key_out_of_the_row_label(folder):
+    """The grid's points collapse into one config per override value, labelled by the override (not by
+    the first grid value they happened to start from)."""
+    spec = load_spec(write(folder, "g", 'extends = "base"\n[grid]\n"model.cnum" = [3, 6]\n"model.topk" = [1, 2]\n'))
+    labels = lambda tokens: [run.row_label for run in expand(with_overrides(spec, tokens), "tiny", ["CUHK-PEDES"], [1], {})]
+    assert labels(["model.cnum=9"]) == ["1 [model.cnum=9]", "2 [model.cnum=9]"]
+    assert labels(["model.cnum=9", "model.topk=1"]) == ["[model.cnum=9, model.topk=1]"]
+    assert labels(["train.lr=1e-4"]) == [f"{c}, {k} [train.lr=0.0001]" for c in (3, 6) for k in (1, 2)]
 
 
 def test_audit_flag_defaults_off_is_inherited_and_must_be_a_bool(folder):
