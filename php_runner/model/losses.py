@@ -45,19 +45,32 @@ def _matching_kl(logits: Tensor, label_distribution: Tensor) -> Tensor:
     return per_entry.sum(dim=1).mean()
 
 
+def cosine_similarity(text_feats: Tensor, image_feats: Tensor) -> Tensor:
+    """Text-to-image cosine similarities ``(texts, images)``: the one matrix SDM and ITC both start from."""
+    return F.normalize(text_feats, dim=1) @ F.normalize(image_feats, dim=1).t()
+
+
 def sdm_loss(image_feats: Tensor, text_feats: Tensor, pids: Tensor, logit_scale: float) -> Tensor:
     """IRRA's similarity-distribution matching, both directions, labels = same-identity rows normalised."""
+    return sdm_from_cosine(cosine_similarity(text_feats, image_feats), pids, logit_scale)
+
+
+def sdm_from_cosine(t2i_cosine: Tensor, pids: Tensor, logit_scale: float) -> Tensor:
     labels = _same_identity(pids)
     labels = labels / labels.sum(dim=1, keepdim=True)
-    t2i = logit_scale * F.normalize(text_feats, dim=1) @ F.normalize(image_feats, dim=1).t()
+    t2i = logit_scale * t2i_cosine
     return _matching_kl(t2i.t(), labels) + _matching_kl(t2i, labels)
 
 
 def itc_loss(image_feats: Tensor, text_feats: Tensor, logit_scale: float) -> Tensor:
     """CLIP InfoNCE with diagonal targets, mean of the two directions (unweighted)."""
-    logits = logit_scale * F.normalize(image_feats, dim=1) @ F.normalize(text_feats, dim=1).t()
+    return itc_from_cosine(cosine_similarity(text_feats, image_feats), logit_scale)
+
+
+def itc_from_cosine(t2i_cosine: Tensor, logit_scale: float) -> Tensor:
+    logits = logit_scale * t2i_cosine
     targets = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+    return (F.cross_entropy(logits.t(), targets) + F.cross_entropy(logits, targets)) / 2
 
 
 def cmpm_loss(image_feats: Tensor, text_feats: Tensor, pids: Tensor) -> Tensor:
@@ -78,12 +91,14 @@ def compute_losses(output: PHPOutput, pids: Tensor, config: LossConfig) -> dict[
     """``{"<name>_loss": weighted value, ..., "total": sum}`` for the names in ``config``."""
     scale = 1.0 / config.temperature
     image_feats, text_feats = output.image_feats.float(), output.text_feats.float()
+    # SDM and ITC share one normalisation and one similarity matrix (ITC reads it transposed).
+    cosine = cosine_similarity(text_feats, image_feats) if {"sdm", "itc"} & set(config.names) else None
     losses: dict[str, Tensor] = {}
     for name in config.names:
         if name == "sdm":
-            value = sdm_loss(image_feats, text_feats, pids, scale)
+            value = sdm_from_cosine(cosine, pids, scale)
         elif name == "itc":
-            value = config.itc_weight * itc_loss(image_feats, text_feats, scale)
+            value = config.itc_weight * itc_from_cosine(cosine, scale)
         elif name == "aux":
             value = config.aux_factor * output.aux.float()
         elif name == "cmpm":
