@@ -9,7 +9,12 @@ from dataclasses import dataclass
 
 import torch
 
-from php_runner.engine.train import TrainSettings, build_training_optimizer, prepare_training_model, train_step
+from php_runner.engine.train import (
+    TrainSettings,
+    build_training_optimizer,
+    prepare_training_model,
+    train_step,
+)
 from php_runner.model.config import PHPConfig
 from php_runner.model.php import PHPModel
 

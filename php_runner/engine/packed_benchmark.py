@@ -45,7 +45,8 @@ def _packed_process(config: PHPConfig, regime: str, sizes: BenchSizes, device: s
         synchronize(trial.device)
         ended = time.time()
         samples = sizes.steps * sizes.batch_size
-        results.put({"pid": os.getpid(), "samples": samples, "start": started, "end": ended, "samples_per_s": samples / (ended - started)})
+        results.put({"pid": os.getpid(), "samples": samples, "start": started, "end": ended,
+                     "samples_per_s": samples / (ended - started)})
     except BaseException:  # reported to the parent, which stops the other processes
         results.put({"error": traceback.format_exc()})
 

@@ -55,14 +55,16 @@ def test_a_failing_packed_process_raises_instead_of_leaving_the_others_waiting()
 
 def test_the_bench_costs_a_packed_run_at_the_aggregate_rate(monkeypatch):
     processes = [{"samples": 40, "start": 0.0, "end": 2.0}, {"samples": 40, "start": 0.5, "end": 2.5}]
-    monkeypatch.setattr(benchmark_module, "packed_training", lambda config, sizes, device: summarize_packed(processes))
-    result = {"train": {"fast": {"samples_per_s": 25.0}}, "eval": {"fast": {"images_per_s": 200.0, "texts_per_s": 500.0}}}
+    monkeypatch.setattr(benchmark_module, "packed_training",
+                        lambda config, sizes, device: summarize_packed(processes))
+    result = {"train": {"fast": {"samples_per_s": 25.0}},
+              "eval": {"fast": {"images_per_s": 200.0, "texts_per_s": 500.0}}}
     sizes = BenchSizes(batch_size=2, packed_runs=2, packed_regime="fast")
     packed = benchmark_module._packed(result, PHPConfig.tiny(), sizes, torch.device("cpu"), lambda _: None)
     aggregate = 80 / 2.5
     # Device time of one packed run: 68,126 pairs an epoch at the aggregate rate, evaluation at the unpacked rates.
-    assert packed["gpu_hours_per_run_60_epochs_cuhk"] == pytest.approx(60 * (68126 / aggregate + 3074 / 200 + 6156 / 500)
-                                                                      / 3600)
+    expected = 60 * (68126 / aggregate + 3074 / 200 + 6156 / 500) / 3600
+    assert packed["gpu_hours_per_run_60_epochs_cuhk"] == pytest.approx(expected)
     assert packed["single_process_samples_per_s"] == 25.0
     assert benchmark_module._ratios({**result, "packed": packed, "train": {
         "official": {"samples_per_s": 1.0, "end_to_end_samples_per_s": 1.0},
