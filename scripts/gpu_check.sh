@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-shot check on a CUDA machine (never run on a CPU-only one), ending within 9 minutes, compiles
 # included: the GPU-marked tests, the eager bench at the paper's model size, the compiled fast regime at
-# batch 64 and at the bench's best batch, and a 2-epoch ViT-B/16 run on a small synthetic set.
+# batch 64 and at the bench's best batch, 4 packed batch-64 runs of the fast regime (4 processes training
+# at once on the GPU), and a 2-epoch ViT-B/16 run on a small synthetic set.
 # Each step has its own timeout, cut to what is left of the 9 minutes. $OUT (else ./gpu_check_out) gets
 # at most 8 files: summary.json, bench.json and one log per step; scratch files go to a temporary folder.
 # Run from the repository root:  bash scripts/gpu_check.sh
@@ -40,7 +41,7 @@ step gpu_tests 90 python -m pytest -m gpu -q -rs -p no:cacheprovider
 
 # Eager only; the compiled regime is timed below at two batches. Writes reports/ in the scratch folder.
 step bench_eager 150 bash -c "cd '$WORK' && python -m php_runner bench --device cuda --clip ViT-B/16 \
-    --no-compile --max-batch 512 --json >'$OUT/bench.json'"
+    --no-compile --packed 0 --max-batch 512 --json >'$OUT/bench.json'"
 
 step compiled_fast 150 python - "$OUT/bench.json" <<'PY'
 import json, sys
@@ -52,6 +53,24 @@ for batch in sorted({64, best}):
     rate = training_samples_per_s(config, "fast", batch, sizes, "cuda", compile=True)
     print(json.dumps({"compiled_fast_batch": batch, "samples_per_s": rate}), flush=True)
 PY
+
+# Packed: N processes each training the fast regime eagerly at batch 64, timed together (arguments: device,
+# model size, batch, processes, seconds to wait for them; on the CPU: cpu tiny 2 2 300). A file, not stdin:
+# the spawned processes re-import the main script, guarded by __name__.
+cat >"$WORK/packed.py" <<'PY'
+import json, sys
+import torch
+from php_runner.engine.bench_regime import BenchSizes
+from php_runner.engine.packed_benchmark import packed_training
+from php_runner.model.config import ClipConfig, PHPConfig
+if __name__ == "__main__":
+    device, clip, batch, runs, timeout = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+    config = PHPConfig(clip=ClipConfig()) if clip == "ViT-B/16" else PHPConfig.tiny()
+    sizes = BenchSizes(batch_size=batch, steps=10, warmup=3, packed_runs=runs, packed_regime="fast")
+    packed = packed_training(config, sizes, torch.device(device), timeout=timeout)
+    print(json.dumps({"packed": packed}), flush=True)
+PY
+step packed 90 python "$WORK/packed.py" cuda ViT-B/16 64 4 80
 
 mkdir -p "$WORK/specs"
 SHIPPED=$(python -c "from php_runner.cli.common import specs_folder; print(specs_folder())")
@@ -86,6 +105,11 @@ try:
     summary["compiled_fast"] = [json.loads(line) for line in open(f"{sys.argv[2]}/compiled_fast.log")
                                 if line.startswith("{")]
 except OSError:
+    pass
+try:
+    summary["packed"] = next(json.loads(line)["packed"] for line in open(f"{sys.argv[2]}/packed.log")
+                             if line.startswith('{"packed"'))
+except (OSError, StopIteration):
     pass
 print(json.dumps(summary, indent=1))
 PY

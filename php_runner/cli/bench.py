@@ -40,13 +40,21 @@ def bench(
                                                       "measurement (default: the model's input size).")] = None,
     compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="Also time the fast regime "
                                                  "compiled (default: on CUDA only).")] = None,
+    packed: Annotated[int | None, typer.Option("--packed", help="Also time N runs packed on the device: N processes "
+                                               "training at --batch-size at once, their aggregate samples/s (0: "
+                                               "skip; default: 4 on CUDA, 0 on the CPU).", min=0)] = None,
+    packed_regime: Annotated[str, typer.Option("--packed-regime", help="Regime of the packed runs: official or "
+                                               "fast.")] = "fast",
     as_json: JsonOption = False,
 ) -> None:
     """Time the official and the fast training regime side by side, with their input pipelines; record it.
 
     Training samples/s (model only and end to end, at --batch-size and the largest batch that
     fits), input pipeline images/s (PIL workers vs the image cache), evaluation images/s and
-    captions/s, ICFG-PEDES-sized scoring seconds, peak memory and MFU (CUDA). Random weights and
+    captions/s, ICFG-PEDES-sized scoring seconds, peak memory and MFU (CUDA); with --packed N, N
+    processes (as php-run worker --runs-per-gpu N runs them) training at once: each one's samples/s,
+    start and end, their aggregate (all their samples over the time from the first start to the last
+    end) and the device hours of a packed paper run. Random weights and
     a synthetic dataset in a temporary folder: no data or CLIP file needed. Each call is added to
     reports/benchmarks.jsonl and reports/benchmarks.md with the machine, versions and git commit.
 
@@ -61,12 +69,16 @@ def bench(
     if clip not in configs:
         raise InputError(f"--clip: expected ViT-B/16 or tiny, got {clip!r}")
     torch_device = _bench_device(device)
+    if packed_regime not in ("official", "fast"):
+        raise InputError(f"--packed-regime: expected official or fast, got {packed_regime!r}")
     on_cuda = torch_device.type == "cuda"
     sizes = BenchSizes(batch_size=batch_size, steps=steps, warmup=warmup,
                        max_batch=max_batch or (1024 if on_cuda else 2 * batch_size), workers=workers,
                        pipeline_images=pipeline_images, scoring_queries=scoring_queries,
                        scoring_gallery=scoring_gallery, compile=on_cuda if compile is None else compile,
-                       pipeline_size=None if pipeline_size is None else parse_image_size(pipeline_size, "--pipeline-size"))
+                       pipeline_size=None if pipeline_size is None else parse_image_size(pipeline_size,
+                                                                                          "--pipeline-size"),
+                       packed_runs=(4 if on_cuda else 0) if packed is None else packed, packed_regime=packed_regime)
     log = (lambda _: None) if as_json else (lambda text: err_console.print(f"[dim]bench: {text}[/dim]"))
     result = run_benchmark(configs[clip], sizes, str(torch_device), log=log)
     record = _bench_record(result, clip)
@@ -122,5 +134,13 @@ def _print_bench(result: dict, heading: str) -> None:
                   f"{result['scoring']['seconds']:.2f} s")
     console.print("  projected 60-epoch CUHK-PEDES run (per-epoch evaluation): " + ", ".join(
         f"{name} {entry['hours_60_epochs_cuhk']:.2f} h" for name, entry in result["projection"].items()))
+    if "packed" in result:
+        packed = result["packed"]
+        console.print(f"  packed: {packed['runs']} {packed['regime']} runs at once, "
+                      f"{packed['aggregate_samples_per_s']:.1f} samples/s together (one alone "
+                      f"{packed['single_process_samples_per_s']:.1f}; each " + ", ".join(
+                          f"{process['samples_per_s']:.1f}" for process in packed["processes"])
+                      + f"; all {packed['overlap_s']:.2f} s of {packed['wall_s']:.2f} s at once); a packed paper run "
+                      f"{packed['gpu_hours_per_run_60_epochs_cuhk']:.2f} device hours")
     mfu = "n/a on CPU" if result["mfu"] is None else f"{result['mfu']:.1%}"
     console.print(f"  peak memory {result['peak_memory_bytes'] / 2**30:.2f} GiB ({result['peak_memory_kind']}), MFU {mfu}")

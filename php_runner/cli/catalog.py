@@ -83,16 +83,40 @@ def projected_gpu_hours(spec, bench: dict | None) -> float | None:
     """GPU-hours of every run of ``spec`` (datasets x grid x seeds) at ``bench``'s projected CUHK-PEDES run
     hours, each dataset's runs scaled by its training set size; None without a bench of the costed regime."""
     hours = ((bench or {}).get("projection", {}).get(COSTED_REGIME) or {}).get("hours_60_epochs_cuhk")
-    if hours is None:
-        return None
+    return None if hours is None else _spec_hours(spec, hours)
+
+
+def packed_gpu_hours(spec, bench: dict | None) -> float | None:
+    """GPU-hours of every run of ``spec`` packed as ``bench``'s packed measurement ran (N processes of its regime
+    on one device), scaled by dataset as ``projected_gpu_hours``; None without a packed measurement.
+
+    A packed run's device hours (recorded by the bench, ``packed.gpu_hours_per_run_60_epochs_cuhk``): its
+    training at the measured aggregate rate A of the N processes, i.e. N x 68,126 / A seconds an epoch of
+    wall time (each process trains at A / N) holding 1/N of the device, so 68,126 / A device seconds an
+    epoch; its evaluation at the unpacked rates, whole (packing's effect on evaluation is not measured)."""
+    hours = ((bench or {}).get("packed") or {}).get("gpu_hours_per_run_60_epochs_cuhk")
+    return None if hours is None else _spec_hours(spec, hours)
+
+
+def _spec_hours(spec, hours_per_cuhk_run: float) -> float:
     runs_per_dataset = len(spec.points) * len(spec.seeds)
     scale = sum(TRAIN_PAIRS[dataset] for dataset in spec.datasets) / TRAIN_PAIRS["CUHK-PEDES"]
-    return hours * runs_per_dataset * scale
+    return hours_per_cuhk_run * runs_per_dataset * scale
+
+
+def _packed_basis(bench: dict | None) -> str:
+    packed = (bench or {}).get("packed")
+    if not packed:
+        return NO_BENCH if bench is None else "no packed measurement in that bench (php-run bench --packed N)"
+    return (f"{packed['runs']} runs of the {packed['regime']} regime at once at batch {packed['batch_size']}, "
+            f"{packed['aggregate_samples_per_s']:.1f} samples/s together, bench of {bench.get('recorded')}; per run: "
+            "training at that aggregate rate, evaluation at the unpacked rates")
 
 
 def catalog() -> list[dict[str, Any]]:
     """One entry per shipped spec: name, table, description, runs per seed, its header entries, and its
-    GPU-hours at the last bench recorded (reports/benchmarks.jsonl) on this machine's device."""
+    GPU-hours at the last bench recorded (reports/benchmarks.jsonl) on this machine's device, unpacked and
+    packed (see ``packed_gpu_hours``)."""
     from php_runner.experiment.specs import load_all_specs
 
     bench = latest_bench(machine_device_name())
@@ -107,6 +131,8 @@ def catalog() -> list[dict[str, Any]]:
             "gpu_hours_basis": NO_BENCH if bench is None else
             f"{COSTED_REGIME} regime, bench of {bench.get('recorded')} on {bench.get('device_name')}; runs on "
             "ICFG-PEDES and RSTPReid scaled from CUHK-PEDES by training set size",
+            "gpu_hours_packed": packed_gpu_hours(spec, bench),
+            "gpu_hours_packed_basis": _packed_basis(bench),
         })
     return entries
 
@@ -208,7 +234,11 @@ def _grid_of(spec) -> dict[str, list]:
 
 @app.command("ls")
 def list_specs(as_json: JsonOption = False) -> None:
-    """List the shipped specs: the table each fills, its runs per seed, and its cost (from its header).
+    """List the shipped specs: the table each fills, its runs per seed, its cost (from its header), and its
+    GPU-hours (all seeds) at the last bench recorded on this machine's device: one run at a time on the
+    device (the official regime's projection), and packed as the bench's --packed measurement ran (N runs
+    of its regime at once; each run's device hours = its training at the N runs' aggregate samples/s, its
+    evaluation at the unpacked rates).
 
     Example: php-run ls
     """
@@ -218,15 +248,17 @@ def list_specs(as_json: JsonOption = False) -> None:
         return
     view = Table(title=f"{len(entries)} shipped specs (php-run cat NAME prints one; php-run run NAME runs it)",
                  show_lines=True)
-    for column in ("spec", "table", "runs/seed", "description", "cost", "GPU-h (bench)"):
+    for column in ("spec", "table", "runs/seed", "description", "cost", "GPU-h (bench)", "GPU-h packed"):
         view.add_column(column, no_wrap=column in ("spec", "table"))
     for entry in entries:
         hours = NO_BENCH if entry["gpu_hours"] is None else f"{entry['gpu_hours']:.1f}"
+        packed = "not measured" if entry["gpu_hours_packed"] is None else f"{entry['gpu_hours_packed']:.1f}"
         view.add_row(entry["spec"], entry["table"] or "-", str(entry["runs_per_seed"]), entry["description"],
-                     entry["cost"] or "", hours)
+                     entry["cost"] or "", hours, packed)
     console.print(view)
     if entries and entries[0]["gpu_hours"] is not None:
         note(f"GPU-h: all seeds, {entries[0]['gpu_hours_basis']}")
+        note(f"GPU-h packed: {entries[0]['gpu_hours_packed_basis']}")
 
 
 @app.command("cat")

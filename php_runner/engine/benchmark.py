@@ -15,7 +15,10 @@ Measured, each on the same model and device:
   (19,848 x 19,848 by default);
 * peak memory (CUDA allocator peak, or the process's peak RSS on the CPU) and MFU: FLOPs of one
   training step counted by ``torch.utils.flop_counter`` against a measured bf16 matmul peak (CUDA
-  only; ``None`` on the CPU, where a matmul "peak" says little about the model).
+  only; ``None`` on the CPU, where a matmul "peak" says little about the model);
+* with ``sizes.packed_runs`` N > 0: N processes training one regime at the requested batch at once on the
+  device (``engine.packed_benchmark``), their aggregate samples/s, and the device hours of a paper run
+  packed that way (``engine.projection``).
 
 Random weights throughout: no CLIP file is needed. Synthetic JPEGs are 96x48, smaller than the real
 datasets' images, so the PIL figures are if anything optimistic.
@@ -28,7 +31,6 @@ import resource
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,109 +41,35 @@ from php_runner.data.batch_transforms import BatchAugment
 from php_runner.data.cache import open_cache
 from php_runner.data.loaders import CachedTrainBatches, TrainPairs
 from php_runner.data.transforms import build_transform
-from php_runner.engine.metrics import retrieval_metrics
-from php_runner.engine.train import (
-    TrainSettings,
-    build_training_optimizer,
-    prepare_training_model,
-    resolve_device,
-    seed_everything,
-    train_step,
+from php_runner.engine.bench_regime import (
+    EOT_ID,
+    REGIMES,
+    BenchRegime,
+    BenchSizes,
+    random_batch,
+    synchronize,
+    timed,
 )
+from php_runner.engine.metrics import retrieval_metrics
+from php_runner.engine.packed_benchmark import packed_training
+from php_runner.engine.projection import packed_gpu_hours_per_run, projection
+from php_runner.engine.train import resolve_device, seed_everything
 from php_runner.model.config import PHPConfig
 from php_runner.model.php import PHPModel
 from php_runner.model.precision import autocast_context
 
-EOT_ID = 49407  # the text encoder reads the global feature at the highest id's position
-ICFG_TEST_SIZE = 19_848
-# One paper run of CUHK-PEDES (php_spec.md, dataset sizes): 60 epochs of 68,126 training pairs, the test
-# split (3,074 images, 6,156 captions) encoded after every epoch.
-CUHK_TRAIN_PAIRS = 68_126
-CUHK_TEST_IMAGES = 3_074
-CUHK_TEST_CAPTIONS = 6_156
-PAPER_EPOCHS = 60
-REGIMES = {"official": "official", "fast": "amp"}  # regime name -> train.precision
-
-
-@dataclass(frozen=True)
-class BenchSizes:
-    """How much work each measurement does; the defaults are the issue's, tests pass small ones."""
-
-    batch_size: int = 64
-    steps: int = 10
-    warmup: int = 2
-    max_batch: int = 1024  # cap of the largest-batch search (doubling from batch_size)
-    workers: int = 8  # PIL loader workers, and intra-op threads of the cache pipeline
-    pipeline_images: int = 2048  # augmented images timed through each input pipeline
-    scoring_queries: int = ICFG_TEST_SIZE
-    scoring_gallery: int = ICFG_TEST_SIZE
-    compile: bool = True  # also time the fast regime compiled
-    pipeline_size: tuple[int, int] | None = None  # image size of the pipeline measurement (None: the model's)
-
-
-def random_batch(config: PHPConfig, batch_size: int, generator: torch.Generator) -> dict:
-    """Random images and captions of the model's shapes; pairs share identities two by two, as in training."""
-    height, width = config.clip.image_size
-    length = config.clip.context_length
-    token_ids = torch.randint(1, EOT_ID - 2, (batch_size, length), generator=generator)
-    ends = torch.randint(2, length, (batch_size,), generator=generator)
-    positions = torch.arange(length).expand(batch_size, length)
-    token_ids = torch.where(positions > ends[:, None], 0, token_ids)
-    token_ids[torch.arange(batch_size), ends] = EOT_ID
-    token_ids[:, 0] = EOT_ID - 1
-    return {
-        "images": torch.randn(batch_size, 3, height, width, generator=generator),
-        "caption_ids": token_ids,
-        "pids": torch.arange(batch_size) // 2,
-    }
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(device: torch.device, count: int, warmup: int, work: Callable[[int], None]) -> float:
-    """Seconds of ``count`` calls of ``work(index)`` after ``warmup`` untimed ones."""
-    for index in range(warmup):
-        work(index)
-    _synchronize(device)
-    started = time.perf_counter()
-    for index in range(count):
-        work(warmup + index)
-    _synchronize(device)
-    return time.perf_counter() - started
+__all__ = ["EOT_ID", "BenchSizes", "random_batch", "run_benchmark", "training_samples_per_s", "matmul_peak_flops"]
 
 
 def _is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
-class _Regime:
-    """A model, optimiser and settings of one regime, built the way the training loop builds them."""
-
-    def __init__(self, config: PHPConfig, regime: str, batch_size: int, device: torch.device, compile: bool = False):
-        self.settings = TrainSettings(precision=REGIMES[regime], batch_size=batch_size, device=str(device),
-                                      compile=compile)
-        self.device = device
-        self.model = prepare_training_model(PHPModel(config), self.settings, device)
-        self.optimizer = build_training_optimizer(self.model, self.settings)
-
-    def step(self, batch: dict) -> None:
-        self.model.train()
-        train_step(self.model, batch, self.optimizer, self.settings, self.device)
-
-    def samples_per_s(self, config: PHPConfig, batch_size: int, sizes: BenchSizes) -> float:
-        batch = {key: value.to(self.device) for key, value in
-                 random_batch(config, batch_size, torch.Generator().manual_seed(batch_size)).items()}
-        return sizes.steps * batch_size / _timed(self.device, sizes.steps, sizes.warmup, lambda _: self.step(batch))
-
-
 def training_samples_per_s(config: PHPConfig, regime: str, batch_size: int, sizes: BenchSizes, device: str = "auto",
                            compile: bool = False) -> float:
     """Model-only training samples/s of one regime (``official`` or ``fast``) at ``batch_size``, compiled or not."""
     torch_device = resolve_device(device)
-    return _Regime(config, regime, batch_size, torch_device, compile).samples_per_s(config, batch_size, sizes)
+    return BenchRegime(config, regime, batch_size, torch_device, compile).samples_per_s(config, batch_size, sizes)
 
 
 def _largest_batch(config: PHPConfig, regime: str, sizes: BenchSizes, device: torch.device, compile: bool) -> dict:
@@ -150,7 +78,7 @@ def _largest_batch(config: PHPConfig, regime: str, sizes: BenchSizes, device: to
     batch_size = sizes.batch_size
     while batch_size <= sizes.max_batch:
         try:
-            trial = _Regime(config, regime, batch_size, device, compile)
+            trial = BenchRegime(config, regime, batch_size, device, compile)
             rate = trial.samples_per_s(config, batch_size, sizes)
         except (RuntimeError, MemoryError) as err:
             if not _is_out_of_memory(err) and not isinstance(err, MemoryError):
@@ -198,16 +126,16 @@ def _images_per_s(loader, images: int, batch_size: int, device: torch.device) ->
     count = max(1, math.ceil(images / batch_size))
     stream = _batches(loader, count + 1)
     next(stream)
-    _synchronize(device)
+    synchronize(device)
     started, seen = time.perf_counter(), 0
     for batch in stream:
         seen += len(batch["images"])
         batch["images"].to(device, non_blocking=True)
-    _synchronize(device)
+    synchronize(device)
     return seen / (time.perf_counter() - started)
 
 
-def _end_to_end(regime: _Regime, loader, sizes: BenchSizes) -> float:
+def _end_to_end(regime: BenchRegime, loader, sizes: BenchSizes) -> float:
     """Training samples/s with the regime's input pipeline feeding the step."""
     stream = _batches(loader, sizes.warmup + sizes.steps)
     seen = []
@@ -217,12 +145,12 @@ def _end_to_end(regime: _Regime, loader, sizes: BenchSizes) -> float:
         seen.append(len(batch["pids"]))
         regime.step(batch)
 
-    seconds = _timed(regime.device, sizes.steps, sizes.warmup, work)
+    seconds = timed(regime.device, sizes.steps, sizes.warmup, work)
     return sum(seen[sizes.warmup:]) / seconds
 
 
 @torch.no_grad()
-def _eval_rates(regime: _Regime, config: PHPConfig, sizes: BenchSizes) -> dict:
+def _eval_rates(regime: BenchRegime, config: PHPConfig, sizes: BenchSizes) -> dict:
     model, device = regime.model, regime.device
     model.eval()
     batch = random_batch(config, sizes.batch_size, torch.Generator().manual_seed(1))
@@ -232,7 +160,7 @@ def _eval_rates(regime: _Regime, config: PHPConfig, sizes: BenchSizes) -> dict:
         def work(_: int) -> None:
             with autocast_context(regime.settings.precision, device):
                 encode(inputs)
-        rates[name] = sizes.steps * sizes.batch_size / _timed(device, sizes.steps, sizes.warmup, work)
+        rates[name] = sizes.steps * sizes.batch_size / timed(device, sizes.steps, sizes.warmup, work)
     rates["batch_size"] = sizes.batch_size
     return rates
 
@@ -245,14 +173,14 @@ def _scoring(sizes: BenchSizes, dim: int, device: torch.device) -> dict:
     identities = max(1, sizes.scoring_gallery // 20)
     text_pids = torch.randint(0, identities, (sizes.scoring_queries,), generator=generator).to(device)
     image_pids = torch.randint(0, identities, (sizes.scoring_gallery,), generator=generator).to(device)
-    _synchronize(device)
+    synchronize(device)
     started = time.perf_counter()
     retrieval_metrics(text @ image.t(), text_pids, image_pids)
-    _synchronize(device)
+    synchronize(device)
     return {"seconds": time.perf_counter() - started, "queries": sizes.scoring_queries, "gallery": sizes.scoring_gallery}
 
 
-def _step_flops(regime: _Regime, config: PHPConfig, batch_size: int) -> int:
+def _step_flops(regime: BenchRegime, config: PHPConfig, batch_size: int) -> int:
     """FLOPs of one training step (forward + backward) at ``batch_size``, counted by torch."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -269,7 +197,7 @@ def matmul_peak_flops(device: torch.device, size: int = 8192, repeats: int = 20)
         return None
     a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
     b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-    seconds = _timed(device, repeats, 3, lambda _: a @ b)
+    seconds = timed(device, repeats, 3, lambda _: a @ b)
     return 2 * size**3 * repeats / seconds
 
 
@@ -279,17 +207,59 @@ def _peak_memory(device: torch.device) -> tuple[int, str]:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process peak RSS"
 
 
-def run_benchmark(config: PHPConfig, sizes: BenchSizes = BenchSizes(), device: str = "auto", seed: int = 0,
-                  log: Callable[[str], None] = lambda _: None) -> dict:
-    """Every measurement of the module docstring, as one JSON-able dict (nested as ``php-run bench --json``)."""
-    if sizes.batch_size < 2 or sizes.steps < 1 or sizes.warmup < 0 or sizes.workers < 0:
-        raise ValueError("benchmark needs batch_size >= 2, steps >= 1, warmup >= 0 and workers >= 0")
-    torch_device = resolve_device(device)
-    seed_everything(seed)
-    if torch_device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(torch_device)
-    result: dict = {"device": str(torch_device), "sizes": sizes.__dict__.copy(), "train": {}}
+def _pipelines(dataset, cache, pipeline_cache, build_seconds: float, sizes: BenchSizes, device: torch.device) -> dict:
+    """Augmented images/s of the PIL workers and of the image cache at the pipeline's image size."""
+    pipeline_size = tuple(pipeline_cache.image_size)
+    pil_rate = _images_per_s(_pil_loader(dataset, pipeline_size, sizes.batch_size, sizes.workers),
+                             sizes.pipeline_images, sizes.batch_size, device)
+    # Intra-op threads: 1 and the worker count. On an oversubscribed CPU more threads can be much
+    # slower (OpenMP barriers wait for descheduled threads), so the best of the two is reported.
+    threads, cache_rates = torch.get_num_threads(), {}
+    try:
+        for count in sorted({1, max(sizes.workers, 1)}):
+            torch.set_num_threads(count)
+            cached = _cache_loader(dataset, pipeline_cache, sizes.batch_size, device)
+            cache_rates[str(count)] = _images_per_s(cached, sizes.pipeline_images, sizes.batch_size, device)
+    finally:
+        torch.set_num_threads(threads)
+    return {
+        "pil_images_per_s": pil_rate, "cache_images_per_s": max(cache_rates.values()),
+        "cache_images_per_s_by_threads": cache_rates, "workers": sizes.workers,
+        "image_size": list(pipeline_size), "cache_build_images_per_s": len(cache.array) / build_seconds,
+        "images": sizes.pipeline_images,
+    }
 
+
+def _training(result: dict, config: PHPConfig, dataset, cache, sizes: BenchSizes, device: torch.device,
+              log: Callable[[str], None]) -> None:
+    """Each regime variant's training rates into ``result["train"]``; the eager ones' evaluation rates into
+    ``result["eval"]``, and the FLOPs of a fast step."""
+    pil = _pil_loader(dataset, config.clip.image_size, sizes.batch_size, sizes.workers)
+    variants = [("official", False), ("fast", False)] + ([("fast_compiled", True)] if sizes.compile else [])
+    for name, compiled in variants:
+        regime_name = "fast" if name.startswith("fast") else "official"
+        log(f"training: {name}")
+        regime = BenchRegime(config, regime_name, sizes.batch_size, device, compiled)
+        loader = pil if regime_name == "official" else _cache_loader(dataset, cache, sizes.batch_size, device)
+        entry = {
+            "precision": REGIMES[regime_name], "compile": compiled, "batch_size": sizes.batch_size,
+            "samples_per_s": regime.samples_per_s(config, sizes.batch_size, sizes),
+            "end_to_end_samples_per_s": _end_to_end(regime, loader, sizes),
+            "pipeline": "pil" if regime_name == "official" else "cache",
+        }
+        if name != "fast_compiled":
+            result.setdefault("eval", {})[name] = _eval_rates(regime, config, sizes)
+            if name == "fast":
+                result["flops_per_sample"] = _step_flops(regime, config, sizes.batch_size) / sizes.batch_size
+        regime = None
+        largest = _largest_batch(config, regime_name, sizes, device, compiled)
+        entry["largest_batch"], entry["largest_batch_samples_per_s"] = largest["batch_size"], largest["samples_per_s"]
+        result["train"][name] = entry
+
+
+def _on_bench_data(result: dict, config: PHPConfig, sizes: BenchSizes, device: torch.device,
+                   log: Callable[[str], None]) -> None:
+    """The measurements that need a dataset (input pipelines, training end to end), on a temporary one."""
     with tempfile.TemporaryDirectory(prefix="php-run-bench-") as folder:
         dataset = _bench_dataset(Path(folder) / "data", sizes.pipeline_images)
         log("building the image cache of the bench dataset")
@@ -300,49 +270,34 @@ def run_benchmark(config: PHPConfig, sizes: BenchSizes = BenchSizes(), device: s
         pipeline_size = tuple(sizes.pipeline_size or config.clip.image_size)
         pipeline_cache = cache if pipeline_size == tuple(config.clip.image_size) else open_cache(
             dataset, pipeline_size, root=Path(folder) / "cache", workers=max(sizes.workers, 1), progress=False)
-
         log(f"input pipelines at {pipeline_size[0]}x{pipeline_size[1]}")
-        pil_rate = _images_per_s(_pil_loader(dataset, pipeline_size, sizes.batch_size, sizes.workers),
-                                 sizes.pipeline_images, sizes.batch_size, torch_device)
-        # Intra-op threads: 1 and the worker count. On an oversubscribed CPU more threads can be much
-        # slower (OpenMP barriers wait for descheduled threads), so the best of the two is reported.
-        threads, cache_rates = torch.get_num_threads(), {}
-        try:
-            for count in sorted({1, max(sizes.workers, 1)}):
-                torch.set_num_threads(count)
-                cached = _cache_loader(dataset, pipeline_cache, sizes.batch_size, torch_device)
-                cache_rates[str(count)] = _images_per_s(cached, sizes.pipeline_images, sizes.batch_size, torch_device)
-        finally:
-            torch.set_num_threads(threads)
-        result["pipeline"] = {
-            "pil_images_per_s": pil_rate, "cache_images_per_s": max(cache_rates.values()),
-            "cache_images_per_s_by_threads": cache_rates, "workers": sizes.workers,
-            "image_size": list(pipeline_size), "cache_build_images_per_s": len(cache.array) / build_seconds,
-            "images": sizes.pipeline_images,
-        }
-        pil = _pil_loader(dataset, config.clip.image_size, sizes.batch_size, sizes.workers)
+        result["pipeline"] = _pipelines(dataset, cache, pipeline_cache, build_seconds, sizes, device)
+        _training(result, config, dataset, cache, sizes, device, log)
 
-        variants = [("official", False), ("fast", False)] + ([("fast_compiled", True)] if sizes.compile else [])
-        for name, compiled in variants:
-            regime_name = "fast" if name.startswith("fast") else "official"
-            log(f"training: {name}")
-            regime = _Regime(config, regime_name, sizes.batch_size, torch_device, compiled)
-            loader = pil if regime_name == "official" else _cache_loader(dataset, cache, sizes.batch_size, torch_device)
-            entry = {
-                "precision": REGIMES[regime_name], "compile": compiled, "batch_size": sizes.batch_size,
-                "samples_per_s": regime.samples_per_s(config, sizes.batch_size, sizes),
-                "end_to_end_samples_per_s": _end_to_end(regime, loader, sizes),
-                "pipeline": "pil" if regime_name == "official" else "cache",
-            }
-            if name != "fast_compiled":
-                result.setdefault("eval", {})[name] = _eval_rates(regime, config, sizes)
-                if name == "fast":
-                    result["flops_per_sample"] = _step_flops(regime, config, sizes.batch_size) / sizes.batch_size
-            regime = None
-            largest = _largest_batch(config, regime_name, sizes, torch_device, compiled)
-            entry["largest_batch"], entry["largest_batch_samples_per_s"] = largest["batch_size"], largest["samples_per_s"]
-            result["train"][name] = entry
-        del pil
+
+def _packed(result: dict, config: PHPConfig, sizes: BenchSizes, device: torch.device,
+            log: Callable[[str], None]) -> dict:
+    """The packed measurement, its regime's single-process rate beside it, and a packed run's device hours."""
+    log(f"packed: {sizes.packed_runs} processes of the {sizes.packed_regime} regime at batch {sizes.batch_size}")
+    packed = packed_training(config, sizes, device)
+    rates = result["eval"][sizes.packed_regime]
+    packed["single_process_samples_per_s"] = result["train"][sizes.packed_regime]["samples_per_s"]
+    packed["gpu_hours_per_run_60_epochs_cuhk"] = packed_gpu_hours_per_run(
+        packed["aggregate_samples_per_s"], rates["images_per_s"], rates["texts_per_s"])
+    return packed
+
+
+def run_benchmark(config: PHPConfig, sizes: BenchSizes = BenchSizes(), device: str = "auto", seed: int = 0,
+                  log: Callable[[str], None] = lambda _: None) -> dict:
+    """Every measurement of the module docstring, as one JSON-able dict (nested as ``php-run bench --json``)."""
+    if sizes.batch_size < 2 or sizes.steps < 1 or sizes.warmup < 0 or sizes.workers < 0 or sizes.packed_runs < 0:
+        raise ValueError("benchmark needs batch_size >= 2, steps >= 1, warmup >= 0, workers >= 0 and packed_runs >= 0")
+    torch_device = resolve_device(device)
+    seed_everything(seed)
+    if torch_device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(torch_device)
+    result: dict = {"device": str(torch_device), "sizes": sizes.__dict__.copy(), "train": {}}
+    _on_bench_data(result, config, sizes, torch_device, log)
 
     result["parameters"] = sum(p.numel() for p in PHPModel(config).parameters())
     result["eval"].update({key: result["eval"]["fast"][key] for key in ("images_per_s", "texts_per_s")})
@@ -356,30 +311,11 @@ def run_benchmark(config: PHPConfig, sizes: BenchSizes = BenchSizes(), device: s
                     if rate is not None)
     result["mfu"] = None if peak is None else best_rate * result["flops_per_sample"] / peak
     result["peak_memory_bytes"], result["peak_memory_kind"] = _peak_memory(torch_device)
+    if sizes.packed_runs:
+        result["packed"] = _packed(result, config, sizes, torch_device, log)
     result["ratios"] = _ratios(result)
     result["projection"] = projection(result)
     return result
-
-
-def projected_run_hours(train_samples_per_s: float, eval_images_per_s: float, eval_captions_per_s: float) -> float:
-    """Hours of one 60-epoch CUHK-PEDES run evaluated after every epoch, at the given measured rates."""
-    epoch_seconds = (CUHK_TRAIN_PAIRS / train_samples_per_s + CUHK_TEST_IMAGES / eval_images_per_s
-                     + CUHK_TEST_CAPTIONS / eval_captions_per_s)
-    return PAPER_EPOCHS * epoch_seconds / 3600
-
-
-def projection(result: dict) -> dict:
-    """Per training regime: the projected hours of a paper CUHK-PEDES run from the bench's model-only training
-    rate at the bench's batch and that regime's evaluation rates (the compiled regime uses the eager fast ones)."""
-    projected = {}
-    for name, entry in result["train"].items():
-        rates = result["eval"]["official" if name == "official" else "fast"]
-        projected[name] = {
-            "hours_60_epochs_cuhk": projected_run_hours(entry["samples_per_s"], rates["images_per_s"],
-                                                        rates["texts_per_s"]),
-            "batch_size": entry["batch_size"],
-        }
-    return projected
 
 
 def _ratios(result: dict) -> dict:
@@ -389,6 +325,10 @@ def _ratios(result: dict) -> dict:
         "fast_vs_official_end_to_end": train["fast"]["end_to_end_samples_per_s"] / train["official"]["end_to_end_samples_per_s"],
         "cache_vs_pil_pipeline": pipeline["cache_images_per_s"] / pipeline["pil_images_per_s"],
     }
+    if "packed" in result:
+        packed = result["packed"]
+        ratios["packed_vs_single_process_train"] = (packed["aggregate_samples_per_s"]
+                                                    / packed["single_process_samples_per_s"])
     if "fast_compiled" in train:
         ratios["compiled_vs_eager_fast_train"] = train["fast_compiled"]["samples_per_s"] / train["fast"]["samples_per_s"]
     return ratios

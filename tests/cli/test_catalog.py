@@ -88,6 +88,39 @@ def test_ls_costs_every_run_at_the_last_bench_of_this_device(tmp_path, monkeypat
                      invoke("ls").replace("\n", " "))
 
 
+def test_ls_costs_every_run_packed_at_the_last_bench_of_this_device(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    here = machine_device_name()
+    packed = {"runs": 4, "regime": "fast", "batch_size": 64, "aggregate_samples_per_s": 2600.0,
+              "gpu_hours_per_run_60_epochs_cuhk": 0.75}
+    records = [
+        {"device_name": here, "recorded": "first", "projection": {"official": {"hours_60_epochs_cuhk": 9.0}},
+         "packed": {**packed, "gpu_hours_per_run_60_epochs_cuhk": 5.0}},
+        {"device_name": here, "recorded": "latest", "projection": {"official": {"hours_60_epochs_cuhk": 2.5}},
+         "packed": packed},
+    ]
+    (tmp_path / "reports").mkdir()
+    log = tmp_path / "reports" / "benchmarks.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    pairs = {"CUHK-PEDES": 68126, "ICFG-PEDES": 34674, "RSTPReid": 37010}  # training pairs, php_spec.md
+    runtime = {"data_root": "/data", "clip_weights": "/w.pt"}
+    entries = json.loads(invoke("ls", "--json"))
+    for entry, path in zip(entries, SPEC_FILES):
+        runs = expand(load_spec(path), "paper", runtime=runtime)
+        assert entry["gpu_hours_packed"] == pytest.approx(sum(0.75 * pairs[run.dataset] / pairs["CUHK-PEDES"]
+                                                              for run in runs))
+        assert entry["gpu_hours"] == pytest.approx(entry["gpu_hours_packed"] * 2.5 / 0.75)
+        basis = entry["gpu_hours_packed_basis"]
+        assert "4 runs of the fast regime" in basis and "2600.0" in basis and "latest" in basis
+    headline = entries[[e["spec"] for e in entries].index("headline")]
+    view = invoke("ls").replace("\n", " ")
+    assert re.search(rf"│ {headline['gpu_hours']:.1f} +│ {headline['gpu_hours_packed']:.1f} +│", view)
+    without_packed = {key: value for key, value in records[1].items() if key != "packed"}
+    log.write_text(json.dumps(without_packed) + "\n")  # a bench run without --packed
+    assert {entry["gpu_hours_packed"] for entry in json.loads(invoke("ls", "--json"))} == {None}
+    assert "not measured" in invoke("ls")
+
+
 def test_cat_prints_the_chain_and_preset_merged_by_hand():
     shown = tomllib.loads(invoke("cat", "cnum", "--preset", "tiny"))
     base = tomllib.loads((SHIPPED / "base.toml").read_text())

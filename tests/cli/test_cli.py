@@ -341,7 +341,7 @@ def test_bench_json_has_the_keys_and_records_every_call(cli):
     small = ("--clip", "tiny", "--device", "cpu", "--batch-size", "2", "--steps", "1", "--warmup", "0",
              "--max-batch", "2", "--workers", "0", "--pipeline-images", "4", "--scoring-queries", "40",
              "--scoring-gallery", "30", "--no-compile")
-    code, out, _ = cli("bench", *small, "--json")
+    code, out, _ = cli("bench", *small, "--packed", "2", "--json")
     assert code == 0, out
     record = json.loads(out)
     for path in ("train.official.samples_per_s", "train.fast.samples_per_s", "pipeline.pil_images_per_s",
@@ -352,6 +352,9 @@ def test_bench_json_has_the_keys_and_records_every_call(cli):
             value = value[key]
         assert value is None if path == "mfu" else value > 0, path
     assert record["clip"] == "tiny" and record["git_commit"] and record["torchvision"]
+    packed = record["packed"]
+    assert (packed["runs"], packed["regime"], len(packed["processes"])) == (2, "fast", 2)
+    assert packed["aggregate_samples_per_s"] > 0 and packed["gpu_hours_per_run_60_epochs_cuhk"] > 0
     from php_runner.reports.bench import record_benchmark
 
     record_benchmark({**record, "recorded": "later"}, "reports")  # a second call re-renders from every record
@@ -361,5 +364,8 @@ def test_bench_json_has_the_keys_and_records_every_call(cli):
     assert table.count("## ") == 2
     section = table.split("## ")[1]
     assert section.index("fast / official") < section.index("official training samples/s")  # ratios first
+    assert "| packed runs / regime / batch | 2 / fast / 2 |" in section
     code, _, err = cli("bench", "--clip", "huge", "--device", "cpu")
     assert code == 2 and "--clip" in err
+    code, _, err = cli("bench", "--device", "cpu", "--packed-regime", "slow")
+    assert code == 2 and "--packed-regime" in err

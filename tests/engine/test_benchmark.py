@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from php_runner.engine import bench_regime
 from php_runner.engine import benchmark as benchmark_module
 from php_runner.engine.benchmark import (
     EOT_ID,
@@ -43,7 +44,7 @@ def test_largest_batch_doubles_until_out_of_memory(monkeypatch):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate")
         return float(batch_size)
 
-    monkeypatch.setattr(benchmark_module._Regime, "samples_per_s", fake_rate)
+    monkeypatch.setattr(benchmark_module.BenchRegime, "samples_per_s", fake_rate)
     sizes = BenchSizes(batch_size=2, max_batch=64)
     found = _largest_batch(PHPConfig.tiny(), "fast", sizes, torch.device("cpu"), False)
     assert tried == [2, 4, 8, 16] and found == {"batch_size": 8, "samples_per_s": 8.0}
@@ -81,14 +82,14 @@ def test_projection_is_sixty_cuhk_epochs_of_training_and_evaluation_per_regime()
 @pytest.mark.slow
 def test_run_benchmark_times_both_regimes_through_the_engine(monkeypatch):
     steps, settings_seen = [], []
-    real_step = benchmark_module.train_step
+    real_step = bench_regime.train_step
 
     def counting_step(model, batch, optimizer, settings, device):
         steps.append(batch["images"].dtype)
         settings_seen.append((settings.precision, settings.compile))
         return real_step(model, batch, optimizer, settings, device)
 
-    monkeypatch.setattr(benchmark_module, "train_step", counting_step)
+    monkeypatch.setattr(bench_regime, "train_step", counting_step)
     result = run_benchmark(PHPConfig.tiny(), SMALL, "cpu")
     assert {precision for precision, _ in settings_seen} == {"official", "amp"}
     assert result["train"]["official"]["pipeline"] == "pil" and result["train"]["fast"]["pipeline"] == "cache"
