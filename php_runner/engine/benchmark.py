@@ -28,7 +28,7 @@ import resource
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -41,6 +41,7 @@ from php_runner.data.loaders import CachedTrainBatches, TrainPairs
 from php_runner.data.transforms import build_transform
 from php_runner.engine.metrics import retrieval_metrics
 from php_runner.engine.train import (
+    TrainingStep,
     TrainSettings,
     build_training_optimizer,
     prepare_training_model,
@@ -120,16 +121,22 @@ def _is_out_of_memory(err: BaseException) -> bool:
 class _Regime:
     """A model, optimiser and settings of one regime, built the way the training loop builds them."""
 
-    def __init__(self, config: PHPConfig, regime: str, batch_size: int, device: torch.device, compile: bool = False):
+    def __init__(self, config: PHPConfig, regime: str, batch_size: int, device: torch.device, compile: bool = False,
+                 cuda_graphs: bool = False):
         self.settings = TrainSettings(precision=REGIMES[regime], batch_size=batch_size, device=str(device),
-                                      compile=compile)
+                                      compile=compile, cuda_graphs=cuda_graphs)
         self.device = device
         self.model = prepare_training_model(PHPModel(config), self.settings, device)
         self.optimizer = build_training_optimizer(self.model, self.settings)
+        # A compiled region lives across steps: built once here, not per step.
+        self.graphed = TrainingStep(self.model, self.optimizer, self.settings, device) if cuda_graphs else None
 
     def step(self, batch: dict) -> None:
         self.model.train()
-        train_step(self.model, batch, self.optimizer, self.settings, self.device)
+        if self.graphed is not None:
+            self.graphed(batch)
+        else:
+            train_step(self.model, batch, self.optimizer, self.settings, self.device)
 
     def samples_per_s(self, config: PHPConfig, batch_size: int, sizes: BenchSizes) -> float:
         batch = {key: value.to(self.device) for key, value in
@@ -138,10 +145,15 @@ class _Regime:
 
 
 def training_samples_per_s(config: PHPConfig, regime: str, batch_size: int, sizes: BenchSizes, device: str = "auto",
-                           compile: bool = False) -> float:
-    """Model-only training samples/s of one regime (``official`` or ``fast``) at ``batch_size``, compiled or not."""
+                           compile: bool = False, cuda_graphs: bool = False) -> float:
+    """Model-only training samples/s of one regime (``official`` or ``fast``) at ``batch_size``, compiled or not,
+    or (``cuda_graphs``, fast only) with forward + losses as CUDA graphs; those need 3 untimed steps (compile
+    and warm-up run, recording, first replay), so at least 3 warm-up steps are taken."""
     torch_device = resolve_device(device)
-    return _Regime(config, regime, batch_size, torch_device, compile).samples_per_s(config, batch_size, sizes)
+    if cuda_graphs:
+        sizes = replace(sizes, warmup=max(sizes.warmup, 3))
+    regime_steps = _Regime(config, regime, batch_size, torch_device, compile, cuda_graphs)
+    return regime_steps.samples_per_s(config, batch_size, sizes)
 
 
 def _largest_batch(config: PHPConfig, regime: str, sizes: BenchSizes, device: torch.device, compile: bool) -> dict:

@@ -9,6 +9,7 @@ from torch import nn
 
 import php_runner.engine.step as step_module
 from php_runner.data import read_dataset, write_synthetic
+from php_runner.engine.benchmark import BenchSizes, training_samples_per_s
 from php_runner.engine.step import TrainingStep, forward_losses
 from php_runner.engine.train import TrainSettings, build_training_optimizer, prepare_training_model, train
 from php_runner.errors import InputError
@@ -136,3 +137,18 @@ def test_a_cuda_graph_step_never_synchronises(device):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(math.isfinite(total.item()) for total in totals)
+
+
+def test_the_bench_times_cuda_graph_steps_after_three_untimed_ones(monkeypatch):
+    """training_samples_per_s(cuda_graphs=True) runs its steps through one compiled region (recorded, not run
+    here) and leaves at least 3 steps untimed: compile and warm-up run, recording, first replay."""
+    regions, steps = [], []
+
+    def recording_compile(function, **options):
+        regions.append(options)
+        return lambda *args: steps.append(args[1].shape[0]) or function(*args)
+
+    monkeypatch.setattr(step_module.torch, "compile", recording_compile)
+    sizes = BenchSizes(batch_size=4, steps=2, warmup=1)
+    assert training_samples_per_s(PHPConfig.tiny(), "fast", 4, sizes, "cpu", cuda_graphs=True) > 0
+    assert regions == [{"mode": "reduce-overhead", "dynamic": False}] and steps == [4] * 5
