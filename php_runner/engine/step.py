@@ -134,9 +134,11 @@ def _optimise(forward: Callable, model, batch: dict, optimizer, settings, device
     images = batch["images"].to(device, non_blocking=True)
     caption_ids = batch["caption_ids"].to(device, non_blocking=True)
     pids = batch["pids"].to(device, non_blocking=True)
+    # Gradients dropped before the forward: under CUDA graphs the previous step's are outputs of its replay,
+    # whose memory this step's replay reuses.
+    optimizer.zero_grad(set_to_none=True)
     with training_matmul_scope(settings.precision, device):
         losses = forward(model, images, caption_ids, pids, settings.precision, settings.loss)
-        optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         optimizer.step()
     return losses
