@@ -58,8 +58,8 @@ from php_runner.model.losses import LossConfig
 from php_runner.model.precision import GRAPHABLE_PRECISIONS, PRECISIONS
 
 __all__ = ["BEST_CHECKPOINT", "LAST_CHECKPOINT", "RUNTIME_FIELDS", "EpochRecord", "StepRecord", "StopTraining",
-           "TrainResult", "TrainSettings", "TrainingStep", "build_training_optimizer", "deterministic_mode", "prepare_training_model",
-           "resolve_device", "seed_everything", "train", "train_step"]
+           "TrainResult", "TrainSettings", "TrainingStep", "build_training_optimizer", "deterministic_mode",
+           "prepare_training_model", "resolve_device", "seed_everything", "train", "train_step"]
 
 LAST_CHECKPOINT = "last.pth"
 BEST_CHECKPOINT = "best.pth"
