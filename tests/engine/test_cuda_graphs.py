@@ -11,7 +11,12 @@ import php_runner.engine.step as step_module
 from php_runner.data import read_dataset, write_synthetic
 from php_runner.engine.benchmark import BenchSizes, training_samples_per_s
 from php_runner.engine.step import TrainingStep, forward_losses
-from php_runner.engine.train import TrainSettings, build_training_optimizer, prepare_training_model, train
+from php_runner.engine.train import (
+    TrainSettings,
+    build_training_optimizer,
+    prepare_training_model,
+    train,
+)
 from php_runner.errors import InputError
 from php_runner.model.config import PHPConfig
 from php_runner.model.php import PHPModel
