@@ -10,10 +10,10 @@ from dataclasses import dataclass
 import torch
 
 from php_runner.engine.train import (
+    TrainingStep,
     TrainSettings,
     build_training_optimizer,
     prepare_training_model,
-    train_step,
 )
 from php_runner.model.config import PHPConfig
 from php_runner.model.php import PHPModel
@@ -79,16 +79,19 @@ def timed(device: torch.device, count: int, warmup: int, work: Callable[[int], N
 class BenchRegime:
     """A model, optimiser and settings of one regime, built the way the training loop builds them."""
 
-    def __init__(self, config: PHPConfig, regime: str, batch_size: int, device: torch.device, compile: bool = False):
+    def __init__(self, config: PHPConfig, regime: str, batch_size: int, device: torch.device, compile: bool = False,
+                 cuda_graphs: bool = False):
         self.settings = TrainSettings(precision=REGIMES[regime], batch_size=batch_size, device=str(device),
-                                      compile=compile)
+                                      compile=compile, cuda_graphs=cuda_graphs)
         self.device = device
         self.model = prepare_training_model(PHPModel(config), self.settings, device)
         self.optimizer = build_training_optimizer(self.model, self.settings)
+        # A compiled region lives across steps: built once here, not per step.
+        self.training_step = TrainingStep(self.model, self.optimizer, self.settings, device)
 
     def step(self, batch: dict) -> None:
         self.model.train()
-        train_step(self.model, batch, self.optimizer, self.settings, self.device)
+        self.training_step(batch)
 
     def device_batch(self, config: PHPConfig, batch_size: int) -> dict:
         """The random batch the model-only measurements train on, already on the device."""

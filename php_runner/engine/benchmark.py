@@ -31,6 +31,7 @@ import resource
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -66,10 +67,15 @@ def _is_out_of_memory(err: BaseException) -> bool:
 
 
 def training_samples_per_s(config: PHPConfig, regime: str, batch_size: int, sizes: BenchSizes, device: str = "auto",
-                           compile: bool = False) -> float:
-    """Model-only training samples/s of one regime (``official`` or ``fast``) at ``batch_size``, compiled or not."""
+                           compile: bool = False, cuda_graphs: bool = False) -> float:
+    """Model-only training samples/s of one regime (``official`` or ``fast``) at ``batch_size``, compiled or not,
+    or (``cuda_graphs``, fast only) with forward + losses as CUDA graphs; those need 3 untimed steps (compile
+    and warm-up run, recording, first replay), so at least 3 warm-up steps are taken."""
     torch_device = resolve_device(device)
-    return BenchRegime(config, regime, batch_size, torch_device, compile).samples_per_s(config, batch_size, sizes)
+    if cuda_graphs:
+        sizes = replace(sizes, warmup=max(sizes.warmup, 3))
+    regime_steps = BenchRegime(config, regime, batch_size, torch_device, compile, cuda_graphs)
+    return regime_steps.samples_per_s(config, batch_size, sizes)
 
 
 def _largest_batch(config: PHPConfig, regime: str, sizes: BenchSizes, device: torch.device, compile: bool) -> dict:

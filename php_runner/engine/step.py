@@ -2,6 +2,17 @@
 
 The step holds the precision's settings for itself (bf16 autocast and TF32 for ``amp`` on CUDA) and gives
 them back, so nothing leaks into evaluation or another run in the same process.
+
+``cuda_graphs`` (the fast regime only) compiles the forward *and the losses* as one region with
+``torch.compile(mode="reduce-overhead")`` and static shapes: on CUDA the region's forward and its backward
+(AOTAutograd compiles both; the autograd engine runs the backward when the step calls ``backward()``) are
+replayed as CUDA graphs, one launch instead of thousands. The optimiser step stays outside, eager: its
+fused/multi-tensor kernels are already a few launches, and outside a graph it keeps the optimiser state
+and the learning-rate schedule as plain tensors that ``last.pth`` saves and restores. The official loader
+keeps the final partial batch, and under the official coupling a sample's EFP attention reads its
+batch-mates (spec 2.5), so padding that batch would change the results: it is a second static shape with
+a graph of its own (every epoch's last batch has the same size, so a run records two). On the CPU
+reduce-overhead records no graphs and the region is a plain compiled one.
 """
 
 from __future__ import annotations
@@ -41,12 +52,13 @@ def prepare_training_model(model: nn.Module, settings, device) -> nn.Module:
     """``model`` laid out for training, in place: the precision's weight dtypes, on ``device``, compiled if asked.
 
     Compiling in place keeps parameter names and state-dict keys. The fp32 matmul precision is no setting of
-    the model: each step chooses it for itself (:func:`train_step`).
+    the model: each step chooses it for itself (:func:`train_step`). With ``cuda_graphs`` the model is not
+    compiled on its own: :class:`TrainingStep` compiles it together with the losses.
     """
     device = torch.device(device)
     apply_precision(model, settings.precision)
     model.to(device)
-    if settings.compile:
+    if settings.compile and not settings.cuda_graphs:
         model.compile()
     return model
 
@@ -82,25 +94,57 @@ def build_training_optimizer(model: nn.Module, settings) -> torch.optim.Optimize
     )
 
 
+def forward_losses(model, images, caption_ids, pids, precision: str, loss_config) -> dict[str, torch.Tensor]:
+    """The loss terms of one batch: the forward under the precision's autocast, then the losses."""
+    with autocast_context(precision, images.device):
+        output = model(images, caption_ids)
+    return compute_losses(output, pids, loss_config)
+
+
 def train_step(model, batch: dict, optimizer, settings, device) -> dict[str, torch.Tensor]:
-    """One optimisation step on a batch (keys images, caption_ids, pids); returns the loss terms.
+    """One optimisation step on a batch (keys images, caption_ids, pids) without a compiled region (the model
+    itself may be ``compile``-d); returns the loss terms. For ``cuda_graphs``, whose compiled region lives
+    across steps, use :class:`TrainingStep`.
 
     The step's fp32 matmul precision (TF32 for ``amp`` on CUDA) holds for the step only.
     """
+    return _optimise(forward_losses, model, batch, optimizer, settings, torch.device(device))
+
+
+class TrainingStep:
+    """``step(batch) -> losses``: one optimisation step of ``model``, its forward and losses compiled once as
+    one region when ``settings.cuda_graphs`` asks (CUDA graphs on CUDA, a plain compiled region on the CPU)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, settings, device) -> None:
+        self.model, self.optimizer, self.settings, self.device = model, optimizer, settings, torch.device(device)
+        self.compiled = settings.cuda_graphs
+        self.forward_losses: Callable = forward_losses
+        if self.compiled:
+            self.forward_losses = torch.compile(forward_losses, mode="reduce-overhead", dynamic=False)
+
+    def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
+        if self.compiled:
+            # The previous step's graph outputs (losses, gradients) are consumed: the next replay may reuse them.
+            torch.compiler.cudagraph_mark_step_begin()
+        return _optimise(self.forward_losses, self.model, batch, self.optimizer, self.settings, self.device)
+
+
+def _optimise(forward: Callable, model, batch: dict, optimizer, settings, device: torch.device) -> dict[str, torch.Tensor]:
+    """``forward`` (:func:`forward_losses`, compiled or not), then backward and the optimiser step."""
     images = batch["images"].to(device, non_blocking=True)
     caption_ids = batch["caption_ids"].to(device, non_blocking=True)
     pids = batch["pids"].to(device, non_blocking=True)
+    # Gradients dropped before the forward: under CUDA graphs the previous step's are outputs of its replay,
+    # whose memory this step's replay reuses.
+    optimizer.zero_grad(set_to_none=True)
     with training_matmul_scope(settings.precision, device):
-        with autocast_context(settings.precision, device):
-            output = model(images, caption_ids)
-        losses = compute_losses(output, pids, settings.loss)
-        optimizer.zero_grad(set_to_none=True)
+        losses = forward(model, images, caption_ids, pids, settings.precision, settings.loss)
         losses["total"].backward()
         optimizer.step()
     return losses
 
 
-def train_one_epoch(model, loader, optimizer, settings, device, progress: Progress, epoch: int, lr: float,
+def train_one_epoch(step: TrainingStep, loader, progress: Progress, epoch: int, lr: float,
                     on_step: Callable[[StepRecord], None] | None = None, log_period: int = LOG_PERIOD) -> dict:
     """One pass over the train loader; returns the sample-weighted mean of every loss term.
 
@@ -108,12 +152,12 @@ def train_one_epoch(model, loader, optimizer, settings, device, progress: Progre
     the end of the epoch, every ``log_period`` iterations when ``on_step`` listens (the running means), and
     when the progress display shows a loss.
     """
-    model.train()
+    step.model.train()
     progress.start_epoch(epoch)
     sums: dict[str, torch.Tensor] = {}
     seen = 0
     for iteration, batch in enumerate(loader, start=1):
-        losses = train_step(model, batch, optimizer, settings, device)
+        losses = step(batch)
         size = len(batch["pids"])
         seen += size
         for name, value in losses.items():

@@ -41,6 +41,7 @@ from php_runner.engine.resume import (
 from php_runner.engine.selection import RULE_OF_SELECTION, SELECTIONS, Selection
 from php_runner.engine.step import (
     StepRecord,
+    TrainingStep,
     build_training_optimizer,
     prepare_training_model,
     train_one_epoch,
@@ -54,17 +55,17 @@ from php_runner.model.checkpoint import (
     save_atomic,
 )
 from php_runner.model.losses import LossConfig
-from php_runner.model.precision import PRECISIONS
+from php_runner.model.precision import GRAPHABLE_PRECISIONS, PRECISIONS
 
 __all__ = ["BEST_CHECKPOINT", "LAST_CHECKPOINT", "RUNTIME_FIELDS", "EpochRecord", "StepRecord", "StopTraining",
-           "TrainResult", "TrainSettings", "build_training_optimizer", "deterministic_mode", "prepare_training_model",
-           "resolve_device", "seed_everything", "train", "train_step"]
+           "TrainResult", "TrainSettings", "TrainingStep", "build_training_optimizer", "deterministic_mode",
+           "prepare_training_model", "resolve_device", "seed_everything", "train", "train_step"]
 
 LAST_CHECKPOINT = "last.pth"
 BEST_CHECKPOINT = "best.pth"
 # Settings that may differ between an interrupted run and its resumption: they say where and how fast
-# it runs, not what it computes (torch.compile changes only kernel fusion and rounding order).
-RUNTIME_FIELDS = ("device", "num_workers", "compile")
+# it runs, not what it computes (torch.compile and CUDA graphs change only kernel fusion and rounding order).
+RUNTIME_FIELDS = ("device", "num_workers", "compile", "cuda_graphs")
 
 
 @dataclass
@@ -99,6 +100,7 @@ class TrainSettings:
     device: str = "auto"
     num_workers: int = 8
     compile: bool = False  # torch.compile the model's training forward
+    cuda_graphs: bool = False  # forward + losses as one compiled region, CUDA graphs on CUDA (amp only)
     pipeline: str = "pil"  # "cache": decoded-image cache + batch augmentation on the device (spec data.pipeline)
 
     def __post_init__(self) -> None:
@@ -116,6 +118,9 @@ class TrainSettings:
                 raise InputError(f"train.{name}: must be at least 1, got {getattr(self, name)}")
         if self.warmup_epochs < 0 or self.num_workers < 0:
             raise InputError("train.warmup_epochs and train.num_workers must not be negative")
+        if self.cuda_graphs and self.precision not in GRAPHABLE_PRECISIONS:
+            raise InputError(f"runtime.cuda_graphs: needs train.precision = 'amp' (the fast regime), "
+                             f"got {self.precision!r}")
         if not self.evaluate_test and self.selection != "val":
             raise InputError(f"train.evaluate_test: false needs train.selection = 'val', got {self.selection!r}")
         self.betas = tuple(self.betas)
@@ -217,6 +222,7 @@ class _Run:
     optimizer: torch.optim.Optimizer
     scheduler: WarmupCosine
     loader_generator: torch.Generator
+    step: TrainingStep
     last_path: Path
     best_path: Path
     history: list[EpochRecord] = field(default_factory=list)
@@ -267,8 +273,7 @@ def train(
                     break
                 started = time.perf_counter()
                 lr = settings.lr * run.scheduler.factor()
-                losses = train_one_epoch(run.model, loader, run.optimizer, settings, device, progress, epoch, lr,
-                                         on_step, log_period)
+                losses = train_one_epoch(run.step, loader, progress, epoch, lr, on_step, log_period)
                 run.scheduler.step()
                 metrics, outcomes = _evaluate_and_select(run, epoch, splits, eval_settings)
                 record = EpochRecord(epoch, lr, losses, metrics, seconds=time.perf_counter() - started,
@@ -293,7 +298,9 @@ def _start(model, settings: TrainSettings, device, run_dir: Path) -> _Run:
     model = prepare_training_model(model, settings, device)
     optimizer = build_training_optimizer(model, settings)
     scheduler = WarmupCosine(optimizer, settings.epochs, settings.warmup_epochs, settings.warmup_factor)
-    run = _Run(model, settings, optimizer, scheduler, loader_generator, run_dir / LAST_CHECKPOINT, run_dir / BEST_CHECKPOINT)
+    step = TrainingStep(model, optimizer, settings, device)
+    run = _Run(model, settings, optimizer, scheduler, loader_generator, step, run_dir / LAST_CHECKPOINT,
+               run_dir / BEST_CHECKPOINT)
     if run.last_path.exists():
         payload = load_checkpoint_file(run.last_path)
         check_resumable(payload, settings.recipe(), run.last_path)

@@ -60,6 +60,7 @@ def build_train_settings(config: dict):
             device=runtime.get("device", "auto"),
             num_workers=runtime.get("num_workers", 0),
             compile=runtime.get("compile", False),
+            cuda_graphs=runtime.get("cuda_graphs", False),
             # Runs recorded before data.pipeline existed were trained with the per-sample PIL loader.
             pipeline=config.get("data", {}).get("pipeline", "pil"),
         )

@@ -29,7 +29,7 @@ from php_runner.engine.train import SELECTIONS
 from php_runner.errors import InputError
 from php_runner.model.config import CLIP_PRESETS, COUPLINGS, SHARINGS, VARIANTS, ClipConfig, PHPConfig
 from php_runner.model.losses import LOSS_NAMES
-from php_runner.model.precision import PRECISIONS
+from php_runner.model.precision import GRAPHABLE_PRECISIONS, PRECISIONS
 
 CLIP_NAMES = tuple(CLIP_PRESETS)
 # "synthetic" is the default synthetic set; "synthetic-NAME" a named variant of data/synthetic.py.
@@ -152,6 +152,8 @@ class RuntimeSection(Strict):
     device: str = Field(default="auto", pattern=DEVICE_PATTERN)
     num_workers: NonNegativeInt = 8
     compile: bool = False  # torch.compile the training forward: how fast a run goes, not what it computes
+    # Forward + losses as one compiled region replayed as CUDA graphs (fast regime only; see engine/step.py).
+    cuda_graphs: bool = False
     # Iterations between the per-iteration records (train_log.txt lines, TensorBoard points); official: 100.
     log_period: PositiveInt = 100
     # The command line's key=value overrides of this run (dotted name -> value), for provenance: the
@@ -167,6 +169,15 @@ class RunConfig(Strict):
     train: TrainSection
     data: DataSection
     runtime: RuntimeSection
+
+    @field_validator("runtime")
+    @classmethod
+    def _graphs_only_in_the_fast_regime(cls, runtime: RuntimeSection, info: ValidationInfo) -> RuntimeSection:
+        train = info.data.get("train")
+        if runtime.cuda_graphs and train is not None and train.precision not in GRAPHABLE_PRECISIONS:
+            raise ValueError(f"cuda_graphs = true needs train.precision = 'amp' (the fast regime), "
+                             f"got {train.precision!r}")
+        return runtime
 
 
 SECTION_MODELS: dict[str, type[BaseModel]] = {

@@ -18,6 +18,9 @@ from php_runner.model.clip import CLIP, LayerNorm, SelfAttention, VisionTransfor
 from php_runner.model.php import CRFM
 
 PRECISIONS = ("official", "amp")
+# The precisions whose training step may run as CUDA graphs (``runtime.cuda_graphs``): the fast regime only.
+# ``official`` reproduces the official code's fp16 numerics op by op; a compiled region fuses and reorders them.
+GRAPHABLE_PRECISIONS = ("amp",)
 
 
 def _to_half(parameter: nn.Parameter | None) -> None:

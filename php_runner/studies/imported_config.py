@@ -82,9 +82,9 @@ def train_section(yaml_values: dict, era: str) -> dict:
 
     ``solver`` is the era read from the checkpoint (``unknown`` where it could not be read).
     """
-    from php_runner.engine.train import TrainSettings
+    from php_runner.engine.train import RUNTIME_FIELDS, TrainSettings
 
-    skipped = ("loss", "device", "num_workers", "compile", "pipeline")
+    skipped = ("loss", "pipeline", *RUNTIME_FIELDS)
     section = {f.name: getattr(TrainSettings(), f.name) for f in fields(TrainSettings) if f.name not in skipped}
     for key, convert in _TRAIN_FROM_YAML.items():
         if key in yaml_values:

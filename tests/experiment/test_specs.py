@@ -11,6 +11,7 @@ from php_runner.errors import InputError
 from php_runner.model.config import PHPConfig
 from php_runner.model.losses import LossConfig
 from php_runner.experiment.schema import DataSection, ModelSection, LossSection, RunConfig, RuntimeSection, TrainSection
+from php_runner.experiment.build import build_train_settings
 from php_runner.experiment.expand import config_hash, override
 from php_runner.experiment.specs import (
     expand,
@@ -62,7 +63,7 @@ def error_of(call) -> str:
 # ---- sections match the library's dataclasses -------------------------------------------------------
 
 def test_sections_have_exactly_the_library_fields():
-    runtime_fields = {"device", "num_workers", "compile"}  # where and how fast a run goes: the runtime section
+    runtime_fields = {"device", "num_workers", "compile", "cuda_graphs"}  # where and how fast: the runtime section
     # pipeline comes from the data section (data.pipeline)
     train_fields = {f.name for f in dataclasses.fields(TrainSettings)} - {"loss", "pipeline"} - runtime_fields
     assert set(TrainSection.model_fields) == train_fields
@@ -163,9 +164,27 @@ def test_expand_defaults_and_runtime(folder):
     assert [(r.dataset, r.seed) for r in runs] == [(d, s) for d in ("CUHK-PEDES", "ICFG-PEDES", "RSTPReid") for s in (3, 4)]
     assert {r.row_label for r in runs} == {"PHP"} and runs[0].table is None and runs[0].spec_name == "plain"
     assert runs[0].config["runtime"] == {"data_root": "/data", "clip_weights": "/w/ViT-B-16.pt", "device": "auto",
-                                         "num_workers": 8, "compile": False, "log_period": 100}
+                                         "num_workers": 8, "compile": False, "cuda_graphs": False,
+                                         "log_period": 100}
     moved = expand(spec, "paper", None, None, {**RUNTIME, "data_root": "/elsewhere", "device": "cuda:1"})
     assert [r.config_hash for r in moved] == [r.config_hash for r in runs]  # runtime is not hashed
+
+
+def test_cuda_graphs_is_a_runtime_field_of_the_fast_regime_outside_the_hash(folder):
+    spec = load_spec(write(folder, "fast", 'extends = "base"\n[train]\nprecision = "amp"\n'))
+    eager = expand(spec, "paper", None, None, RUNTIME)
+    graphed = expand(spec, "paper", None, None, {**RUNTIME, "cuda_graphs": True})
+    assert [r.config["runtime"]["cuda_graphs"] for r in graphed] == [True] * len(eager)
+    assert [r.config_hash for r in graphed] == [r.config_hash for r in eager]
+    assert [{**r.config, "runtime": {}} for r in graphed] == [{**r.config, "runtime": {}} for r in eager]
+    assert build_train_settings(graphed[0].config).cuda_graphs and not build_train_settings(eager[0].config).cuda_graphs
+
+
+def test_cuda_graphs_with_the_official_precision_is_a_one_line_error(folder):
+    spec = load_spec(write(folder, "plain", 'extends = "base"\n'))
+    assert expand(spec, "paper", None, [1], RUNTIME)[0].config["train"]["precision"] == "official"
+    assert error_of(lambda: expand(spec, "paper", None, [1], {**RUNTIME, "cuda_graphs": True})) == (
+        "command line: runtime: cuda_graphs = true needs train.precision = 'amp' (the fast regime), got 'official'")
 
 
 def test_expand_input_errors(folder):
