@@ -82,14 +82,14 @@ def test_projection_is_sixty_cuhk_epochs_of_training_and_evaluation_per_regime()
 @pytest.mark.slow
 def test_run_benchmark_times_both_regimes_through_the_engine(monkeypatch):
     steps, settings_seen = [], []
-    real_step = bench_regime.train_step
+    real_step = bench_regime.TrainingStep.__call__
 
-    def counting_step(model, batch, optimizer, settings, device):
+    def counting_step(self, batch):
         steps.append(batch["images"].dtype)
-        settings_seen.append((settings.precision, settings.compile))
-        return real_step(model, batch, optimizer, settings, device)
+        settings_seen.append((self.settings.precision, self.settings.compile))
+        return real_step(self, batch)
 
-    monkeypatch.setattr(bench_regime, "train_step", counting_step)
+    monkeypatch.setattr(bench_regime.TrainingStep, "__call__", counting_step)
     result = run_benchmark(PHPConfig.tiny(), SMALL, "cpu")
     assert {precision for precision, _ in settings_seen} == {"official", "amp"}
     assert result["train"]["official"]["pipeline"] == "pil" and result["train"]["fast"]["pipeline"] == "cache"
