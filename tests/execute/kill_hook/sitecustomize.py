@@ -62,23 +62,29 @@ def kill_in_write_atomic(module, nth: int) -> None:
 
 
 def kill_in_checkpoint_save(file_name: str, nth: int) -> None:
-    """The ``nth`` save of ``file_name`` (last.pth or best.pth) by training dies half written."""
+    """The ``nth`` ``torch.save`` into ``file_name`` (last.pth or best.pth, or its temporary) dies with half
+    the bytes written: the product's own save path runs up to the kill."""
     import torch
 
-    from php_runner.engine import train
+    original, calls = torch.save, [0]
 
-    original, calls = train.save_atomic, [0]
-
-    def wrapper(obj, path):
-        if Path(path).name == file_name:
+    def save(obj, target, *args, **kwargs):
+        name = Path(target if isinstance(target, (str, os.PathLike)) else getattr(target, "name", "")).name
+        if name == file_name or name.startswith(f".{file_name}."):
             calls[0] += 1
             if calls[0] == nth:
                 buffer = io.BytesIO()
-                torch.save(obj, buffer)
-                half_written(path, buffer.getvalue())
-        return original(obj, path)
+                original(obj, buffer, *args, **kwargs)
+                half = buffer.getvalue()[: len(buffer.getvalue()) // 2]
+                if hasattr(target, "write"):
+                    target.write(half)
+                    target.flush()
+                else:
+                    Path(target).write_bytes(half)
+                die()
+        return original(obj, target, *args, **kwargs)
 
-    train.save_atomic = wrapper
+    torch.save = save
 
 
 def kill_in_registry_transaction(method: str, when) -> None:
