@@ -1,9 +1,11 @@
 """Atomic file writes, shared by the library and the runner: a reader sees the old file or the new one,
-never half of one, and an interrupted write leaves no stray temporary behind."""
+never half of one, and an interrupted write leaves no stray temporary behind (one killed mid-write is
+removed by the next write of the same path)."""
 
 from __future__ import annotations
 
 import errno
+import glob
 import hashlib
 import os
 import re
@@ -17,7 +19,7 @@ from pathlib import Path
 from php_runner.errors import InputError
 
 _HOST = socket.gethostname().replace(".", "_").replace("-pid", "_pid")
-_TEMPORARY = re.compile(r"^\..+\.(?P<host>[^.]+)-pid(?P<pid>[0-9]+)\.[^.]+\.tmp$")
+_TEMPORARY = re.compile(r"^\..+\.(?P<host>[^.]+)-pid(?P<pid>[0-9]+)\..+\.tmp$")  # any suffix ending .tmp
 
 # What a full or read-only file system raises while an output is written (the path is checked before).
 WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
@@ -80,6 +82,8 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     path = Path(path)
     check_writable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # of this path's killed writers
+        _remove_if_stale(leftover)
     # The writer's host and pid in the name let remove_stale_temporaries tell a dead writer's leftover.
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_HOST}-pid{os.getpid()}.", suffix=suffix)
     os.close(handle)
@@ -110,13 +114,16 @@ def write_atomic(path: str | Path, data: bytes) -> Path:
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     """Delete ``atomic_path`` temporaries in ``folder`` whose writer (a process of this host) is gone;
     returns them. Those of live writers and of other hosts are left alone."""
-    removed = []
-    for path in Path(folder).glob(".*.tmp"):
-        match = _TEMPORARY.match(path.name)
-        if match and match["host"] == _HOST and not _alive(int(match["pid"])):
-            path.unlink(missing_ok=True)
-            removed.append(path)
-    return removed
+    return [path for path in Path(folder).glob(".*.tmp") if _remove_if_stale(path)]
+
+
+def _remove_if_stale(path: Path) -> bool:
+    """Delete ``path`` when it is an ``atomic_path`` temporary of a dead writer of this host."""
+    match = _TEMPORARY.match(path.name)
+    if match and match["host"] == _HOST and not _alive(int(match["pid"])):
+        path.unlink(missing_ok=True)
+        return True
+    return False
 
 
 def _alive(pid: int) -> bool:

@@ -1,4 +1,5 @@
-"""Atomic writes: all or nothing, no stray temporaries, ordinary permissions."""
+"""Atomic writes: all or nothing, no stray temporaries (a killed writer's are removed by the next write),
+ordinary permissions."""
 
 from __future__ import annotations
 
@@ -50,6 +51,26 @@ def test_stale_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_pa
         foreign.write_bytes(b"keep")
         assert remove_stale_temporaries(tmp_path) == [stale]
         assert live.exists() and foreign.exists() and not stale.exists()
+
+
+def test_the_next_write_of_a_path_removes_its_killed_writers_temporaries(tmp_path):
+    import subprocess
+    import sys
+
+    with atomic_path(tmp_path / "probe") as probe:  # its name tells how this host is spelled in them
+        host = probe.name.removeprefix(".probe.").split(f"-pid{os.getpid()}.")[0]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    left = {name: tmp_path / f".{name}.{host}-pid{int(dead.stdout)}.a1b2c3d4{suffix}"
+            for name, suffix in (("embeddings.npz", ".npz.tmp"), ("other.npz", ".npz.tmp"))}
+    for path in left.values():
+        path.write_bytes(b"half of a killed write")
+    live = tmp_path / f".embeddings.npz.{host}-pid{os.getpid()}.e5f6g7h8.npz.tmp"  # a writer still at work
+    live.write_bytes(b"being written")
+    with atomic_path(tmp_path / "embeddings.npz", suffix=".npz.tmp") as temporary:
+        temporary.write_bytes(b"new")
+    assert not left["embeddings.npz"].exists()
+    assert left["other.npz"].exists() and live.exists()  # another path's, and a live writer's
 
 
 def test_a_full_disk_during_a_write_is_one_line_naming_the_path_and_leaves_no_temporary(tmp_path):

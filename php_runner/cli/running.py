@@ -9,6 +9,7 @@ import typer
 
 from php_runner.cli import app
 from php_runner.cli.common import (
+    EXIT_BAD_INPUT,
     EXIT_RUN_FAILED,
     SYNTHETIC_ROOT,
     ClipWeightsOption,
@@ -50,7 +51,8 @@ def run_spec_runs(spec: "Spec", preset: str, datasets: list[str] | None, seeds: 
 
 def execute_and_report(planned: list["PlannedRun"], db: str | None, gpus: str | None, audit: bool = False,
                        device: str | None = None, restart: list[str] | None = None, runs_per_gpu: int = 1) -> int:
-    """Execute ``planned`` and print a summary; returns the exit code (1 when a run failed).
+    """Execute ``planned`` and print a summary; returns the exit code (1 when a run failed, 2 when every
+    failure was a run's dataset refused).
 
     With ``audit`` (a spec field), every done run without an audit report is audited afterwards.
     """
@@ -75,6 +77,8 @@ def execute_and_report(planned: list["PlannedRun"], db: str | None, gpus: str | 
     say(f"[bold]{len(planned)} planned run(s):[/bold] {counts}")  # after preflight: bad input stays one line
     if audit:
         _audit_done_runs(planned, db, device)
+    if summary.bad_input_only:  # e.g. an unreadable image, found when the run read its dataset
+        return EXIT_BAD_INPUT
     return EXIT_RUN_FAILED if summary.failed else 0
 
 

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from php_runner.data.datasets import DatasetError
 from php_runner.errors import InputError
 from php_runner.files import file_sha256, remove_stale_temporaries
 from php_runner.execute.checkpoints import restart_hint, run_dir_of
@@ -46,6 +47,9 @@ if TYPE_CHECKING:
 
 # Worker exit codes beyond 0 (done) and 1 (failed).
 EXIT_NOT_CLAIMED = 3  # done already, or another live process owns the run
+# The run's dataset was refused while training read it (an unreadable image, found by the cache build or
+# the loader; preflight reads only the annotation file): bad input, as php-run's exit code 2.
+EXIT_BAD_DATA = 2
 EXIT_INTERRUPTED = 130
 # Test-only: seconds to wait after each epoch is recorded, so that interruption tests (scancel, preemption,
 # SIGKILL) can land between epochs however fast the machine trains.
@@ -87,7 +91,8 @@ def _record_training(registry: Registry, run_id: int, settings, result) -> None:
 def execute_run(run_id: int, db_url: str | None = None, command: str | None = None,
                 on_epoch: Callable[[Any], None] | None = None, claimed_by: str | None = None,
                 heartbeat_interval: float = HEARTBEAT_INTERVAL_S) -> int:
-    """Claim run ``run_id`` and train it; returns the worker exit code (0 done, 1 failed, 3 not claimed).
+    """Claim run ``run_id`` and train it; returns the worker exit code (0 done, 1 failed, 2 its dataset
+    refused, 3 not claimed).
 
     ``on_epoch`` is called with each ``EpochRecord`` after it is recorded; it may raise
     ``engine.train.StopTraining`` to end the run early (tuning trials run this in-process to prune).
@@ -127,16 +132,24 @@ def _claim_and_train(registry: Registry, run_id: int, command: str | None,
     except Exception as err:  # noqa: BLE001 - every failure is recorded on the run, then reported
         if not isinstance(err, InputError):
             traceback.print_exc()
-        message = str(err).strip().splitlines()[-1] if str(err).strip() else ""
+        message = one_line(err)
         from php_runner.engine.train import LAST_CHECKPOINT
 
         if str(run_dir_of(run) / LAST_CHECKPOINT) in message:  # its resume state is unusable
             message += f"; {restart_hint(run)}"
         registry.mark_failed(run_id, f"{type(err).__name__}: {message}", worker=worker)
-        print(f"run {run_id} failed: {type(err).__name__}: {message}", file=sys.stderr)
-        return 1
+        if claimed_by is None or not isinstance(err, InputError):  # a claiming parent prints the reason once
+            print(f"run {run_id} failed: {type(err).__name__}: {message}", file=sys.stderr)
+        return EXIT_BAD_DATA if isinstance(err, DatasetError) else 1
     registry.mark_done(run_id)
     return 0
+
+
+def one_line(err: BaseException) -> str:
+    """The last line of ``err``'s message; an error re-raised from a DataLoader worker carries the worker's
+    traceback, whose end is the qualified class name and the original message."""
+    lines = str(err).strip().splitlines()
+    return lines[-1].rpartition(f"{type(err).__module__}.{type(err).__name__}: ")[2] if lines else ""
 
 
 def _train_claimed(registry: Registry, run: RunRecord, heartbeat: Heartbeat, command: str | None,

@@ -16,7 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from php_runner.execute.child import EXIT_NOT_CLAIMED
+from php_runner.execute.child import EXIT_BAD_DATA, EXIT_NOT_CLAIMED
 from php_runner.store.heartbeat import HEARTBEAT_INTERVAL_S
 from php_runner.store.registry import Registry
 from php_runner.store.records import RunRecord
@@ -36,10 +36,11 @@ class RunOutcome:
     seed: int
     status: str  # done | failed | skipped (done before) | busy (another process runs it)
     error: str | None = None
+    bad_data: bool = False  # failed because its dataset was refused (an unreadable image): bad input
 
 
-def outcome_of(run: RunRecord, status: str, error: str | None = None) -> RunOutcome:
-    return RunOutcome(run.id, run.config_hash, run.row_label, run.dataset, run.seed, status, error)
+def outcome_of(run: RunRecord, status: str, error: str | None = None, bad_data: bool = False) -> RunOutcome:
+    return RunOutcome(run.id, run.config_hash, run.row_label, run.dataset, run.seed, status, error, bad_data)
 
 
 @dataclass
@@ -52,6 +53,11 @@ class ExecutionSummary:
 
     def count(self, status: str) -> int:
         return sum(o.status == status for o in self.outcomes)
+
+    @property
+    def bad_input_only(self) -> bool:
+        """Some run failed, and every failure was its dataset refused: the command's exit is bad input (2)."""
+        return bool(self.failed) and all(o.bad_data for o in self.failed)
 
 
 @dataclass
@@ -106,6 +112,8 @@ def finish_run(registry: Registry, active: ActiveRun) -> RunOutcome:
         return outcome_of(run, "done")
     if code == EXIT_NOT_CLAIMED:
         return outcome_of(run, "skipped" if run.status == "done" else "busy")
+    if code == EXIT_BAD_DATA and run.status == "failed":  # recorded by the worker with its one-line reason
+        return outcome_of(run, "failed", run.error, bad_data=True)
     worker = active.owner or f"{socket.gethostname()}:{active.process.pid}"
     if run.status == "running" and run.worker == worker:
         how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"

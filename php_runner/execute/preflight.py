@@ -20,13 +20,14 @@ def ensure_data(config: dict) -> None:
     """Write the synthetic dataset a run needs when it is missing; real data must already exist.
 
     A named synthetic variant (``data.source = "synthetic-NAME"``) is checked to be that variant when
-    its folder exists, so a run never trains on a default set written under the same root.
+    its folder exists, so a run never trains on a default set written under the same root. The annotation
+    file is written last, so a folder without one is a write that was killed: it is written again.
     """
     data, runtime = config["data"], config.get("runtime", {})
     root = Path(runtime.get("data_root") or ".")
     source = data.get("source")
     if source == "synthetic":
-        if not (root / data["dataset"]).exists():
+        if not synthetic_written(root, data["dataset"]):
             from php_runner.data import write_synthetic
 
             print(f"writing synthetic {data['dataset']} (random images and captions) under {root}", file=sys.stderr)
@@ -38,7 +39,7 @@ def ensure_data(config: dict) -> None:
         if VARIANTS[variant].dataset != data["dataset"]:
             raise InputError(f"data.source {source!r}: written in the {VARIANTS[variant].dataset} format only; "
                              f"run it with --dataset {VARIANTS[variant].dataset}")
-        if not (root / data["dataset"]).exists():
+        if not synthetic_written(root, data["dataset"]):
             print(f"writing synthetic {variant} set (random images and captions) under {root}", file=sys.stderr)
             write_variant(root, variant)
         problem = variant_problem(root, variant)
@@ -47,6 +48,13 @@ def ensure_data(config: dict) -> None:
                              f"php-run synth --variant {variant}")
     elif not (root / data["dataset"]).is_dir():
         raise InputError(f"--data-root {root}: no {data['dataset']} folder there (give the folder that holds it)")
+
+
+def synthetic_written(root: Path, dataset: str) -> bool:
+    """Whether ``root/dataset`` holds a finished write: the synthetic writer's annotation file comes last."""
+    from php_runner.data.datasets import LAYOUTS
+
+    return (root / dataset / LAYOUTS[dataset].annotation_files[0]).is_file()
 
 
 def preflight(config: dict, local: bool = True) -> None:
