@@ -48,9 +48,9 @@ def assert_refused(code: int, stderr: str, expected: str) -> None:
     assert all(line in errors or line.startswith(STATUS_LINES) for line in lines), stderr
 
 
-def php_run(*args, env: dict | None = None) -> tuple[int, str, str]:
+def php_run(*args, env: dict | None = None, cwd: Path | None = None) -> tuple[int, str, str]:
     done = subprocess.run([sys.executable, "-m", "php_runner", *map(str, args)], capture_output=True, text=True, check=False,
-                          env={**os.environ, **(env or {})}, timeout=300)
+                          env={**os.environ, **(env or {})}, cwd=cwd, timeout=300)
     return done.returncode, done.stdout, done.stderr
 
 
@@ -321,6 +321,6 @@ def test_run_refuses_a_truncated_image_by_path_instead_of_training_on_grey_rows(
     image = first_image(data)
     truncate(image)
     code, out, err = php_run("run", one_run_spec, "--preset", "tiny", "--data-root", data, "--db",
-                             f"sqlite:///{tmp_path / 'r.db'}", env={"PHP_RUN_CACHE": str(cache_root)})
+                             f"sqlite:///{tmp_path / 'r.db'}", env={"PHP_RUN_CACHE": str(cache_root)}, cwd=tmp_path)
     assert code != 0 and "Traceback" not in out + err
     assert f"{image}: cannot be read as an image (image file is truncated" in out + err
