@@ -13,10 +13,8 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import shutil
 import tempfile
 import zipfile
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +27,7 @@ from hypothesis import event, example, given
 from hypothesis import strategies as st
 
 from php_runner.data import write_synthetic
-from php_runner.model.checkpoint import config_to_dict, save_atomic
+from php_runner.model.checkpoint import config_to_dict
 from php_runner.model.config import PHPConfig
 from php_runner.model.php import PHPModel
 
@@ -223,7 +221,7 @@ def command_line(command: str, inputs: Path, base: Base, db: str) -> list:
     return ["evaluate", "--checkpoint", checkpoint, "--dataset", DATASET, *cheap]
 
 
-@given(case=CHECKPOINTS, command=st.sampled_from(["evaluate", "evaluate", "audit", "import"]))
+@given(case=CHECKPOINTS, command=st.sampled_from(["evaluate", "evaluate", "evaluate", "audit", "import"]))
 @example(case=("state", [("drop", 0)]), command="import")  # was recorded as a failed run (exit 1), not skipped
 @example(case=("state", [("huge", 5)]), command="evaluate")  # the finite check allocated 4 TiB (RuntimeError)
 @example(case=("state", [("sparse", 5)]), command="evaluate")  # NotImplementedError, after a torch UserWarning
