@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, settings
 COMMON = {"deadline": None, "derandomize": False, "print_blob": True,
           "suppress_health_check": [HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                     HealthCheck.data_too_large]}
-settings.register_profile("ci", max_examples=60, **COMMON)
+settings.register_profile("ci", max_examples=60, **{**COMMON, "derandomize": True})
 settings.register_profile("local", max_examples=300, **COMMON)
 
 
