@@ -331,7 +331,8 @@ def fitted_state_dict(model: torch.nn.Module, state_dict: dict[str, Tensor], sou
     missing = [key for key in own if key not in chosen]
     unexpected = sorted(set(weights) - set(chosen.values()))
     mismatched = [
-        f"{key} {tuple(weights[chosen[key]].shape)} {weights[chosen[key]].dtype} vs {tuple(own[key].shape)}"
+        f"{key} {tuple(weights[chosen[key]].shape)} vs {tuple(own[key].shape)}"
+        if weights[chosen[key]].shape != own[key].shape else f"{key} {weights[chosen[key]].dtype} vs {own[key].dtype}"
         for key in chosen
         if weights[chosen[key]].shape != own[key].shape or weights[chosen[key]].is_complex() != own[key].is_complex()
     ]
@@ -341,7 +342,7 @@ def fitted_state_dict(model: torch.nn.Module, state_dict: dict[str, Tensor], sou
     if unexpected:
         problems.append(f"unexpected {len(unexpected)} keys ({_preview(unexpected)})")
     if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatches ({_preview(mismatched)})")
+        problems.append(f"{len(mismatched)} shape or dtype mismatches ({_preview(mismatched)})")
     if problems:
         raise CheckpointError(f"{source}: state dict does not fit the model: {'; '.join(problems)}")
     fitted = {key: weights[chosen[key]] for key in own}
