@@ -13,20 +13,24 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import shutil
 import tempfile
 import zipfile
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
 from fuzz_damage import BYTE_DAMAGES, assert_clean, damaged, snapshot
 from fuzz_profiles import load
-from hypothesis import event, example, given
+from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
 from php_runner.data import write_synthetic
+from php_runner.execute import child, pool, worker
 from php_runner.model.checkpoint import config_to_dict
 from php_runner.model.config import PHPConfig
 from php_runner.model.php import PHPModel
@@ -238,3 +242,111 @@ def test_damaged_or_hostile_checkpoint(cli, base, case, command):
         assert_clean(code, err)
         assert snapshot(inputs) == before
         assert not Path(trap.marker).exists()  # the pickled call never ran
+
+
+# ---- resume from last.pth --------------------------------------------------------------------------
+
+RESUME_KEYS = ["model", "optimizer", "scheduler", "rng", "history", "selection", "epoch", "stopped", "settings"]
+RESUME_CASES = st.one_of(
+    st.tuples(st.just("bytes"), BYTE_DAMAGES),
+    st.tuples(st.just("top"), st.sampled_from(RESUME_KEYS), st.one_of(st.just("delete"), VALUES)),
+    st.tuples(st.just("rng"), st.sampled_from(["torch", "cuda", "python", "numpy", "loader"]), VALUES),
+    st.tuples(st.just("state"), st.lists(STATE_EDITS, min_size=1, max_size=2)),
+    st.tuples(st.just("trap"), st.sampled_from(["torch.save", "in-state-dict"])),
+)
+
+
+@pytest.fixture(scope="module")
+def resumable(tmp_path_factory, spec_dir):
+    """A run trained for one epoch (real training, once): its registry, run folder and valid ``last.pth``."""
+    from typer.testing import CliRunner
+
+    from php_runner.cli import app
+    from php_runner.store.registry import Registry
+
+    root = tmp_path_factory.mktemp("fuzz_resume")
+    write_synthetic(root / "data", DATASET, num_ids=2, seed=5)
+    spec = root / "specs" / "one.toml"
+    shutil.copytree(spec_dir, spec.parent)
+    spec.write_text(f'extends = "base"\ndatasets = ["{DATASET}"]\nseeds = [1]\n[train]\nepochs = 1\n')
+    db = f"sqlite:///{root / 'registry.db'}"
+    args = ["run", str(spec), "--preset", "tiny", "--data-root", str(root / "data"), "--db", db, "--device", "cpu"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        patch.setattr(worker, "spawn_run", spawn_in_process)
+        result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    registry = Registry(db)
+    (run,) = registry.list_runs()
+    registry.close()
+    last = Path(run.run_dir) / "last.pth"
+    return SimpleNamespace(root=root, args=args, db=db, run_id=run.id, last=last, raw=last.read_bytes(),
+                           payload=torch.load(last, weights_only=True))
+
+
+def resume_bytes(case: tuple, resumable, trap: Trap) -> bytes:
+    kind = case[0]
+    event(f"last.pth {kind}")
+    if kind == "bytes":
+        return damaged(resumable.raw, case[1])
+    payload = dict(resumable.payload)
+    if kind == "top":
+        if case[2] == "delete":
+            payload.pop(case[1], None)
+        else:
+            payload[case[1]] = case[2]
+    elif kind == "rng":
+        payload["rng"] = {**payload["rng"], case[1]: case[2]}
+    elif kind == "state":
+        payload["model"] = dict(payload["model"])
+        for edit in case[1]:
+            edit_state(payload["model"], edit)
+    elif case[1] == "torch.save":
+        payload = {"model": trap}
+    else:
+        payload["model"] = {**payload["model"], "logit_scale": trap}
+    return torch_bytes(payload)
+
+
+def spawn_in_process(run, db_url, gpu, parallel, command, claimed_by=None, heartbeat=None):
+    """The worker's child process, run in this process (so a traceback would surface here)."""
+    code = child.execute_run(run.id, db_url, command, claimed_by=claimed_by)
+    return pool.ActiveRun(run, FinishedWorker(code), deque(), [], gpu, claimed_by)
+
+
+class FinishedWorker:
+    def __init__(self, code: int):
+        self.returncode, self.pid = code, os.getpid()
+
+    def poll(self) -> int:
+        return self.returncode
+
+    def wait(self) -> int:
+        return self.returncode
+
+
+@settings(max_examples=max(settings.default.max_examples // 3, 10))
+@given(case=RESUME_CASES)
+@example(case=("top", "rng", "delete"))  # KeyError: 'rng' with a traceback
+@example(case=("top", "settings", "x"))  # AttributeError: 'str' object has no attribute 'get'
+@example(case=("top", "history", ["x"]))  # TypeError from EpochRecord(**record)
+def test_damaged_or_hostile_last_checkpoint_on_resume(cli, resumable, monkeypatch, case):
+    """Exit 0 (resumed), or the run failed (exit 1) by one InputError line naming last.pth, its file unchanged."""
+    from php_runner.store.registry import Registry
+
+    monkeypatch.setattr(worker, "spawn_run", spawn_in_process)
+    trap = Trap(resumable.root / "trap")
+    resumable.last.write_bytes(resume_bytes(case, resumable, trap))
+    before = snapshot(resumable.last.parent)
+    registry = Registry(resumable.db)
+    registry.mark_failed(resumable.run_id, "interrupted")  # so the next invocation resumes it
+    code, _, err = cli(*resumable.args)
+    run = registry.get_run(resumable.run_id)
+    registry.close()
+    event(f"resume exit {code}")
+    assert not Path(trap.marker).exists()
+    assert "Traceback" not in err, err
+    if code != 0:
+        assert code == 1 and run.status == "failed", err
+        assert run.error.startswith(("InputError: ", "CheckpointError: ")) and str(resumable.last) in run.error, run.error
+        assert snapshot(resumable.last.parent) == before

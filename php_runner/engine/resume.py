@@ -43,11 +43,30 @@ def restore_rng_state(state: dict, loader_generator: torch.Generator) -> None:
 def check_resumable(payload: dict, recipe: dict, path: Path) -> None:
     """Refuse to resume ``path`` when any recipe setting differs from the one it was written with."""
     saved = payload.get("settings", {})
+    if not isinstance(saved, dict):
+        raise InputError(f"{path}: settings: expected a mapping, found {type(saved).__name__}; use a new run directory")
     for name, value in recipe.items():
         if _plain(saved.get(name)) != _plain(value):
             raise InputError(
                 f"{path}: written with train.{name} = {saved.get(name)!r}, not {value!r}; use a new run directory"
             )
+
+
+def check_run_state(payload: dict, path: Path) -> None:
+    """The bookkeeping a resume reads besides the weights has the types php-run writes; else bad input naming
+    the file (a damaged or foreign ``last.pth`` must not fail later, mid-run, with a traceback)."""
+    epoch = payload.get("epoch")
+    fits = {
+        "epoch": isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0,
+        "stopped": isinstance(payload.get("stopped"), bool),
+        "history": isinstance(payload.get("history"), list) and all(isinstance(item, dict) for item in payload["history"]),
+        "selection": isinstance(payload.get("selection"), dict),
+        "rng": isinstance(payload.get("rng"), dict),
+    }
+    for key, ok in fits.items():
+        if not ok:
+            raise InputError(f"{path}: {key}: not what php-run writes there (found {type(payload.get(key)).__name__}); "
+                             "the file is damaged or not a php-run last.pth")
 
 
 def restore_training_state(payload: dict, path: Path, model, optimizer, scheduler) -> None:
