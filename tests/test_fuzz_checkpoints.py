@@ -330,6 +330,9 @@ class FinishedWorker:
 @example(case=("top", "rng", "delete"))  # KeyError: 'rng' with a traceback
 @example(case=("top", "settings", "x"))  # AttributeError: 'str' object has no attribute 'get'
 @example(case=("top", "history", ["x"]))  # TypeError from EpochRecord(**record)
+@example(case=("top", "model", None))  # TypeError from load_state_dict
+@example(case=("top", "selection", {"last": None}))  # TypeError: cannot unpack non-iterable NoneType object
+@example(case=("state", [("extra", 0, torch.zeros(1))]))  # AttributeError: 'int' object has no attribute 'startswith'
 def test_damaged_or_hostile_last_checkpoint_on_resume(cli, resumable, monkeypatch, case):
     """Exit 0 (resumed), or the run failed (exit 1) by one InputError line naming last.pth, its file unchanged."""
     from php_runner.store.registry import Registry
