@@ -131,7 +131,7 @@ def edit_state(state: dict, edit: tuple) -> None:
         del state[key]
     elif kind == "rename" and key:
         state[edit[2]] = state.pop(key)
-    elif kind == "dtype" and key:
+    elif kind == "dtype" and key and isinstance(state[key], torch.Tensor):
         state[key] = state[key].to(edit[2])
     elif kind == "value" and key:
         state[key] = edit[2]
@@ -139,8 +139,8 @@ def edit_state(state: dict, edit: tuple) -> None:
         state[edit[1]] = edit[2]
     elif kind == "huge" and key:
         state[key] = torch.zeros(1).expand(2**20, 2**20)
-    elif kind == "sparse" and key:
-        state[key] = state[key].to_sparse() if state[key].dim() else state[key]
+    elif kind == "sparse" and key and isinstance(state[key], torch.Tensor) and state[key].dim():
+        state[key] = state[key].to_sparse()
 
 
 def write_zip(members: list[tuple[str, bytes]]) -> bytes:
