@@ -230,6 +230,7 @@ def command_line(command: str, inputs: Path, base: Base, db: str) -> list:
 @example(case=("state", [("huge", 5)]), command="evaluate")  # the finite check allocated 4 TiB (RuntimeError)
 @example(case=("state", [("sparse", 5)]), command="evaluate")  # NotImplementedError, after a torch UserWarning
 @example(case=("state", [("dtype", 5, torch.complex64)]), command="evaluate")  # loaded with a casting warning
+@example(case=("top", "model", {"safl.part_tokens": torch.zeros(3)}), command="evaluate")  # IndexError inferring the size
 def test_damaged_or_hostile_checkpoint(cli, base, case, command):
     with tempfile.TemporaryDirectory() as folder:
         inputs, trap = Path(folder) / "inputs", Trap(Path(folder) / "trap")

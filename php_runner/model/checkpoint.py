@@ -263,6 +263,13 @@ def infer_config(state_dict: dict[str, Tensor], yaml_values: dict | None = None,
 
     ``overrides`` may name any ``PHPConfig`` or ``ClipConfig`` field and wins over everything else.
     """
+    try:
+        return _infer_config(state_dict, yaml_values, **overrides)
+    except (IndexError, ValueError, ZeroDivisionError) as error:  # a tensor with too few dimensions, or an empty one
+        raise CheckpointError(f"checkpoint: the weights' shapes do not describe a PHP model ({_first_line(error)})") from None
+
+
+def _infer_config(state_dict: dict[str, Tensor], yaml_values: dict | None, **overrides) -> PHPConfig:
     yaml_values = yaml_values or {}
     unknown = sorted(set(overrides) - _PHP_FIELDS - _CLIP_FIELDS)
     if unknown:
