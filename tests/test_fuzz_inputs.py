@@ -7,7 +7,6 @@ line, no traceback; the in-process runner re-raises any exception) and leave its
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -15,6 +14,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+from fuzz_damage import BYTE_DAMAGES, assert_clean, damage_bytes, snapshot
 from fuzz_profiles import load
 from hypothesis import event, given
 from hypothesis import strategies as st
@@ -24,8 +24,6 @@ from php_runner.data import write_synthetic
 PROFILE = load()
 DATASET, ANNOTATION = "RSTPReid", "data_captions.json"
 SIZE = "32x16"
-ERROR_PREFIXES = ("error: ", "problem: ")
-STATUS_LINES = ("caching ", "rebuilding image cache: ")
 
 
 @pytest.fixture(scope="module")
@@ -35,49 +33,10 @@ def pristine(tmp_path_factory) -> Path:
     return root
 
 
-def snapshot(root: Path) -> dict[str, str]:
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
-            if p.is_file() and not p.name.endswith(".lock")}
-
-
-def assert_clean(code: int, err: str) -> None:
-    """Exit 0, or exit 2 with error lines only (one per problem) and the cache's status lines."""
-    assert code in (0, 2) and "Traceback" not in err, err
-    lines = err.strip().splitlines()
-    assert all(line.startswith(ERROR_PREFIXES + STATUS_LINES) for line in lines), err
-    if code == 2:
-        assert any(line.startswith(ERROR_PREFIXES) for line in lines), err
-    event(f"exit {code}")
-
-
 def fresh_copy(pristine: Path, folder: Path) -> Path:
     data = folder / "data"
     shutil.copytree(pristine, data)
     return data
-
-
-BYTE_DAMAGES = st.one_of(
-    st.tuples(st.just("truncate"), st.floats(0, 1)),
-    st.tuples(st.just("append"), st.binary(min_size=1, max_size=64)),
-    st.tuples(st.just("flip"), st.floats(0, 1), st.integers(1, 255)),
-    st.tuples(st.just("replace"), st.binary(max_size=256)),
-)
-
-
-def damage_bytes(path: Path, damage: tuple) -> None:
-    data = path.read_bytes()
-    kind = damage[0]
-    if kind == "truncate":
-        data = data[: int(len(data) * damage[1])]
-    elif kind == "append":
-        data += damage[1]
-    elif kind == "flip" and data:
-        at = min(int(len(data) * damage[1]), len(data) - 1)
-        data = data[:at] + bytes([data[at] ^ damage[2]]) + data[at + 1:]
-    else:
-        data = damage[1]
-    path.write_bytes(data)
-    event(f"damage {kind}")
 
 
 # ---- annotation files ----------------------------------------------------------------------------

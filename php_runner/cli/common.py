@@ -170,6 +170,14 @@ def parse_gpus(text: str | None) -> list[str] | None:
 def _check_db(value: str | None) -> str | None:
     if value is not None and not value.strip():
         raise typer.BadParameter("empty URL; give an SQLAlchemy URL such as sqlite:///registry.db")
+    if value is not None:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            make_url(value)
+        except ArgumentError:
+            raise typer.BadParameter(f"not an SQLAlchemy URL: {value!r}; give one such as sqlite:///registry.db") from None
     return value
 
 

@@ -35,6 +35,7 @@ from php_runner.engine.progress import LOG_PERIOD, Progress
 from php_runner.engine.resume import (
     capture_rng_state,
     check_resumable,
+    check_run_state,
     restore_rng_state,
     restore_training_state,
 )
@@ -304,9 +305,14 @@ def _start(model, settings: TrainSettings, device, run_dir: Path) -> _Run:
     if run.last_path.exists():
         payload = load_checkpoint_file(run.last_path)
         check_resumable(payload, settings.recipe(), run.last_path)
+        check_run_state(payload, run.last_path)
         restore_training_state(payload, run.last_path, model, optimizer, scheduler)
-        restore_rng_state(payload["rng"], loader_generator)
-        run.history = [EpochRecord(**record) for record in payload["history"]]
+        try:
+            restore_rng_state(payload["rng"], loader_generator)
+            run.history = [EpochRecord(**record) for record in payload["history"]]
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise InputError(f"{run.last_path}: its saved RNG states or history are unreadable ({reason})") from err
         run.selection = Selection(payload["selection"])
         run.start_epoch, run.stopped = payload["epoch"] + 1, payload["stopped"]
         print(f"resuming {run_dir} after epoch {payload['epoch']}", flush=True)

@@ -13,6 +13,7 @@ import math
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,9 @@ def load_checkpoint_file(path: str | Path) -> dict:
     if problem:
         raise CheckpointError(f"{path}: not a PyTorch checkpoint ({problem})")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # sparse tensors are refused below; torch's note on checking them is noise
+            warnings.filterwarnings("ignore", message="Validating sparse tensor invariants")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - every reader failure becomes one line naming the file
         raise CheckpointError(f"{path}: refused to load ({_first_line(error)})") from None
     if not isinstance(payload, dict):
@@ -171,6 +174,9 @@ def extract_state_dict(payload: dict) -> dict[str, Tensor]:
     not_tensors = [key for key, value in state_dict.items() if not isinstance(value, Tensor)]
     if not_tensors:
         raise CheckpointError(f"checkpoint: state dict entries are not tensors: {_preview(sorted(map(str, not_tensors)))}")
+    not_dense = [key for key, value in state_dict.items() if value.layout != torch.strided or value.is_meta]
+    if not_dense:
+        raise CheckpointError(f"checkpoint: state dict entries are not dense tensors: {_preview(sorted(not_dense))}")
     if all(key.startswith("module.") for key in state_dict):
         state_dict = {key[len("module."):]: value for key, value in state_dict.items()}
     return dict(state_dict)
@@ -257,6 +263,13 @@ def infer_config(state_dict: dict[str, Tensor], yaml_values: dict | None = None,
 
     ``overrides`` may name any ``PHPConfig`` or ``ClipConfig`` field and wins over everything else.
     """
+    try:
+        return _infer_config(state_dict, yaml_values, **overrides)
+    except (IndexError, ValueError, ZeroDivisionError) as error:  # a tensor with too few dimensions, or an empty one
+        raise CheckpointError(f"checkpoint: the weights' shapes do not describe a PHP model ({_first_line(error)})") from None
+
+
+def _infer_config(state_dict: dict[str, Tensor], yaml_values: dict | None, **overrides) -> PHPConfig:
     yaml_values = yaml_values or {}
     unknown = sorted(set(overrides) - _PHP_FIELDS - _CLIP_FIELDS)
     if unknown:
@@ -308,16 +321,11 @@ def infer_config(state_dict: dict[str, Tensor], yaml_values: dict | None = None,
         raise CheckpointError(f"checkpoint config: {error}") from None
 
 
-def load_state_dict_checked(model: torch.nn.Module, state_dict: dict[str, Tensor], source: str = "checkpoint") -> None:
+def fitted_state_dict(model: torch.nn.Module, state_dict: dict[str, Tensor], source: str = "checkpoint") -> dict[str, Tensor]:
     """Spec 3.6 made strict: each model key takes the longest checkpoint key that is a dotted suffix of it;
-    any model key left unmatched or checkpoint key left unused is an error naming them. Values are cast to
-    the model's dtypes. R1 counter buffers are ignored."""
+    any model key left unmatched or checkpoint key left unused is an error naming them. Returns the model's
+    keys filled from ``state_dict`` (R1 counter buffers ignored); ``model`` may live on the meta device."""
     weights, _ = split_counters(state_dict)
-    not_finite = sorted(key for key, value in weights.items()
-                        if value.is_floating_point() and not bool(torch.isfinite(value).all()))
-    if not_finite:
-        raise CheckpointError(f"{source}: weights are not finite (NaN or inf in {_preview(not_finite)}); the file is damaged "
-                              "or the run diverged")
     own = model.state_dict()
     chosen: dict[str, str] = {}
     for key in own:
@@ -331,8 +339,9 @@ def load_state_dict_checked(model: torch.nn.Module, state_dict: dict[str, Tensor
     unexpected = sorted(set(weights) - set(chosen.values()))
     mismatched = [
         f"{key} {tuple(weights[chosen[key]].shape)} vs {tuple(own[key].shape)}"
+        if weights[chosen[key]].shape != own[key].shape else f"{key} {weights[chosen[key]].dtype} vs {own[key].dtype}"
         for key in chosen
-        if weights[chosen[key]].shape != own[key].shape
+        if weights[chosen[key]].shape != own[key].shape or weights[chosen[key]].is_complex() != own[key].is_complex()
     ]
     problems = []
     if missing:
@@ -340,10 +349,22 @@ def load_state_dict_checked(model: torch.nn.Module, state_dict: dict[str, Tensor
     if unexpected:
         problems.append(f"unexpected {len(unexpected)} keys ({_preview(unexpected)})")
     if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatches ({_preview(mismatched)})")
+        problems.append(f"{len(mismatched)} shape or dtype mismatches ({_preview(mismatched)})")
     if problems:
         raise CheckpointError(f"{source}: state dict does not fit the model: {'; '.join(problems)}")
-    model.load_state_dict({key: weights[chosen[key]] for key in own}, strict=True)
+    fitted = {key: weights[chosen[key]] for key in own}
+    # Checked once the shapes are the model's: a stride-0 view of one number may claim any size.
+    not_finite = sorted(chosen[key] for key, value in fitted.items()
+                        if value.is_floating_point() and not bool(torch.isfinite(value).all()))
+    if not_finite:
+        raise CheckpointError(f"{source}: weights are not finite (NaN or inf in {_preview(not_finite)}); the file is damaged "
+                              "or the run diverged")
+    return fitted
+
+
+def load_state_dict_checked(model: torch.nn.Module, state_dict: dict[str, Tensor], source: str = "checkpoint") -> None:
+    """``fitted_state_dict`` loaded into ``model``; values are cast to the model's dtypes."""
+    model.load_state_dict(fitted_state_dict(model, state_dict, source), strict=True)
 
 
 def load_model(path: str | Path, yaml_path: str | Path | None = None, **overrides) -> tuple[PHPModel, dict]:

@@ -192,6 +192,7 @@ def check_release(run: ReleasedRun, outcome: ImportOutcome) -> CheckedRelease | 
         return None
     coupling = run.meaning.php_run["config"]["model"]["coupling"] if run.meaning.php_run else "official"
     php_config = replace(inferred, variant=run.meaning.encoder, coupling=coupling)
+    _check_fit(php_config, state_dict, run.folder / CHECKPOINT_NAME)
     return CheckedRelease(yaml_values, state_dict, php_config, payload.get("scheduler"), _epoch(payload))
 
 
@@ -263,6 +264,18 @@ def _build_model(php_config: PHPConfig, state_dict: dict):
     model = model.to_empty(device="cpu")
     load_state_dict_checked(model, state_dict)
     return model
+
+
+def _check_fit(php_config: PHPConfig, state_dict: dict, path: Path) -> None:
+    """Weights that do not fit the model they describe are a bad file, refused before any run is planned."""
+    import torch
+
+    from php_runner.model.checkpoint import fitted_state_dict
+    from php_runner.model.php import PHPModel
+
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        model = PHPModel(php_config)
+    fitted_state_dict(model, state_dict, source=str(path))
 
 
 def _eval_settings(model, evaluation: EvaluationKey, options: ImportOptions):
