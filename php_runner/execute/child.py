@@ -19,7 +19,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from php_runner.data.datasets import DatasetError
 from php_runner.errors import InputError
@@ -42,9 +42,6 @@ from php_runner.store.records import RunRecord
 from php_runner.store.claims import this_worker
 from php_runner.store.tables import EVALUATION_SOURCE
 
-if TYPE_CHECKING:
-    pass
-
 # Worker exit codes beyond 0 (done) and 1 (failed).
 EXIT_NOT_CLAIMED = 3  # done already, or another live process owns the run
 # The run's dataset was refused while training read it (an unreadable image, found by the cache build or
@@ -61,11 +58,6 @@ RUN_FOLDER_KEY = "run_folder"
 
 class LostClaim(Exception):
     """Another process took over this run (our heartbeat went stale); stop without recording."""
-
-
-# --------------------------------------------------------------------------------------------
-# Building library objects from a resolved config
-# --------------------------------------------------------------------------------------------
 
 
 # --------------------------------------------------------------------------------------------
