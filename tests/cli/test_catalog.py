@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import site
 import subprocess
 import sys
 import tomllib
@@ -161,8 +162,12 @@ def test_the_built_wheel_installed_in_a_fresh_venv_runs_the_demo_from_an_empty_f
     run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
         "-w", tmp_path / "dist", source)
     (wheel,) = (tmp_path / "dist").glob("php_runner-*.whl")
-    run(sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", tmp_path / "venv")
+    run(sys.executable, "-m", "venv", "--without-pip", tmp_path / "venv")
     python, php_run = tmp_path / "venv" / "bin" / "python", tmp_path / "venv" / "bin" / "php-run"
+    # The dependencies come from this interpreter's site-packages (a venv of a venv sees only the base's
+    # with --system-site-packages); a plain path line processes no .pth there, so no editable install leaks in.
+    venv_site = Path(run(python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))").strip())
+    (venv_site / "dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     run(python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
         "--ignore-installed", wheel)
     empty = tmp_path / "empty"
