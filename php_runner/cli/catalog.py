@@ -147,27 +147,16 @@ def resolved_spec(name_or_path: str, preset: str | None = None, overrides: list[
     same config hashes) as the original under ``preset`` when one was applied (without one, under
     any preset for a spec whose values all come from its recipe, as the shipped specs' do).
     """
-    from php_runner.errors import InputError
     from php_runner.experiment.schema import SECTIONS
-    from php_runner.experiment.specs import find_spec, load_presets, load_spec, presets_folder, with_overrides
+    from php_runner.experiment.specs import find_spec, load_spec, with_overrides
 
     spec = with_overrides(load_spec(find_spec(name_or_path)), overrides or [])
     comments = ["resolved from " + " -> ".join(str(path) for path in spec.chain)]
     layers = list(spec.file_sections) or [(str(spec.path), spec.sections)]
     if preset is not None:
-        folder = presets_folder(spec.folder)
-        presets = load_presets(folder)
-        if preset not in presets:
-            raise InputError(f"--preset: unknown preset {preset!r}; known presets: {', '.join(presets)}")
-        chosen = presets[preset]
-        layers.insert(1, (f"preset {preset}", {name: getattr(chosen, name) for name in SECTIONS}))
-        comments.append(f"with preset {preset!r} of {folder / 'presets.toml'}: {chosen.description}")
-        comments.append("values written in the files extending the recipe and on the command line win over the "
-                        "preset's")
-        if chosen.runtime:
-            comments.append("its runtime defaults: " + ", ".join(f"{k} = {v!r}" for k, v in chosen.runtime.items()))
-        if chosen.requires:
-            comments.append("it requires: " + ", ".join(f"--{option.replace('_', '-')}" for option in chosen.requires))
+        layer, preset_comments = preset_layer(spec.folder, preset)
+        layers.insert(1, layer)
+        comments += preset_comments
     single = {key: values[0] for key, values in spec.overrides.items() if len(values) == 1}
     layers.append(("command line", {name: {key.split(".")[1]: value for key, value in single.items()
                                            if key.startswith(name + ".")} for name in SECTIONS}))
@@ -201,6 +190,27 @@ def resolved_spec(name_or_path: str, preset: str | None = None, overrides: list[
     if spec.tune is not None:
         resolved["tune"] = spec.tune.model_dump(mode="json", exclude_none=True)
     return resolved, comments, origins
+
+
+def preset_layer(spec_folder: Path, preset: str) -> tuple[tuple[str, dict[str, Any]], list[str]]:
+    """The values ``preset`` (from the presets beside ``spec_folder``) lays under the user's own, as an
+    (origin, sections) layer, and the comments that say what it is, its runtime defaults and needs."""
+    from php_runner.errors import InputError
+    from php_runner.experiment.schema import SECTIONS
+    from php_runner.experiment.specs import load_presets, presets_folder
+
+    folder = presets_folder(spec_folder)
+    presets = load_presets(folder)
+    if preset not in presets:
+        raise InputError(f"--preset: unknown preset {preset!r}; known presets: {', '.join(presets)}")
+    chosen = presets[preset]
+    comments = [f"with preset {preset!r} of {folder / 'presets.toml'}: {chosen.description}",
+                "values written in the files extending the recipe and on the command line win over the preset's"]
+    if chosen.runtime:
+        comments.append("its runtime defaults: " + ", ".join(f"{k} = {v!r}" for k, v in chosen.runtime.items()))
+    if chosen.requires:
+        comments.append("it requires: " + ", ".join(f"--{option.replace('_', '-')}" for option in chosen.requires))
+    return (f"preset {preset}", {name: getattr(chosen, name) for name in SECTIONS}), comments
 
 
 def explained_toml(resolved: dict[str, Any], origins: dict[str, str]) -> str:
