@@ -37,7 +37,7 @@ print("torch", torch.__version__, "torchvision", torchvision.__version__, "pytho
 print("cuda", torch.version.cuda, "available", torch.cuda.is_available())
 PY'
 
-step gpu_tests 90 python -m pytest -m gpu -q -rs -p no:cacheprovider
+step gpu_tests 90 python -m pytest -o addopts= -m gpu -q -rs -p no:cacheprovider
 
 # Eager only; the compiled regime is timed below at two batches. Writes reports/ in the scratch folder.
 step bench_eager 150 bash -c "cd '$WORK' && python -m php_runner bench --device cuda --clip ViT-B/16 \

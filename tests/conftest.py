@@ -8,9 +8,18 @@ import uuid
 from pathlib import Path
 
 import pytest
+import torch
 from service_guard import service_missing
 
 from php_runner.experiment.specs import shipped_folder
+
+# Under pytest-xdist the workers share the cores: each takes its share of threads, as do the php-run
+# processes the tests start (they inherit OMP_NUM_THREADS).
+XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if XDIST_WORKERS > 1:
+    THREADS = max(1, (os.cpu_count() or 1) // XDIST_WORKERS)
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)
+    torch.set_num_threads(THREADS)
 
 TINY_TRAIN_IDS = 4
 BATCHING_TRAIN_IDS = 16  # test splits of 16 images / 32 captions (RSTPReid: 8 ids)
