@@ -14,8 +14,13 @@ from service_guard import service_missing
 from php_runner.experiment.specs import shipped_folder
 
 # Under pytest-xdist the workers share the cores: each takes its share of threads, as do the php-run
-# processes the tests start (they inherit OMP_NUM_THREADS).
+# processes the tests start (they inherit OMP_NUM_THREADS). xdist also hands its workers the terminal's
+# size as COLUMNS/LINES (80x24 without a terminal), which would narrow php-run's redirected output from
+# the width a plain pytest run sees.
 XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.pop("COLUMNS", None)
+    os.environ.pop("LINES", None)
 if XDIST_WORKERS > 1:
     THREADS = max(1, (os.cpu_count() or 1) // XDIST_WORKERS)
     os.environ["OMP_NUM_THREADS"] = str(THREADS)

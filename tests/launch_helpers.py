@@ -14,9 +14,10 @@ from php_runner.experiment.specs import expand, load_spec
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 JOB_TIMEOUT_S = 420  # outer limit on any wait for a worker or a job (a loaded 2-core CI machine)
-# Interruption tests pause each epoch this long, so the interruption lands between epochs 1 and 2 however
-# fast this machine trains the tiny runs (without it, a quiet machine finishes epoch 2 first).
-EPOCH_PAUSE = {"PHP_RUN_TEST_EPOCH_PAUSE_S": "15"}
+# Interruption tests pause each epoch this long after recording it. Epoch 1's last.pth is written after
+# its pause, so the interruption, sent once that file appears, must land within epoch 2 and its pause;
+# a loaded CI machine took over 15 s to start php-run cancel. The interrupted run never waits it out.
+EPOCH_PAUSE = {"PHP_RUN_TEST_EPOCH_PAUSE_S": "90"}
 
 
 def plan(spec_dir: Path, name: str, data_root: Path):

@@ -86,7 +86,7 @@ def spawn_run(run: RunRecord, db_url: str, gpu: str | None, parallel: bool, comm
         env["CUDA_VISIBLE_DEVICES"] = gpu
     argv = [sys.executable, "-m", "php_runner.execute.child", str(run.id), "--db", db_url, "--heartbeat", str(heartbeat)]
     if command:
-        argv += ["--command", command]
+        argv.append(f"--command={command}")  # one token: a command line may start with "-"
     if claimed_by:
         argv += ["--claimed-by", claimed_by]
     process = subprocess.Popen(
