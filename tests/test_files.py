@@ -106,3 +106,33 @@ def test_a_bug_in_the_writer_still_shows_its_own_error(tmp_path):
         temporary.write_bytes(b"half")
         raise OSError(errno.EBADF, "Bad file descriptor")
     assert not isinstance(raised.value, OutputError)
+
+
+def test_temporaries_of_other_hosts_and_of_other_users_live_writers_are_kept(tmp_path, monkeypatch):
+    """A pid means nothing on another host (a shared file system); a pid we may not signal is alive."""
+    from php_runner import files
+    from php_runner.files import remove_stale_temporaries
+
+    with atomic_path(tmp_path / "probe") as probe:
+        host = probe.name.removeprefix(".probe.").split(f"-pid{os.getpid()}.")[0]
+    other_host = tmp_path / f".best.pth.{host}x-pid{2**22 + 1}.a1b2c3d4.tmp"  # no such pid here either
+    other_user = tmp_path / f".last.pth.{host}-pid{os.getpid()}.e5f6g7h8.tmp"
+    for path in (other_host, other_user):
+        path.write_bytes(b"being written")
+
+    def not_permitted(pid, signal):
+        if pid == os.getpid():
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        raise ProcessLookupError(errno.ESRCH, "No such process")
+
+    monkeypatch.setattr(files.os, "kill", not_permitted)
+    assert remove_stale_temporaries(tmp_path) == []
+    assert other_host.exists() and other_user.exists()
+
+
+def test_a_read_only_file_system_met_while_writing_is_one_line(tmp_path):
+    with pytest.raises(OutputError, match="report.md: cannot write on a read-only file system"), \
+            atomic_path(tmp_path / "report.md") as temporary:
+        temporary.write_bytes(b"half")
+        raise OSError(errno.EROFS, "Read-only file system")
+    assert list(tmp_path.iterdir()) == []

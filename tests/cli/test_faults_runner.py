@@ -126,6 +126,20 @@ def test_plot_refuses_to_write_over_the_registry(cli, tmp_path, tiny_data_root, 
     assert "registry" in err
 
 
+def test_plot_refuses_the_registry_s_write_ahead_log_and_a_hard_link_to_a_recorded_checkpoint(cli, tmp_path,
+                                                                                              tiny_data_root, spec_dir):
+    database = tmp_path / "registry.db"
+    theirs = tiny_checkpoint(tmp_path / "run1" / "best.pth")
+    run_id = registry_with_a_run(f"sqlite:///{database}", spec_dir, tiny_data_root, checkpoint=theirs)
+    alias = tmp_path / "alias.pth"
+    os.link(theirs, alias)  # another name of the same file: resolve() alone does not see it
+    before = {database: sha256(database), theirs: sha256(theirs)}
+    for target, named in ((tmp_path / "registry.db-wal", "registry"), (alias, "checkpoint of run 1")):
+        code, _, err = cli("plot", str(run_id), "--out", target, "--db", f"sqlite:///{database}")
+        assert_refused(code, err, f"--out {target}", before)
+        assert named in err
+
+
 def test_table_refuses_a_registry_inside_its_report_files(cli, tmp_path, tiny_data_root, spec_dir):
     database = tmp_path / "reports" / "headline_tiny.md"
     database.parent.mkdir()

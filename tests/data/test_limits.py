@@ -49,9 +49,10 @@ def test_json_depth_of_a_very_deep_text_needs_no_recursion():
 def test_limits_are_overridable_and_a_bad_override_is_one_line(monkeypatch):
     monkeypatch.setenv(MAX_NESTING.env, "7")
     assert MAX_NESTING.value() == 7
-    monkeypatch.setenv(MAX_NESTING.env, "seven")
-    with pytest.raises(LimitError, match=MAX_NESTING.env):
-        MAX_NESTING.value()
+    for bad in ("seven", "0", "-3"):  # a limit of 0 would refuse every input
+        monkeypatch.setenv(MAX_NESTING.env, bad)
+        with pytest.raises(LimitError, match=MAX_NESTING.env):
+            MAX_NESTING.value()
 
 
 def test_input_size_limit_names_the_bytes_needed():
