@@ -6,6 +6,7 @@ becomes one ``error: ...`` line on stderr and exit code 2 (see ``PhpRunGroup``).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -75,6 +76,12 @@ class PhpRunGroup(TyperGroup):
             raise fail_input(" ".join(str(err).split())) from None
         except CLICK_ERRORS as err:  # a sub-command's own option checks (Typer/click)
             raise _usage_error(err, ctx.info_name) from None
+        except OSError as err:
+            # Only a path the user gave can be too long for the file system (php-run's own names are short);
+            # any other OSError is left to show its traceback.
+            if err.errno != errno.ENAMETOOLONG:
+                raise
+            raise fail_input(f"{err.filename}: name too long for the file system") from None
         except KeyboardInterrupt:
             print("interrupted; run the same command again to resume", file=sys.stderr)
             raise typer.Exit(EXIT_INTERRUPTED) from None

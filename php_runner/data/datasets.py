@@ -164,9 +164,10 @@ def _parse(data_root: str | Path, name: str) -> tuple[PedesDataset | None, list[
     """The dataset built from the readable entries (None when the file is unreadable) and the problems."""
     layout = _layout(name)
     folder = Path(data_root) / name
-    if not folder.is_dir():
+    # os.path answers False for any OSError (a name too long, say), where Path.is_dir raises some of them.
+    if not os.path.isdir(folder):
         return None, [f"{folder}: dataset folder not found"]
-    annotation = next((folder / f for f in layout.annotation_files if (folder / f).is_file()), None)
+    annotation = next((folder / f for f in layout.annotation_files if os.path.isfile(folder / f)), None)
     if annotation is None:
         expected = " or ".join(layout.annotation_files)
         return None, [f"{folder}: annotation file {expected} not found"]

@@ -152,6 +152,16 @@ def test_usage_errors_of_every_kind_are_one_line(workspace):
         assert_refused(code, err, expected, [], {})
 
 
+def test_a_path_too_long_for_the_file_system_is_one_line(workspace):
+    """Found by the local fuzz profile: Path.is_file raises ENAMETOOLONG instead of answering False."""
+    long_name = workspace.root / ("x" * 300)
+    for args in (["evaluate", "--checkpoint", long_name, "--data-root", workspace.data, "--dataset", "RSTPReid"],
+                 ["cache", "check", "--data-root", long_name, "--dataset", "RSTPReid"],
+                 ["synth", "--root", long_name / "data", "--ids", "1"]):
+        code, _, err = invoke(*args)
+        assert_refused(code, err, str(long_name), [], {})
+
+
 def test_synth_refuses_a_file_as_root(workspace):
     regular = workspace.root / "a-file"
     regular.write_bytes(b"keep me")
