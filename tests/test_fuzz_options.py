@@ -129,6 +129,8 @@ def assemble(base: list, options: dict, fuzzed: dict) -> list:
 @given(command=st.sampled_from(["evaluate", "run", "table", "plot", "cache build", "data check", "cat", "ls"]),
        fuzz=st.lists(st.tuples(st.integers(0, 20), VALUES), min_size=1, max_size=2))
 @example(command="plot", fuzz=[(0, "0")])  # --db 0: sqlalchemy's ArgumentError escaped as a traceback
+@example(command="evaluate", fuzz=[(1, "x" * 300)])  # --data-root too long: ENAMETOOLONG escaped (local profile)
+@example(command="data check", fuzz=[(0, "\n")])  # a newline in the path split the problem line (local profile)
 def test_generated_option_values(cli, inputs, stubbed, command, fuzz):
     """``fuzz``: (which option, its value) pairs; the option is the command's ``which``-th, cyclically."""
     base, options = command_lines(inputs)[command]

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from php_runner.cli import app
@@ -79,7 +80,10 @@ def data_check(
     if rows:
         console.print(view)
     for problem in problems:
-        err_console.print(f"[red]problem:[/red] {problem}", highlight=False, soft_wrap=True)
+        # One line each, as every error: a newline in a path given by the user is shown as a space; brackets
+        # in it are text, not rich markup.
+        err_console.print(f"[red]problem:[/red] {escape(' '.join(problem.split()))}", highlight=False,
+                          soft_wrap=True)
     if problems:
         raise typer.Exit(EXIT_BAD_INPUT)
     console.print(f"[green]{dataset}: no problems found[/green]")
