@@ -28,6 +28,7 @@ from fuzz_damage import BYTE_DAMAGES, assert_clean, damaged, snapshot
 from fuzz_profiles import load
 from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
+from inprocess_runs import FinishedWorker
 
 from php_runner.data import write_synthetic
 from php_runner.execute import child, pool, worker
@@ -314,16 +315,6 @@ def spawn_in_process(run, db_url, gpu, parallel, command, claimed_by=None, heart
     code = child.execute_run(run.id, db_url, command, claimed_by=claimed_by)
     return pool.ActiveRun(run, FinishedWorker(code), deque(), [], gpu, claimed_by)
 
-
-class FinishedWorker:
-    def __init__(self, code: int):
-        self.returncode, self.pid = code, os.getpid()
-
-    def poll(self) -> int:
-        return self.returncode
-
-    def wait(self) -> int:
-        return self.returncode
 
 
 @settings(max_examples=max(settings.default.max_examples // 3, 10))

@@ -21,6 +21,7 @@ from fuzz_damage import ERROR_PREFIXES
 from fuzz_profiles import load
 from hypothesis import event, example, given
 from hypothesis import strategies as st
+from inprocess_runs import FinishedWorker, stub_train
 
 from php_runner.data import write_synthetic
 from php_runner.engine import train as train_module
@@ -45,24 +46,6 @@ TEXTS = st.one_of(st.text(max_size=12), st.text(st.characters(codec="utf-8"), ma
 VALUES = st.one_of(NUMBERS, PATHS, TEXTS)
 
 
-class _FinishedWorker:
-    def __init__(self, code: int):
-        self.returncode, self.pid = code, os.getpid()
-
-    def poll(self) -> int:
-        return self.returncode
-
-    def wait(self) -> int:
-        return self.returncode
-
-
-def _stub_train(model, dataset, settings, run_dir, on_epoch=None, on_step=None, log_period=100):
-    payload = {"model": model.state_dict(), "config": config_to_dict(model.config), "epoch": 1,
-               "settings": settings.recipe()}
-    for name in ("best.pth", "last.pth"):
-        save_atomic(payload, Path(run_dir) / name)
-    return SimpleNamespace(selected={}, history=[], best_checkpoint=Path(run_dir) / "best.pth",
-                           last_checkpoint=Path(run_dir) / "last.pth")
 
 
 @pytest.fixture(scope="module")
@@ -83,10 +66,10 @@ def stubbed(monkeypatch, tmp_path):
     """Training replaced by a stub that writes the two checkpoints; the worker runs in-process."""
     def spawn_in_process(run, db_url, gpu, parallel, command, claimed_by=None, heartbeat=None):
         code = child.execute_run(run.id, db_url, command, claimed_by=claimed_by)
-        return pool.ActiveRun(run, _FinishedWorker(code), deque(), [], gpu, claimed_by)
+        return pool.ActiveRun(run, FinishedWorker(code), deque(), [], gpu, claimed_by)
 
     monkeypatch.setattr(worker, "spawn_run", spawn_in_process)
-    monkeypatch.setattr(train_module, "train", _stub_train)
+    monkeypatch.setattr(train_module, "train", stub_train)
     monkeypatch.setenv("PHP_RUN_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # "~" paths stay inside the test's folder
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 import tempfile
 from collections import deque
@@ -23,6 +22,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from inprocess_runs import FinishedWorker, stub_train
 from typer.testing import CliRunner
 
 from php_runner.execute import child, pool, worker
@@ -55,27 +55,6 @@ def assert_refused(code: int, stderr: str, expected: str, given: list[Path], bef
     assert {path: sha256(path) for path in given if path.exists()} == before
 
 
-class _FinishedWorker:
-    """What ``finish_run`` reads of a worker process that already ran (in-process)."""
-
-    def __init__(self, code: int):
-        self.returncode, self.pid = code, os.getpid()
-
-    def poll(self) -> int:
-        return self.returncode
-
-    def wait(self) -> int:
-        return self.returncode
-
-
-def _stub_train(model, dataset, settings, run_dir, on_epoch=None, on_step=None, log_period=100):
-    """Writes best.pth and last.pth as training would, without training."""
-    payload = {"model": model.state_dict(), "config": config_to_dict(model.config), "epoch": 1,
-               "settings": settings.recipe()}
-    for name in ("best.pth", "last.pth"):
-        save_atomic(payload, Path(run_dir) / name)
-    return SimpleNamespace(selected={}, history=[], best_checkpoint=Path(run_dir) / "best.pth",
-                           last_checkpoint=Path(run_dir) / "last.pth")
 
 
 @pytest.fixture
@@ -86,10 +65,10 @@ def workspace(tmp_path, monkeypatch, spec_dir, tiny_data_root):
 
     def spawn_in_process(run, db_url, gpu, parallel, command, claimed_by=None, heartbeat=None):
         code = child.execute_run(run.id, db_url, command, claimed_by=claimed_by)
-        return pool.ActiveRun(run, _FinishedWorker(code), deque(), [], gpu, claimed_by)
+        return pool.ActiveRun(run, FinishedWorker(code), deque(), [], gpu, claimed_by)
 
     monkeypatch.setattr(worker, "spawn_run", spawn_in_process)
-    monkeypatch.setattr(train_module, "train", _stub_train)
+    monkeypatch.setattr(train_module, "train", stub_train)
     specs = tmp_path / "specs"
     shutil.copytree(spec_dir, specs)
     return SimpleNamespace(root=tmp_path, specs=specs, data=tiny_data_root, db=f"sqlite:///{tmp_path / 'r.db'}")
@@ -262,7 +241,7 @@ def test_truncated_last_checkpoint_says_how_to_recover_and_restart_retrains(work
 
     monkeypatch.setattr(train_module, "train", REAL_TRAIN)  # it fails reading last.pth, before any epoch
     code, out, _ = _run(workspace, spec)
-    monkeypatch.setattr(train_module, "train", _stub_train)
+    monkeypatch.setattr(train_module, "train", stub_train)
     failed = registry.get_run(run.id)
     assert code == 1 and failed.status == "failed"
     assert str(last) in failed.error and f"--restart {run.id}" in failed.error
