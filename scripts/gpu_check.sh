@@ -1,12 +1,28 @@
 #!/usr/bin/env bash
-# One-shot check on a CUDA machine (never run on a CPU-only one), ending within 9 minutes, compiles
-# included: the GPU-marked tests, the eager bench at the paper's model size, the fast regime with CUDA graphs
-# and compiled at batch 64 and at the bench's best batch, 4 packed batch-64 runs of the fast regime (4 processes training
-# at once on the GPU), and a 2-epoch ViT-B/16 run with CUDA graphs on a small synthetic set.
+# One-shot check on a CUDA machine, ending within 9 minutes, compiles included: the GPU-marked tests,
+# the eager bench at the paper's model size, the fast regime with CUDA graphs and compiled at batch 64
+# and at the bench's best batch, 4 packed batch-64 runs of the fast regime (4 processes training at
+# once on the GPU), and a 2-epoch ViT-B/16 run with CUDA graphs on a small synthetic set.
 # Each step has its own timeout, cut to what is left of the 9 minutes. $OUT (else ./gpu_check_out) gets
 # at most 8 files: summary.json, bench.json and one log per step; scratch files go to a temporary folder.
 # Run from the repository root:  bash scripts/gpu_check.sh
+# Rehearsal before spending a GPU slot: GPU_CHECK_SCALE=tiny GPU_CHECK_DEVICE=cpu bash scripts/gpu_check.sh
+# runs the same steps with the tiny model at small sizes (tests/test_gpu_check.py does).
 set -uo pipefail
+DEVICE="${GPU_CHECK_DEVICE:-cuda}"
+case "${GPU_CHECK_SCALE:-paper}" in
+    paper) CLIP=ViT-B/16 BATCH=64 MAX_BATCH=512 PACKED=4 BENCH_SIZES=()
+           MODEL_TOML='clip = "ViT-B/16"
+image_size = [384, 128]
+cnum = 9
+reduction = 8
+efp_layers = 4
+efp_heads = 8' ;;
+    tiny)  CLIP=tiny BATCH=8 MAX_BATCH=16 PACKED=2
+           BENCH_SIZES=(--pipeline-images 64 --scoring-queries 256 --scoring-gallery 256 --workers 0)
+           MODEL_TOML='clip = "tiny"' ;;
+    *) echo "GPU_CHECK_SCALE: expected paper or tiny, got ${GPU_CHECK_SCALE}" >&2; exit 2 ;;
+esac
 OUT="${OUT:-$PWD/gpu_check_out}"
 mkdir -p "$OUT"
 WORK=$(mktemp -d /tmp/gpu_check.XXXXXX)
@@ -40,18 +56,20 @@ PY'
 step gpu_tests 90 python -m pytest -o addopts= -m gpu -q -rs -p no:cacheprovider
 
 # Eager only; the compiled regime is timed below at two batches. Writes reports/ in the scratch folder.
-step bench_eager 150 bash -c "cd '$WORK' && python -m php_runner bench --device cuda --clip ViT-B/16 \
-    --no-compile --packed 0 --max-batch 512 --json >'$OUT/bench.json'"
+step bench_eager 150 bash -c "cd '$WORK' && python -m php_runner bench --device $DEVICE --clip $CLIP \
+    --batch-size $BATCH --no-compile --packed 0 --max-batch $MAX_BATCH ${BENCH_SIZES[*]} --json >'$OUT/bench.json'"
 
-step compiled_fast 200 python - "$OUT/bench.json" <<'PY'
+step compiled_fast 200 python - "$OUT/bench.json" "$DEVICE" "$CLIP" "$BATCH" <<'PY'
 import json, sys
 from php_runner.engine.benchmark import BenchSizes, training_samples_per_s
 from php_runner.model.config import ClipConfig, PHPConfig
-best = json.load(open(sys.argv[1]))["train"]["fast"]["largest_batch"]
-config, sizes = PHPConfig(clip=ClipConfig()), BenchSizes(steps=10, warmup=3)
+bench, device, clip, batch_size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+best = json.load(open(bench))["train"]["fast"]["largest_batch"]
+config = PHPConfig(clip=ClipConfig()) if clip == "ViT-B/16" else PHPConfig.tiny()
+sizes = BenchSizes(steps=10, warmup=3)
 for variant in ("cuda_graphs", "compile"):  # CUDA graphs first: the variant the issue targets
-    for batch in sorted({64, best}):
-        rate = training_samples_per_s(config, "fast", batch, sizes, "cuda", **{variant: True})
+    for batch in sorted({batch_size, best}):
+        rate = training_samples_per_s(config, "fast", batch, sizes, device, **{variant: True})
         print(json.dumps({"variant": variant, "batch": batch, "samples_per_s": rate}), flush=True)
 PY
 
@@ -71,26 +89,25 @@ if __name__ == "__main__":
     packed = packed_training(config, sizes, torch.device(device), timeout=timeout)
     print(json.dumps({"packed": packed}), flush=True)
 PY
-step packed 70 python "$WORK/packed.py" cuda ViT-B/16 64 4 80
+step packed 70 python "$WORK/packed.py" "$DEVICE" "$CLIP" "$BATCH" "$PACKED" 80
 
 mkdir -p "$WORK/specs"
 SHIPPED=$(python -c "from php_runner.cli.common import specs_folder; print(specs_folder())")
 cp "$SHIPPED/base.toml" "$SHIPPED/presets.toml" "$WORK/specs/"
-cat >"$WORK/specs/gpu_vitb16.toml" <<'TOML'
-description = "gpu_check: 2 epochs of ViT-B/16 (random weights) on the small synthetic CUHK-PEDES, amp"
+cat >"$WORK/specs/gpu_check_run.toml" <<TOML
+description = "gpu_check: 2 epochs of $CLIP (random weights) on the small synthetic CUHK-PEDES, amp"
 extends = "base"
 datasets = ["CUHK-PEDES"]
 seeds = [1]
 [model]
-clip = "ViT-B/16"
-image_size = [384, 128]
+$MODEL_TOML
 [train]
 epochs = 2
 precision = "amp"
 TOML
 # The fastest runtime settings: the tiny preset's runtime with CUDA graphs (runtime fields live in presets).
 sed -i 's/^\[tiny.runtime\]$/[tiny.runtime]\ncuda_graphs = true/' "$WORK/specs/presets.toml"
-step run_vitb16 150 python -m php_runner run "$WORK/specs/gpu_vitb16.toml" --preset tiny --device cuda \
+step run_2_epochs 150 python -m php_runner run "$WORK/specs/gpu_check_run.toml" --preset tiny --device "$DEVICE" \
     --data-root "$WORK/data" --db "sqlite:///$WORK/registry.db"
 
 python - "$STEPS" "$OUT" >"$OUT/summary.json" <<'PY'
