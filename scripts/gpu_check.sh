@@ -103,6 +103,7 @@ seeds = [1]
 $MODEL_TOML
 [train]
 epochs = 2
+batch_size = $BATCH
 precision = "amp"
 TOML
 # The fastest runtime settings: the tiny preset's runtime with CUDA graphs (runtime fields live in presets).
