@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,15 +24,6 @@ from php_runner.cli.common import JsonOption, OverridesArgument, console, note, 
 HEADER_KEYS = ("Runs", "Fills", "Cost")
 _ENTRY = re.compile(rf"^#\s*({'|'.join(HEADER_KEYS)}):\s*(.*)$")
 _CONTINUATION = re.compile(r"^#\s{2,}(\S.*)$")
-BENCHMARK_LOG = Path("reports") / "benchmarks.jsonl"
-# Training pairs per epoch (php_spec.md, dataset sizes): a run on another dataset than CUHK-PEDES, which the
-# bench projects, is scaled by its training set size (its smaller or larger test split is neglected).
-TRAIN_PAIRS = {"CUHK-PEDES": 68_126, "ICFG-PEDES": 34_674, "RSTPReid": 37_010}
-# The shipped recipe trains in the official precision, so specs are costed at the official regime's projection.
-COSTED_REGIME = "official"
-NO_BENCH = "no bench recorded"
-
-
 def spec_header(path: Path) -> dict[str, str]:
     """The ``Runs``/``Fills``/``Cost`` entries of a spec's leading comment block, continuation lines joined."""
     entries: dict[str, list[str]] = {}
@@ -60,64 +52,12 @@ def machine_device_name() -> str:
     return provenance_info("cuda" if torch.cuda.is_available() else "cpu", None)["device"]
 
 
-def latest_bench(device_name: str, log: Path = BENCHMARK_LOG) -> dict | None:
-    """The last record of ``log`` measured on ``device_name`` that has a projection; None when there is none."""
-    from php_runner.errors import InputError
-
-    if not log.exists():
-        return None
-    latest = None
-    for number, line in enumerate(log.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InputError(f"{log}:{number}: not a JSON record ({err.msg})") from None
-        if isinstance(record, dict) and record.get("device_name") == device_name and "projection" in record:
-            latest = record
-    return latest
-
-
-def projected_gpu_hours(spec, bench: dict | None) -> float | None:
-    """GPU-hours of every run of ``spec`` (datasets x grid x seeds) at ``bench``'s projected CUHK-PEDES run
-    hours, each dataset's runs scaled by its training set size; None without a bench of the costed regime."""
-    hours = ((bench or {}).get("projection", {}).get(COSTED_REGIME) or {}).get("hours_60_epochs_cuhk")
-    return None if hours is None else _spec_hours(spec, hours)
-
-
-def packed_gpu_hours(spec, bench: dict | None) -> float | None:
-    """GPU-hours of every run of ``spec`` packed as ``bench``'s packed measurement ran (N processes of its regime
-    on one device), scaled by dataset as ``projected_gpu_hours``; None without a packed measurement.
-
-    A packed run's device hours (recorded by the bench, ``packed.gpu_hours_per_run_60_epochs_cuhk``): its
-    training at the measured aggregate rate A of the N processes, i.e. N x 68,126 / A seconds an epoch of
-    wall time (each process trains at A / N) holding 1/N of the device, so 68,126 / A device seconds an
-    epoch; its evaluation at the unpacked rates, whole (packing's effect on evaluation is not measured)."""
-    hours = ((bench or {}).get("packed") or {}).get("gpu_hours_per_run_60_epochs_cuhk")
-    return None if hours is None else _spec_hours(spec, hours)
-
-
-def _spec_hours(spec, hours_per_cuhk_run: float) -> float:
-    runs_per_dataset = len(spec.points) * len(spec.seeds)
-    scale = sum(TRAIN_PAIRS[dataset] for dataset in spec.datasets) / TRAIN_PAIRS["CUHK-PEDES"]
-    return hours_per_cuhk_run * runs_per_dataset * scale
-
-
-def _packed_basis(bench: dict | None) -> str:
-    packed = (bench or {}).get("packed")
-    if not packed:
-        return NO_BENCH if bench is None else "no packed measurement in that bench (php-run bench --packed N)"
-    return (f"{packed['runs']} runs of the {packed['regime']} regime at once at batch {packed['batch_size']}, "
-            f"{packed['aggregate_samples_per_s']:.1f} samples/s together, bench of {bench.get('recorded')}; per run: "
-            "training at that aggregate rate, evaluation at the unpacked rates")
-
-
 def catalog() -> list[dict[str, Any]]:
     """One entry per shipped spec: name, table, description, runs per seed, its header entries, and its
     GPU-hours at the last bench recorded (reports/benchmarks.jsonl) on this machine's device, unpacked and
-    packed (see ``packed_gpu_hours``)."""
+    packed (``reports/spec_cost.py``)."""
     from php_runner.experiment.specs import load_all_specs
+    from php_runner.reports.spec_cost import latest_bench, spec_cost
 
     bench = latest_bench(machine_device_name())
     entries = []
@@ -127,12 +67,7 @@ def catalog() -> list[dict[str, Any]]:
             "spec": name, "table": spec.table, "description": spec.description,
             "runs_per_seed": len(spec.points) * len(spec.datasets), "path": str(spec.path),
             "runs": header.get("Runs"), "fills": header.get("Fills"), "cost": header.get("Cost"),
-            "gpu_hours": projected_gpu_hours(spec, bench),
-            "gpu_hours_basis": NO_BENCH if bench is None else
-            f"{COSTED_REGIME} regime, bench of {bench.get('recorded')} on {bench.get('device_name')}; runs on "
-            "ICFG-PEDES and RSTPReid scaled from CUHK-PEDES by training set size",
-            "gpu_hours_packed": packed_gpu_hours(spec, bench),
-            "gpu_hours_packed_basis": _packed_basis(bench),
+            **asdict(spec_cost(spec, bench)),
         })
     return entries
 
@@ -246,9 +181,9 @@ def _grid_of(spec) -> dict[str, list]:
 def list_specs(as_json: JsonOption = False) -> None:
     """List the shipped specs: the table each fills, its runs per seed, its cost (from its header), and its
     GPU-hours (all seeds) at the last bench recorded on this machine's device: one run at a time on the
-    device (the official regime's projection), and packed as the bench's --packed measurement ran (N runs
-    of its regime at once; each run's device hours = its training at the N runs' aggregate samples/s, its
-    evaluation at the unpacked rates).
+    device (the bench's projection of the regime each run trains in), and packed as the bench's --packed
+    measurement ran (N runs of its regime at once; each run's device hours = its training at the N runs'
+    aggregate samples/s, its evaluation at the unpacked rates), when it packed the runs' regime.
 
     Example: php-run ls
     """
@@ -261,14 +196,14 @@ def list_specs(as_json: JsonOption = False) -> None:
     for column in ("spec", "table", "runs/seed", "description", "cost", "GPU-h (bench)", "GPU-h packed"):
         view.add_column(column, no_wrap=column in ("spec", "table"))
     for entry in entries:
-        hours = NO_BENCH if entry["gpu_hours"] is None else f"{entry['gpu_hours']:.1f}"
+        hours = "not measured" if entry["gpu_hours"] is None else f"{entry['gpu_hours']:.1f}"
         packed = "not measured" if entry["gpu_hours_packed"] is None else f"{entry['gpu_hours_packed']:.1f}"
         view.add_row(entry["spec"], entry["table"] or "-", str(entry["runs_per_seed"]), entry["description"],
                      entry["cost"] or "", hours, packed)
     console.print(view)
-    if entries and entries[0]["gpu_hours"] is not None:
-        note(f"GPU-h: all seeds, {entries[0]['gpu_hours_basis']}")
-        note(f"GPU-h packed: {entries[0]['gpu_hours_packed_basis']}")
+    for column, key in (("GPU-h", "gpu_hours_basis"), ("GPU-h packed", "gpu_hours_packed_basis")):
+        for basis in dict.fromkeys(entry[key] for entry in entries):
+            note(f"{column}: all seeds, {basis}")
 
 
 @app.command("cat")

@@ -66,7 +66,8 @@ def test_ls_lists_every_shipped_spec_with_its_table_and_cost_line():
 def test_ls_costs_every_run_at_the_last_bench_of_this_device(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert {entry["gpu_hours"] for entry in json.loads(invoke("ls", "--json"))} == {None}
-    assert "no bench recorded" in invoke("ls")
+    shown = CliRunner().invoke(app, ["ls"])
+    assert "not measured" in shown.stdout and "GPU-h: all seeds, no bench recorded" in shown.stderr
     here = machine_device_name()
     records = [
         {"device_name": here, "recorded": "first", "projection": {"official": {"hours_60_epochs_cuhk": 9.0}}},
@@ -92,7 +93,7 @@ def test_ls_costs_every_run_at_the_last_bench_of_this_device(tmp_path, monkeypat
 def test_ls_costs_every_run_packed_at_the_last_bench_of_this_device(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     here = machine_device_name()
-    packed = {"runs": 4, "regime": "fast", "batch_size": 64, "aggregate_samples_per_s": 2600.0,
+    packed = {"runs": 4, "regime": "official", "batch_size": 64, "aggregate_samples_per_s": 2600.0,
               "gpu_hours_per_run_60_epochs_cuhk": 0.75}
     records = [
         {"device_name": here, "recorded": "first", "projection": {"official": {"hours_60_epochs_cuhk": 9.0}},
@@ -112,10 +113,15 @@ def test_ls_costs_every_run_packed_at_the_last_bench_of_this_device(tmp_path, mo
                                                               for run in runs))
         assert entry["gpu_hours"] == pytest.approx(entry["gpu_hours_packed"] * 2.5 / 0.75)
         basis = entry["gpu_hours_packed_basis"]
-        assert "4 runs of the fast regime" in basis and "2600.0" in basis and "latest" in basis
+        assert "4 runs of the official regime" in basis and "2600.0" in basis and "latest" in basis
     headline = entries[[e["spec"] for e in entries].index("headline")]
     view = invoke("ls").replace("\n", " ")
     assert re.search(rf"│ {headline['gpu_hours']:.1f} +│ {headline['gpu_hours_packed']:.1f} +│", view)
+    # Packing measured for the fast regime does not cost the shipped specs, which train in the official one.
+    log.write_text(json.dumps({**records[1], "packed": {**packed, "regime": "fast"}}) + "\n")
+    entries = json.loads(invoke("ls", "--json"))
+    assert {entry["gpu_hours_packed"] for entry in entries} == {None}
+    assert "packed the fast regime and these runs train in the official regime" in entries[0]["gpu_hours_packed_basis"]
     without_packed = {key: value for key, value in records[1].items() if key != "packed"}
     log.write_text(json.dumps(without_packed) + "\n")  # a bench run without --packed
     assert {entry["gpu_hours_packed"] for entry in json.loads(invoke("ls", "--json"))} == {None}
