@@ -117,6 +117,13 @@ def _bench_record(result: dict, clip: str) -> dict:
             "recorded": datetime.now(UTC).isoformat(timespec="seconds")}
 
 
+def _dispatch_text(dispatch: dict | None) -> str:
+    if dispatch is None:
+        return ""
+    return (f"; a step dispatches {dispatch['aten_ops']} aten ops ({dispatch['copies']} copies, "
+            f"{dispatch['device_reads']} device reads)")
+
+
 def _print_bench(result: dict, heading: str) -> None:
     """The ratios, then each measurement in one line."""
     train, pipeline = result["train"], result["pipeline"]
@@ -126,7 +133,8 @@ def _print_bench(result: dict, heading: str) -> None:
     for name, entry in train.items():
         console.print(f"  train {name}: {entry['samples_per_s']:.1f} samples/s model only, "
                       f"{entry['end_to_end_samples_per_s']:.1f} end to end ({entry['pipeline']}); largest batch "
-                      f"{entry['largest_batch']}: {entry['largest_batch_samples_per_s'] or float('nan'):.1f} samples/s")
+                      f"{entry['largest_batch']}: {entry['largest_batch_samples_per_s'] or float('nan'):.1f} samples/s"
+                      + _dispatch_text(entry.get("dispatch_per_step")))
     console.print(f"  pipeline at {'x'.join(map(str, pipeline['image_size']))} ({pipeline['workers']} workers): PIL {pipeline['pil_images_per_s']:.1f} images/s, "
                   f"cache {pipeline['cache_images_per_s']:.1f} images/s")
     console.print(f"  eval: {result['eval']['images_per_s']:.1f} images/s, {result['eval']['texts_per_s']:.1f} "

@@ -10,6 +10,8 @@ Measured, each on the same model and device:
   synthetic dataset: PIL workers for official, the image cache with batch augmentation for fast);
 * input pipeline augmented images/s: PIL with N workers, and the cache (gather + augmentation on the
   device) with 1 and with N intra-op threads (the better is reported);
+* the aten operators one eager training step of each regime dispatches (``engine.step_dispatch``: about
+  one kernel launch each on CUDA), the copies among them and its host reads;
 * evaluation images/s and captions/s (the encoders, no grad, at the requested batch);
 * scoring seconds: cosine similarity and the engine's chunked metrics at ICFG-PEDES size
   (19,848 x 19,848 by default);
@@ -54,6 +56,7 @@ from php_runner.engine.bench_regime import (
 from php_runner.engine.metrics import retrieval_metrics
 from php_runner.engine.packed_benchmark import packed_training
 from php_runner.engine.projection import packed_gpu_hours_per_run, projection
+from php_runner.engine.step_dispatch import step_dispatches
 from php_runner.engine.train import resolve_device, seed_everything
 from php_runner.model.config import PHPConfig
 from php_runner.model.php import PHPModel
@@ -254,6 +257,8 @@ def _training(result: dict, config: PHPConfig, dataset, cache, sizes: BenchSizes
             "pipeline": "pil" if regime_name == "official" else "cache",
         }
         if name != "fast_compiled":
+            batch = regime.device_batch(config, sizes.batch_size)
+            entry["dispatch_per_step"] = step_dispatches(lambda: regime.step(batch))
             result.setdefault("eval", {})[name] = _eval_rates(regime, config, sizes)
             if name == "fast":
                 result["flops_per_sample"] = _step_flops(regime, config, sizes.batch_size) / sizes.batch_size
