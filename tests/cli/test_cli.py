@@ -365,6 +365,10 @@ def test_bench_json_has_the_keys_and_records_every_call(cli):
     section = table.split("## ")[1]
     assert section.index("fast / official") < section.index("official training samples/s")  # ratios first
     assert "| packed runs / regime / batch | 2 / fast / 2 |" in section
+    views, kernels = ([record["train"][regime]["dispatch_per_step"][key] for regime in ("official", "fast")]
+                      for key in ("views", "kernels"))
+    assert f"| of which views, no kernel (official / fast) | {views[0]} / {views[1]} |" in section
+    assert f"| of which kernels, about the launches on CUDA (official / fast) | {kernels[0]} / {kernels[1]} |" in section
     code, _, err = cli("bench", "--clip", "huge", "--device", "cpu")
     assert code == 2 and "--clip" in err
     code, _, err = cli("bench", "--device", "cpu", "--packed-regime", "slow")

@@ -97,7 +97,8 @@ def test_run_benchmark_times_both_regimes_through_the_engine(monkeypatch):
         entry = result["train"][regime]
         assert entry["samples_per_s"] > 0 and entry["end_to_end_samples_per_s"] > 0
         assert entry["largest_batch"] == 4
-        assert entry["dispatch_per_step"]["aten_ops"] > entry["dispatch_per_step"]["copies"] >= 0
+        dispatch = entry["dispatch_per_step"]
+        assert dispatch["aten_ops"] > dispatch["kernels"] > dispatch["copies"] >= 0 and dispatch["views"] > 0
     assert result["mfu"] is None and result["matmul_peak_flops"] is None and result["flops_per_sample"] > 0
     assert result["pipeline"]["pil_images_per_s"] > 0 and result["pipeline"]["cache_images_per_s"] > 0
     assert result["peak_memory_bytes"] > 0 and result["scoring"]["queries"] == 30
