@@ -8,8 +8,11 @@
 # Run from the repository root:  bash scripts/gpu_check.sh
 # Rehearsal before spending a GPU slot: GPU_CHECK_SCALE=tiny GPU_CHECK_DEVICE=cpu bash scripts/gpu_check.sh
 # runs the same steps with the tiny model at small sizes (tests/test_gpu_check.py does).
+# $PYTHON (default python3, the interpreter that holds torch on a GPU image) runs every step; a machine without
+# php-run's other dependencies and no package index gets them as wheels from scripts/gpu_wheels.sh.
 set -uo pipefail
 DEVICE="${GPU_CHECK_DEVICE:-cuda}"
+export PYTHON="${PYTHON:-python3}"
 case "${GPU_CHECK_SCALE:-paper}" in
     paper) CLIP=ViT-B/16 BATCH=64 MAX_BATCH=512 PACKED=4 BENCH_SIZES=()
            MODEL_TOML='clip = "ViT-B/16"
@@ -47,19 +50,19 @@ step() {  # step NAME SECONDS COMMAND...: run under a timeout, log to $OUT/NAME.
     echo "   exit $rc after $((SECONDS - started))s"
 }
 
-step machine 20 bash -c 'nvidia-smi; python - <<"PY"
+step machine 20 bash -c 'nvidia-smi; "$PYTHON" - <<"PY"
 import platform, torch, torchvision
 print("torch", torch.__version__, "torchvision", torchvision.__version__, "python", platform.python_version())
 print("cuda", torch.version.cuda, "available", torch.cuda.is_available())
 PY'
 
-step gpu_tests 90 python -m pytest -o addopts= -m gpu -q -rs -p no:cacheprovider
+step gpu_tests 90 "$PYTHON" -m pytest -o addopts= -m gpu -q -rs -p no:cacheprovider
 
 # Eager only; the compiled regime is timed below at two batches. Writes reports/ in the scratch folder.
-step bench_eager 150 bash -c "cd '$WORK' && python -m php_runner bench --device $DEVICE --clip $CLIP \
+step bench_eager 150 bash -c "cd '$WORK' && '$PYTHON' -m php_runner bench --device $DEVICE --clip $CLIP \
     --batch-size $BATCH --no-compile --packed 0 --max-batch $MAX_BATCH ${BENCH_SIZES[*]} --json >'$OUT/bench.json'"
 
-step compiled_fast 200 python - "$OUT/bench.json" "$DEVICE" "$CLIP" "$BATCH" <<'PY'
+step compiled_fast 200 "$PYTHON" - "$OUT/bench.json" "$DEVICE" "$CLIP" "$BATCH" <<'PY'
 import json, sys
 from php_runner.engine.benchmark import BenchSizes, training_samples_per_s
 from php_runner.model.config import ClipConfig, PHPConfig
@@ -89,10 +92,10 @@ if __name__ == "__main__":
     packed = packed_training(config, sizes, torch.device(device), timeout=timeout)
     print(json.dumps({"packed": packed}), flush=True)
 PY
-step packed 70 python "$WORK/packed.py" "$DEVICE" "$CLIP" "$BATCH" "$PACKED" 80
+step packed 70 "$PYTHON" "$WORK/packed.py" "$DEVICE" "$CLIP" "$BATCH" "$PACKED" 80
 
 mkdir -p "$WORK/specs"
-SHIPPED=$(python -c "from php_runner.cli.common import specs_folder; print(specs_folder())")
+SHIPPED=$("$PYTHON" -c "from php_runner.cli.common import specs_folder; print(specs_folder())")
 cp "$SHIPPED/base.toml" "$SHIPPED/presets.toml" "$WORK/specs/"
 cat >"$WORK/specs/gpu_check_run.toml" <<TOML
 description = "gpu_check: 2 epochs of $CLIP (random weights) on the small synthetic CUHK-PEDES, amp"
@@ -108,10 +111,10 @@ precision = "amp"
 TOML
 # The fastest runtime settings: the tiny preset's runtime with CUDA graphs (runtime fields live in presets).
 sed -i 's/^\[tiny.runtime\]$/[tiny.runtime]\ncuda_graphs = true/' "$WORK/specs/presets.toml"
-step run_2_epochs 150 python -m php_runner run "$WORK/specs/gpu_check_run.toml" --preset tiny --device "$DEVICE" \
+step run_2_epochs 150 "$PYTHON" -m php_runner run "$WORK/specs/gpu_check_run.toml" --preset tiny --device "$DEVICE" \
     --data-root "$WORK/data" --db "sqlite:///$WORK/registry.db"
 
-python - "$STEPS" "$OUT" >"$OUT/summary.json" <<'PY'
+"$PYTHON" - "$STEPS" "$OUT" >"$OUT/summary.json" <<'PY'
 import json, sys
 steps = [dict(zip(("step", "exit", "seconds"), line.split("\t"))) for line in open(sys.argv[1]).read().splitlines()]
 summary = {"steps": steps, "ok": all(step["exit"] == "0" for step in steps)}
