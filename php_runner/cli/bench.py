@@ -120,8 +120,8 @@ def _bench_record(result: dict, clip: str) -> dict:
 def _dispatch_text(dispatch: dict | None) -> str:
     if dispatch is None:
         return ""
-    return (f"; a step dispatches {dispatch['aten_ops']} aten ops ({dispatch['views']} views, "
-            f"{dispatch['kernels']} kernels of which {dispatch['copies']} copies, {dispatch['device_reads']} device reads)")
+    return (f"; a step dispatches {dispatch['aten_ops']} aten ops ({dispatch['views']} views, {dispatch['kernels']} "
+            f"kernels, dtype/device copies among them: {dispatch['copies']}; device reads: {dispatch['device_reads']})")
 
 
 def _print_bench(result: dict, heading: str) -> None:

@@ -369,6 +369,10 @@ def test_bench_json_has_the_keys_and_records_every_call(cli):
                       for key in ("views", "kernels"))
     assert f"| of which views, no kernel (official / fast) | {views[0]} / {views[1]} |" in section
     assert f"| of which kernels, about the launches on CUDA (official / fast) | {kernels[0]} / {kernels[1]} |" in section
+    code, out, err = cli("bench", *small, "--packed", "0")  # the same counts in the text (they are deterministic)
+    text = " ".join((out + err).split())
+    assert code == 0 and all(f"a step dispatches {record['train'][regime]['dispatch_per_step']['aten_ops']} aten ops "
+                             f"({views[i]} views, {kernels[i]} kernels" in text for i, regime in enumerate(("official", "fast")))
     code, _, err = cli("bench", "--clip", "huge", "--device", "cpu")
     assert code == 2 and "--clip" in err
     code, _, err = cli("bench", "--device", "cpu", "--packed-regime", "slow")
