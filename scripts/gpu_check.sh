@@ -111,8 +111,9 @@ precision = "amp"
 TOML
 # The fastest runtime settings: the tiny preset's runtime with CUDA graphs (runtime fields live in presets).
 sed -i 's/^\[tiny.runtime\]$/[tiny.runtime]\ncuda_graphs = true/' "$WORK/specs/presets.toml"
-step run_2_epochs 150 "$PYTHON" -m php_runner run "$WORK/specs/gpu_check_run.toml" --preset tiny --device "$DEVICE" \
-    --data-root "$WORK/data" --db "sqlite:///$WORK/registry.db"
+# From the scratch folder: the run writes checkpoints/ and logs/ (its official run folder) where it runs.
+step run_2_epochs 150 bash -c "cd '$WORK' && '$PYTHON' -m php_runner run specs/gpu_check_run.toml --preset tiny \
+    --device $DEVICE --data-root data --db sqlite:///registry.db"
 
 "$PYTHON" - "$STEPS" "$OUT" >"$OUT/summary.json" <<'PY'
 import json, sys

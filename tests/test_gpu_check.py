@@ -20,14 +20,20 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS = ["machine", "gpu_tests", "bench_eager", "compiled_fast", "packed", "run_2_epochs"]
 
 
+def _run_outputs_in_checkout() -> set[Path]:
+    return {path for folder in ("checkpoints", "logs") for path in (REPO / folder).rglob("*")}
+
+
 @pytest.mark.slow
 def test_the_tiny_rehearsal_runs_every_step_and_leaves_at_most_eight_files(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "GPU_CHECK_SCALE": "tiny", "GPU_CHECK_DEVICE": "cpu",
            "TORCHDYNAMO_DISABLE": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    before = _run_outputs_in_checkout()
     finished = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=REPO, env=env, capture_output=True, text=True,
                               timeout=600)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    assert _run_outputs_in_checkout() == before  # the 2-epoch run wrote its checkpoints and run folder elsewhere
     assert sorted(path.name for path in out.iterdir()) == sorted(
         ["summary.json", "bench.json", *(f"{step}.log" for step in STEPS)])
     summary = json.loads((out / "summary.json").read_text())
