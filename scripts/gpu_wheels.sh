@@ -31,8 +31,8 @@ present = {normalised(re.split(r"[=<>~!\s]", line.strip(), maxsplit=1)[0])
 gpu_stack = re.compile(r"^(torch|torchvision|triton|nvidia-.*|cuda-.*)$")
 for item in json.load(open(report))["install"]:
     name, version = item["metadata"]["name"], item["metadata"]["version"]
-    if item["download_info"]["url"].startswith("file://") and item["download_info"].get("dir_info") is not None:
-        continue  # the project itself: it travels as source
+    if "dir_info" in item["download_info"]:
+        continue  # a local folder, the project itself: it travels as source
     if normalised(name) not in present and not gpu_stack.match(normalised(name)):
         print(f"{name}=={version}")
 PY
